@@ -1,0 +1,1 @@
+"""The Gradio comparison app (base | LoRA | DoRA side by side)."""

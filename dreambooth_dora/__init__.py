@@ -1,0 +1,16 @@
+"""DreamBooth fine-tuning of Stable Diffusion with DoRA (and LoRA as the baseline)."""
+
+from .adapters import (
+    TEXT_ENCODER_TARGETS,
+    UNET_ATTENTION_TARGETS,
+    adapted_layers,
+    adapter_parameters,
+    adapter_state_dict,
+    add_adapters,
+    load_adapter_state_dict,
+    merge_adapters,
+    set_adapters_enabled,
+)
+from .dora import AdaptedConv2d, AdaptedLayer, AdaptedLinear
+
+__version__ = "0.1.0"

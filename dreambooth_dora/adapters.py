@@ -1,0 +1,146 @@
+"""Which modules get adapters, and the adapter state dict in the PEFT / diffusers layout.
+
+Keys are the ones `peft.get_peft_model_state_dict` gives for the same model and config::
+
+    <module path>.lora_A.weight            (r, in)      conv: (r, in, kh, kw)
+    <module path>.lora_B.weight            (out, r)     conv: (out, r, 1, 1)
+    <module path>.lora_magnitude_vector    (out,)       conv: (1, out, 1, 1)   DoRA only
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .dora import ADAPTED_TYPES, AdaptedLayer
+
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _matches(name: str, targets: str | Iterable[str]) -> bool:
+    """PEFT's `target_modules` rule: a string is a regex that must match the whole name; a list
+    matches a name equal to an entry or ending in `.<entry>`."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def add_adapters(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    rank: int,
+    alpha: float | None = None,
+    dora: bool = True,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
+) -> list[str]:
+    """Wrap every matching `nn.Linear` / `nn.Conv2d` in a DoRA (or LoRA) layer, freeze the rest.
+
+    `alpha` defaults to `rank` (scale 1). Returns the wrapped module names, in model order.
+    Raises ValueError when a target matches nothing (naming some real module names) or matches a
+    layer type that has no adapter.
+    """
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("target_modules is empty")
+    alpha = rank if alpha is None else alpha
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if n and _matches(n, target_modules)]
+    if not names:
+        raise ValueError(_no_match_message(model, target_modules))
+    if not isinstance(target_modules, str):
+        unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in names)]
+        if unmatched:
+            raise ValueError(_no_match_message(model, unmatched))
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdaptedLayer):
+            raise ValueError(f"module {name!r} already has an adapter")
+        wrapper = ADAPTED_TYPES.get(type(module))
+        if wrapper is None:
+            supported = ", ".join(f"torch.nn.{t.__name__}" for t in ADAPTED_TYPES)
+            raise ValueError(f"target {name!r} is a {type(module).__name__}; adapters support {supported}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapper(module, rank, alpha, use_dora=dora, dropout=dropout,
+                                       use_rslora=use_rslora, init_lora_weights=init_lora_weights))
+    return names
+
+
+def _no_match_message(model: nn.Module, targets) -> str:
+    leaves = [n for n, m in model.named_modules() if n and isinstance(m, tuple(ADAPTED_TYPES))]
+    short = sorted({n.rsplit(".", 1)[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
+                    for n in leaves})
+    return (f"target_modules {targets!r} matched no module in {type(model).__name__}; "
+            f"Linear/Conv2d names there include: {', '.join(short[:12])}")
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(name, layer) for every adapter layer, found by type."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, layer in adapted_layers(model) for p in layer.adapter_parameters()]
+
+
+def adapter_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The adapter parameters only, keyed as PEFT's `get_peft_model_state_dict` keys them."""
+    out = {}
+    for name, layer in adapted_layers(model):
+        out[f"{prefix}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        out[f"{prefix}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        if layer.use_dora:
+            out[f"{prefix}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Copy adapter tensors into the model's adapter layers. Every layer's tensors must be there
+    with the right shapes and nothing else may be; otherwise ValueError names the bad keys and
+    nothing is changed."""
+    expected = {k: v.shape for k, v in adapter_state_dict(model, prefix).items()}
+    if not expected:
+        raise ValueError(f"{type(model).__name__} has no adapter layers; call add_adapters first")
+    given = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    missing = sorted(expected.keys() - given.keys())
+    extra = sorted(given.keys() - expected.keys())
+    wrong = sorted(f"{k} {tuple(given[k].shape)} != {tuple(s)}" for k, s in expected.items()
+                   if k in given and tuple(given[k].shape) != tuple(s))
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise ValueError("adapter state dict does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, layer in adapted_layers(model):
+            layer.lora_A.weight.copy_(given[f"{prefix}{name}.lora_A.weight"])
+            layer.lora_B.weight.copy_(given[f"{prefix}{name}.lora_B.weight"])
+            if layer.use_dora:
+                layer.lora_magnitude_vector.copy_(given[f"{prefix}{name}.lora_magnitude_vector"])
+            layer.clear_cache()
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter off (the exact base model, magnitude included) or back on."""
+    for _, layer in adapted_layers(model):
+        layer.adapter_enabled = enabled
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by a plain layer holding the merged weight; returns model."""
+    for name, layer in list(adapted_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.merged_layer())
+    return model

@@ -1,0 +1,292 @@
+"""DoRA and LoRA adapter layers for `nn.Linear` and `nn.Conv2d`.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353) splits
+a pretrained weight into a magnitude and a direction and adapts the direction with LoRA::
+
+          x ──────────────► W0 (frozen, out×in) ───► base = x W0ᵀ           (…, out)
+          │                                               │
+          └─► dropout ─► A (r×in) ─► B (out×r) · s ──► + lora             (…, out)
+                                                          │
+                                            t = base + s·x Aᵀ Bᵀ          (…, out)
+                                                          │
+          y = (m / n) ⊙ t + bias,   n_i = ‖(W0 + s·B A)_i‖  per OUTPUT row,  detached
+
+`m` (out,) is trainable and starts at the row norms of W0, so the layer starts as the base layer.
+LoRA is the same layer with no magnitude: `y = t + bias`.
+
+Following section 4.3 of the paper ("we suggest treating ‖V + ΔV‖_c in Eq. (5) as a constant,
+thereby detaching it from the gradient graph"), and PEFT, the norm gets no gradient. Because of
+that it can be computed without building `W0 + s·B A` (out×in) on every call::
+
+    ‖V_i‖² = ‖W0_i‖² + 2s·Σ_k B_ik (W0 Aᵀ)_ik + s²·(B (A Aᵀ) Bᵀ)_ii
+
+in fp32, with `‖W0_i‖²` kept while W0 is unchanged and the whole norm kept while A, B and W0 are
+unchanged (gradient-accumulation micro-batches and checkpoint recomputation reuse it). Change
+detection uses the tensors' version counters, which in-place updates through the tensor itself
+bump (optimiser steps, `load_state_dict`, `copy_` under `no_grad`); writes through `.data` are
+invisible to it, so code that does that must call `clear_cache()`.
+
+The output combines the base output and the low-rank path with one fused `addmm` and one
+`addcmul`, so DoRA saves a single extra output-sized tensor (`t`) for backward beyond LoRA.
+
+With dropout in training, PEFT applies the magnitude rescaling to the dropped-out input's base
+output; we do the same so that a run matches PEFT step for step:
+`y = x W0ᵀ + bias + (m/n)(xd W0ᵀ + s·xd Aᵀ Bᵀ) - xd W0ᵀ`, with `xd = dropout(x)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-12  # an all-zero row (n = 0, m = 0) gives scale 0, never NaN
+
+
+class AdaptedLayer(nn.Module):
+    """What DoRA/LoRA layers share. Subclasses also inherit from the base layer type, so the base
+    weight keeps its name (`<path>.weight`) and `isinstance(layer, nn.Linear)` still holds.
+
+    Adapter parameters: `lora_A.weight`, `lora_B.weight` and, for DoRA, `lora_magnitude_vector`,
+    the names PEFT and diffusers use in adapter files.
+    """
+
+    rank: int
+    alpha: float
+    scaling: float
+    use_dora: bool
+    merged: bool
+    adapter_enabled: bool
+
+    def _init_adapter(self, rank, alpha, use_dora, dropout, use_rslora, init_lora_weights):
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.rank, self.alpha, self.use_dora, self.use_rslora = int(rank), float(alpha), bool(use_dora), bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.adapter_enabled = True
+        self._norm_cache = None  # (key, n)
+        self._w0_cache = None  # (key, ‖W0_i‖²)
+        self._merge_norm = None
+        self.reset_adapter_parameters(init_lora_weights)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's initialisations: B = 0; A Kaiming-uniform (`True`) or N(0, 1/r) (`"gaussian"`);
+        the magnitude = ‖W0‖ per output row, so a fresh adapter is the identity."""
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.rank)
+        else:
+            raise ValueError(f"init_lora_weights must be True or 'gaussian', got {init_lora_weights!r}")
+        nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:
+            norm = self.weight.detach().float().flatten(1).norm(dim=1)
+            shape = (1, -1) + (1,) * (self.weight.dim() - 2) if self.weight.dim() > 2 else (-1,)
+            if not hasattr(self, "lora_magnitude_vector"):
+                self.lora_magnitude_vector = nn.Parameter(norm.reshape(shape))
+            else:
+                self.lora_magnitude_vector.copy_(norm.reshape(shape))
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self._norm_cache = None
+        self._w0_cache = None
+
+    # ---- the norm -------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(*tensors):
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """n = ‖W0 + s·B A‖ per output row, shape (out,), fp32, never part of the autograd graph."""
+        W0, A, B = self.weight, self.lora_A.weight, self.lora_B.weight
+        key = self._key(W0, A, B) + (self.scaling,)
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        w = W0.flatten(1).float()  # (out, in·k·k)
+        w_key = self._key(W0)
+        if self._w0_cache is None or self._w0_cache[0] != w_key:
+            self._w0_cache = (w_key, w.square().sum(dim=1))
+        a = A.flatten(1).float()  # (r, in·k·k)
+        b = B.flatten(1).float()  # (out, r)
+        s = self.scaling
+        cross = (b * (w @ a.T)).sum(dim=1)  # <W0_i, (B A)_i>
+        lowrank = ((b @ (a @ a.T)) * b).sum(dim=1)  # ‖(B A)_i‖²
+        n2 = self._w0_cache[1] + (2 * s) * cross + (s * s) * lowrank
+        n = n2.clamp_min(0).sqrt().clamp_min(NORM_EPS)
+        self._norm_cache = (key, n)
+        return n
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """m / n, shape (out,), fp32; the gradient flows to m only."""
+        return self.lora_magnitude_vector.flatten().float() / self.weight_norm()
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.adapter_enabled:
+            return self._base(x, self.bias)
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        xd = self.lora_dropout(x) if dropout_active else x
+        h = self._lora_A(xd.to(self.lora_A.weight.dtype))  # (…, r) in the adapter's dtype
+        if not self.use_dora:
+            return self._add_lowrank(self._base(x, self.bias), h)
+        base_d = self._base(xd, None)  # (…, out), no bias
+        t = self._add_lowrank(base_d, h)  # xd W0ᵀ + s·xd Aᵀ Bᵀ
+        scale = self._channel_view(self.magnitude_scale().to(t.dtype), t)
+        y = t * scale
+        if dropout_active:
+            y = y + self._base(x, None) - base_d
+        if self.bias is not None:
+            y = y + self._channel_view(self.bias.to(y.dtype), y)
+        return y
+
+    # ---- merge ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A in the base weight's shape, fp32."""
+        a = self.lora_A.weight.flatten(1).float()
+        b = self.lora_B.weight.flatten(1).float()
+        return (self.scaling * (b @ a)).reshape(self.weight.shape)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The weight that makes the plain base layer compute this adapted layer (eval mode)."""
+        w = self.weight.float() + self.delta_weight()
+        if self.use_dora:
+            w = self._channel_view(self.magnitude_scale(), w, dim=0) * w
+        return w.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight in place; forward then costs the base layer's."""
+        if self.merged:
+            return
+        if self.use_dora:
+            self._merge_norm = self.weight_norm().clone()  # unmerge needs the norm of W0, not of W'
+        self.weight.copy_(self.merged_weight())
+        self.merged = True
+        self.clear_cache()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.weight.float()
+        if self.use_dora:
+            inv = self._merge_norm / self.lora_magnitude_vector.flatten().float()
+            w = self._channel_view(inv, w, dim=0) * w
+            self._merge_norm = None
+        self.weight.copy_((w - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+        self.clear_cache()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        params = [self.lora_A.weight, self.lora_B.weight]
+        if self.use_dora:
+            params.append(self.lora_magnitude_vector)
+        return params
+
+    def extra_repr(self) -> str:
+        kind = "dora" if self.use_dora else "lora"
+        return f"{super().extra_repr()}, {kind}: rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+
+
+class AdaptedLinear(AdaptedLayer, nn.Linear):
+    """`nn.Linear` with a DoRA (`use_dora=True`) or LoRA adapter. Shapes: x (…, in) -> (…, out);
+    A (r, in), B (out, r), magnitude (out,)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, use_dora: bool = True, dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # shared, not copied
+        factory = {"device": base.weight.device, "dtype": torch.float32}  # adapters stay fp32
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+        self._init_adapter(rank, alpha, use_dora, dropout, use_rslora, init_lora_weights)
+
+    def _base(self, x, bias):
+        return F.linear(x, self.weight, None if bias is None else bias.to(self.weight.dtype))
+
+    def _lora_A(self, x):
+        return F.linear(x, self.lora_A.weight)
+
+    def _add_lowrank(self, base_out, h):
+        # base_out + s·h Bᵀ in one GEMM with accumulate; (…, out)
+        sb = (self.lora_B.weight * self.scaling).to(base_out.dtype)
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]).to(base_out.dtype), sb.T)
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def _channel_view(v, like, dim=-1):
+        return v.view(-1, 1) if dim == 0 else v
+
+    def merged_layer(self) -> nn.Linear:
+        """A plain `nn.Linear` computing this adapted layer (a copy; self is unchanged)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight if self.merged else self.merged_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+
+class AdaptedConv2d(AdaptedLayer, nn.Conv2d):
+    """`nn.Conv2d` (groups=1) with a DoRA or LoRA adapter, as PEFT builds it: A is a conv with
+    the base kernel, stride and padding to r channels, B a 1×1 conv to `out` channels; the
+    magnitude has PEFT's shape (1, out, 1, 1) and the norm is per output channel."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, use_dora: bool = True, dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True):
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("adapters support Conv2d with groups=1 and zero padding only")
+        nn.Module.__init__(self)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(base, attr))
+        self.weight, self.bias = base.weight, base.bias
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Conv2d(self.in_channels, rank, self.kernel_size, self.stride, self.padding, self.dilation,
+                                bias=False, **factory)
+        self.lora_B = nn.Conv2d(rank, self.out_channels, 1, bias=False, **factory)
+        self._init_adapter(rank, alpha, use_dora, dropout, use_rslora, init_lora_weights)
+
+    def _base(self, x, bias):
+        return F.conv2d(x, self.weight, None if bias is None else bias.to(self.weight.dtype),
+                        self.stride, self.padding, self.dilation)
+
+    def _lora_A(self, x):
+        return self.lora_A(x)
+
+    def _add_lowrank(self, base_out, h):
+        sb = (self.lora_B.weight * self.scaling).to(base_out.dtype)
+        return base_out + F.conv2d(h.to(base_out.dtype), sb)
+
+    @staticmethod
+    def _channel_view(v, like, dim=1):
+        return v.view(-1, 1, 1, 1) if dim == 0 else v.view(1, -1, 1, 1)
+
+    def merged_layer(self) -> nn.Conv2d:
+        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight if self.merged else self.merged_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+
+ADAPTED_TYPES = {nn.Linear: AdaptedLinear, nn.Conv2d: AdaptedConv2d}

@@ -1,0 +1,82 @@
+"""Everything the project writes goes through here: atomic files, the adapter file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .adapters import adapted_layers, adapter_state_dict
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads adapter configs from
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def lora_config_dict(model: torch.nn.Module) -> dict:
+    """The model's adapter settings as a PEFT `LoraConfig` dict (what diffusers rebuilds from)."""
+    layers = list(adapted_layers(model))
+    if not layers:
+        return {}
+    first = layers[0][1]
+    ranks = {n: layer.rank for n, layer in layers if layer.rank != first.rank}
+    alphas = {n: layer.alpha for n, layer in layers if layer.alpha != first.alpha}
+    return {
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "use_dora": first.use_dora,
+        "use_rslora": first.use_rslora,
+        "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0)),
+        "target_modules": sorted(n for n, _ in layers),
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "init_lora_weights": True,
+        "bias": "none",
+    }
+
+
+def save_adapter(output_dir: str | os.PathLike, models: dict[str, torch.nn.Module], info: dict) -> Path:
+    """Write `pytorch_lora_weights.safetensors`: `<prefix>.<path>.lora_*` tensors for each model
+    (prefix `unet`, `text_encoder`, ...), the LoRA configs as diffusers' adapter metadata, and
+    `info` (base model, prompts, steps) under the key `dreambooth_dora`."""
+    tensors, configs = {}, {}
+    for prefix, model in models.items():
+        sd = adapter_state_dict(model, prefix=f"{prefix}.")
+        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()})
+        configs.update({f"{prefix}.{k}": v for k, v in lora_config_dict(model).items()})
+    metadata = {
+        "format": "pt",
+        LORA_ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True),
+        "dreambooth_dora": json.dumps(info, sort_keys=True),
+    }
+    out = Path(output_dir) / ADAPTER_FILE
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out

@@ -1,0 +1,188 @@
+"""Tiny Stable Diffusion 1.x pipelines built from configs, for tests and the offline quick start.
+
+Everything here is deterministic: the tokenizer's vocabulary and merges are learned by a small
+byte-level BPE over a fixed word list, and the weights come from a seeded generator. The result
+is saved with `save_pretrained`, so it loads through `from_pretrained` exactly like a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+# Words the tests and the quick start put in prompts; every one becomes a single token.
+WORDS = (
+    "a an the of in on at with and photo picture render drawing painting style sks zwx "
+    "dog cat icon lego brick set toy figure 3d object background white black red green blue "
+    "yellow orange purple pink gray small big round square cube sphere shiny matte studio "
+    "light view front side top close up high quality"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def build_clip_vocab(words=WORDS) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-layout vocabulary (bytes, bytes+</w>, merges, specials) and its BPE merges.
+
+    Merges are learned greedily (most frequent adjacent pair first, ties broken by the pair
+    itself) until every word in `words` is one token, so the result never depends on hashing.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    corpus = {w: [*w[:-1], w[-1] + "</w>"] for w in sorted(set(words))}
+    merges: list[str] = []
+    while True:
+        pairs = Counter()
+        for symbols in corpus.values():
+            pairs.update(zip(symbols, symbols[1:]))
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(f"{best[0]} {best[1]}")
+        vocab_tokens.append(best[0] + best[1])
+        for w, symbols in corpus.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            corpus[w] = out
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {}
+    for tok in vocab_tokens:
+        vocab.setdefault(tok, len(vocab))
+    return vocab, merges
+
+
+def write_tokenizer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Write `vocab.json` and `merges.txt` (CLIP's file layout) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_clip_vocab()
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def build_tokenizer(folder: str | os.PathLike, max_length: int = 77):
+    """A CLIPTokenizer read from the vocabulary and merges files written into `folder`."""
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = write_tokenizer_files(folder)
+    return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=max_length)
+
+
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_dim: int = 32):
+    """A StableDiffusionPipeline in SD 1.x layout with a few thousand random parameters per part.
+
+    UNet: one plain and one cross-attention down block (and their up twins) with
+    `to_q/to_k/to_v/to_out.0` projections; VAE: 2 levels (64 px images for `sample_size=32`);
+    text encoder: a 2-layer CLIPTextModel with `q_proj/k_proj/v_proj/out_proj`.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(tmp)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_head_dim=4,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    build_tiny_pipeline(seed=seed).save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn `embedded:<name>` into a local diffusers folder; leave hub ids and paths untouched."""
+    if not name_or_path.startswith(EMBEDDED_PREFIX):
+        return name_or_path
+    name = name_or_path[len(EMBEDDED_PREFIX):]
+    if name != "tiny-random":
+        raise ValueError(f"unknown embedded model {name!r}; known: 'embedded:tiny-random'")
+    cache = Path(os.environ.get("DREAMBOOTH_DORA_CACHE", Path.home() / ".cache" / "dreambooth_dora"))
+    return str(save_tiny_pipeline(cache / name))

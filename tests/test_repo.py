@@ -1,0 +1,31 @@
+"""The repository's promises about itself: CI runs the README's test command, configs load."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dreambooth_dora.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    return re.findall(r"```bash\n(python3 -m venv[^\n]*)\n```", (REPO / "README.md").read_text())
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = readme_commands()
+    assert len(commands) == 2, commands
+    ci_lines = [l for l in (REPO / ".ci/run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [commands[1]]
+    assert "pytest" in commands[1] and "train_dreambooth_dora.py" in commands[0]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "train_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_starts_with_its_command(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(["--config", str(path)])
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch") and f"--config train_configs/{path.name}" in first
+    assert Path(cfg.instance_data_dir).is_dir()
