@@ -9,6 +9,7 @@ Keys are the ones `peft.get_peft_model_state_dict` gives for the same model and 
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Iterator
 
@@ -74,11 +75,15 @@ def add_adapters(
 
 
 def _no_match_message(model: nn.Module, targets) -> str:
+    """Name the adaptable module names nearest to the bad targets first, then others."""
     leaves = [n for n, m in model.named_modules() if n and isinstance(m, tuple(ADAPTED_TYPES))]
-    short = sorted({n.rsplit(".", 1)[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
+    short = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.rsplit(".", 1)[-1]
                     for n in leaves})
+    wanted = [targets] if isinstance(targets, str) else targets
+    near = [c for t in wanted for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], short, n=4, cutoff=0.5)]
+    shown = list(dict.fromkeys(near + short))[:12]
     return (f"target_modules {targets!r} matched no module in {type(model).__name__}; "
-            f"Linear/Conv2d names there include: {', '.join(short[:12])}")
+            f"Linear/Conv2d names there include: {', '.join(shown)}")
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:

@@ -57,9 +57,13 @@ def train(cfg: TrainConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / cfg.logging_dir)),
     )
     set_seed(cfg.seed)
+    images = load_image_folder(cfg.instance_data_dir)  # bad data fails before any model loads
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, cfg.revision, cfg.variant)
-    images = load_image_folder(cfg.instance_data_dir)
+    try:
+        tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, cfg.revision, cfg.variant)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"cannot load model {cfg.pretrained_model_name_or_path!r}: {first}") from None
 
     # Frozen parts in the compute dtype; adapter parameters are created in fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
