@@ -144,11 +144,12 @@ class AdaptedLayer(nn.Module):
         base_d = self._base(xd, None)  # (…, out), no bias
         t = self._add_lowrank(base_d, h)  # xd W0ᵀ + s·xd Aᵀ Bᵀ
         scale = self._channel_view(self.magnitude_scale().to(t.dtype), t)
-        y = t * scale
         if dropout_active:
-            y = y + self._base(x, None) - base_d
-        if self.bias is not None:
-            y = y + self._channel_view(self.bias.to(y.dtype), y)
+            y = t * scale + self._base(x, self.bias) - base_d
+        elif self.bias is not None:
+            y = torch.addcmul(self._channel_view(self.bias.to(t.dtype), t), t, scale)
+        else:
+            y = t * scale
         return y
 
     # ---- merge ----------------------------------------------------------------------------
@@ -203,6 +204,68 @@ class AdaptedLayer(nn.Module):
         return f"{super().extra_repr()}, {kind}: rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
+class _FusedAdapterLinear(torch.autograd.Function):
+    """y = x W'ᵀ + bias with W' = diag(m/n)(W0 + s·B A) (DoRA) or W0 + s·B A (LoRA), in ONE GEMM.
+
+    The frozen W0 never needs its weight gradient (Gᵀx, the costly out×T×in GEMM), so the backward
+    computes only what the adapter needs, with G = dL/dy (T, out), h = x Aᵀ (T, r)::
+
+        dL/dx = G W'                                  one GEMM, as for the base layer
+        dL/dB = s · diag(m/n) Gᵀ h                    (out, r)
+        dL/dA = s · (G diag(m/n) B)ᵀ x                (r, in)
+        dL/dm = Σ_T (G ⊙ t) / n,  t = x (W0 + s·B A)ᵀ   (DoRA; n is a constant, paper §4.3)
+
+    Saved for backward: x, h (T×r) and, for DoRA, t: one output-sized tensor. W' is rebuilt in
+    backward (out·in·r flops) rather than kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling, norm):
+        device_type = x.device.type
+        cdt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            xc = x.to(cdt)
+            w_eff = weight.float() + scaling * (lora_b.float() @ lora_a.float())  # (out, in) fp32
+            h = F.linear(xc, lora_a.to(cdt))  # (…, r)
+            b = None if bias is None else bias.to(cdt)
+            if magnitude is None:
+                y, t, scale = F.linear(xc, w_eff.to(cdt), b), None, None
+            else:
+                scale = magnitude.float() / norm  # (out,)
+                t = F.linear(xc, w_eff.to(cdt))  # (…, out): the direction's output
+                y = t * scale.to(cdt) if b is None else torch.addcmul(b, t, scale.to(cdt))
+        ctx.save_for_backward(xc, h, weight, lora_a, lora_b, t, scale, norm)
+        ctx.scaling, ctx.cdt, ctx.x_dtype, ctx.has_bias = scaling, cdt, x.dtype, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, h, weight, lora_a, lora_b, t, scale, norm = ctx.saved_tensors
+        s, cdt = ctx.scaling, ctx.cdt
+        need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        g = grad.to(cdt)
+        g2 = g.reshape(-1, g.shape[-1])  # (T, out)
+        b32 = lora_b.float() if scale is None else lora_b.float() * scale[:, None]  # diag(m/n) B
+        gx = ga = gb = gm = gbias = None
+        if need_x:
+            w_prime = weight.float() + s * (lora_b.float() @ lora_a.float())
+            if scale is not None:
+                w_prime = w_prime * scale[:, None]
+            gx = (g @ w_prime.to(cdt)).to(ctx.x_dtype)
+        if need_b:
+            gb = s * (g2.T @ h.reshape(-1, h.shape[-1])).float()
+            if scale is not None:
+                gb = gb * scale[:, None]
+        if need_a:
+            p = g2 @ b32.to(cdt)  # (T, r)
+            ga = s * (p.T @ xc.reshape(-1, xc.shape[-1])).float()
+        if need_m and t is not None:
+            gm = (g2 * t.reshape(-1, t.shape[-1])).sum(0, dtype=torch.float32) / norm
+        if need_bias and ctx.has_bias:
+            gbias = g2.sum(0)
+        return gx, None, gbias, ga, gb, gm, None, None
+
+
 class AdaptedLinear(AdaptedLayer, nn.Linear):
     """`nn.Linear` with a DoRA (`use_dora=True`) or LoRA adapter. Shapes: x (…, in) -> (…, out);
     A (r, in), B (out, r), magnitude (out,)."""
@@ -217,8 +280,25 @@ class AdaptedLinear(AdaptedLayer, nn.Linear):
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
         self._init_adapter(rank, alpha, use_dora, dropout, use_rslora, init_lora_weights)
 
+    # Fused (one GEMM with W', extra work ~ out·in) pays when there are more tokens than input
+    # features; below that the composed form (extra work ~ tokens·out) is cheaper. Measured in
+    # benchmarks/bench_layers.py.
+    fuse_min_tokens_per_feature: float = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if (self.merged or not self.adapter_enabled or dropout_active
+                or tokens < self.fuse_min_tokens_per_feature * self.in_features):
+            return super().forward(x)
+        if self.use_dora:
+            return _FusedAdapterLinear.apply(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+                                             self.lora_magnitude_vector, self.scaling, self.weight_norm())
+        return _FusedAdapterLinear.apply(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+                                         None, self.scaling, None)
+
     def _base(self, x, bias):
-        return F.linear(x, self.weight, None if bias is None else bias.to(self.weight.dtype))
+        return F.linear(x, self.weight, bias)
 
     def _lora_A(self, x):
         return F.linear(x, self.lora_A.weight)
@@ -265,8 +345,7 @@ class AdaptedConv2d(AdaptedLayer, nn.Conv2d):
         self._init_adapter(rank, alpha, use_dora, dropout, use_rslora, init_lora_weights)
 
     def _base(self, x, bias):
-        return F.conv2d(x, self.weight, None if bias is None else bias.to(self.weight.dtype),
-                        self.stride, self.padding, self.dilation)
+        return F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation)
 
     def _lora_A(self, x):
         return self.lora_A(x)
