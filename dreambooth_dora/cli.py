@@ -20,7 +20,7 @@ def _user_errors():
     from .data import DataError
     from .train import TrainingError
 
-    return (ConfigError, DataError, TrainingError)
+    return (ConfigError, DataError, TrainingError, FileNotFoundError)
 
 
 def train_main(argv: list[str] | None = None) -> int:

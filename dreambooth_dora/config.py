@@ -23,22 +23,52 @@ class ConfigError(ValueError):
     """A bad setting; the CLI prints its message on one line and exits with status 2."""
 
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "prodigy")
+
+
 @dataclass
 class TrainConfig:
-    # model
+    """Every field is a YAML key and a `--flag` of the same name (diffusers' names where they exist)."""
+
+    # ---- model
     pretrained_model_name_or_path: str = "embedded:tiny-random"
     """Hub id, local diffusers folder, or `embedded:<name>` for a model shipped with the package."""
     revision: str | None = None
     variant: str | None = None
-    # data
+    """Weight file variant, e.g. 'fp16'."""
+    prediction_type: str | None = None
+    """Override the scheduler's prediction type ('epsilon' or 'v_prediction'); default: the model's."""
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16': frozen weights in that dtype, adapter parameters stay fp32."""
+    allow_tf32: bool = False
+    # ---- data
     instance_data_dir: str | None = None
-    """Folder of subject images (png/jpg/webp/bmp)."""
+    """Folder of subject images; captions from its metadata.jsonl when `caption_column` is set."""
+    dataset_name: str | None = None
+    """A `datasets` hub id or local dataset folder, instead of `instance_data_dir`."""
+    image_column: str = "image"
+    caption_column: str | None = None
+    """Per-image captions from this column (metadata.jsonl's `text`, say); default: instance_prompt."""
     instance_prompt: str | None = None
     """Prompt with the identifier, e.g. 'a photo of sks dog'."""
+    repeats: int = 1
+    """How many times each instance image appears per epoch."""
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
-    # adapters
+    # ---- prior preservation
+    with_prior_preservation: bool = False
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    """Missing class images are generated with the base model, up to this many."""
+    sample_batch_size: int = 4
+    prior_generation_precision: str | None = None
+    """'fp32', 'fp16' or 'bf16' for generating class images; default fp32 on CPU, fp16 on GPU."""
+    prior_loss_weight: float = 1.0
+    # ---- adapters
     rank: int = 4
     lora_alpha: float | None = None
     """Defaults to `rank` (scale 1)."""
@@ -46,46 +76,102 @@ class TrainConfig:
     use_dora: bool = True
     use_rslora: bool = False
     unet_target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
+    """UNet modules to adapt; add 'proj_in', 'proj_out', 'ff.net.0.proj', 'ff.net.2' for more."""
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
-    # optimisation
+    # ---- optimisation
     train_batch_size: int = 1
-    max_train_steps: int = 400
+    max_train_steps: int | None = None
+    """Optimiser steps; default: num_train_epochs over the data."""
+    num_train_epochs: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = None
     """Defaults to `learning_rate`."""
+    scale_lr: bool = False
+    """Multiply the learning rates by batch size x accumulation x processes."""
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    optimizer: str = "adamw"
+    """'adamw' or 'prodigy' (use learning_rate 1.0 with Prodigy)."""
+    use_8bit_adam: bool = False
+    """AdamW from bitsandbytes (must be installed)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
+    adam_weight_decay_text_encoder: float | None = None
     adam_epsilon: float = 1e-8
+    prodigy_beta3: float | None = None
+    prodigy_decouple: bool = True
+    prodigy_use_bias_correction: bool = True
+    prodigy_safeguard_warmup: bool = True
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (5.0 is the usual value)."""
+    noise_offset: float = 0.0
+    cache_latents: bool = False
+    """Encode the images once (the VAE is frozen). Random crops become center crops; flips are
+    cached as a second latent per image."""
     seed: int = 0
-    # output
+    # ---- checkpoints, validation, output
     output_dir: str = "outputs/run"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    """'latest' or a checkpoint folder."""
+    validation_prompt: list[str] | None = None
+    """One or more prompts (YAML list, or comma-separated on the command line)."""
+    num_validation_images: int = 4
+    validation_steps: int = 100
+    validation_inference_steps: int = 25
     report_to: str = "tensorboard"
+    """'tensorboard' or 'none'."""
     logging_dir: str = "logs"
 
     def validate(self) -> "TrainConfig":
-        if self.instance_data_dir is None:
-            raise ConfigError("instance_data_dir is not set: give the folder of subject images")
-        folder = Path(self.instance_data_dir)
-        if not folder.is_dir():
-            raise ConfigError(f"instance_data_dir {str(folder)!r} is not a folder")
+        """One clear ConfigError per problem, before anything heavy happens."""
+        if (self.instance_data_dir is None) == (self.dataset_name is None):
+            raise ConfigError("give exactly one of instance_data_dir (a folder of images) or dataset_name")
+        if self.instance_data_dir is not None and not Path(self.instance_data_dir).is_dir():
+            raise ConfigError(f"instance_data_dir {self.instance_data_dir!r} is not a folder")
         if not self.instance_prompt:
             raise ConfigError("instance_prompt is not set, e.g. 'a photo of sks dog'")
-        for name in ("rank", "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps"):
+        if self.with_prior_preservation:
+            if not self.class_data_dir:
+                raise ConfigError("with_prior_preservation needs class_data_dir (where class images are kept)")
+            if not self.class_prompt:
+                raise ConfigError("with_prior_preservation needs class_prompt, e.g. 'a photo of a dog'")
+            if self.num_class_images < 1:
+                raise ConfigError("num_class_images must be >= 1")
+        for name in ("rank", "resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                     "repeats", "sample_batch_size", "checkpointing_steps", "validation_steps",
+                     "num_validation_images", "validation_inference_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ConfigError(f"max_train_steps must be >= 1, got {self.max_train_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError("checkpoints_total_limit must be >= 1")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.learning_rate <= 0:
+            raise ConfigError("learning_rate must be > 0")
+        choices = {"mixed_precision": ("no", "fp16", "bf16"), "lr_scheduler": LR_SCHEDULERS,
+                   "optimizer": OPTIMIZERS, "report_to": ("tensorboard", "none"),
+                   "prediction_type": (None, "epsilon", "v_prediction"),
+                   "prior_generation_precision": (None, "fp32", "fp16", "bf16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(repr(a) for a in allowed if a is not None)
+                raise ConfigError(f"{name} must be one of {shown}; got {getattr(self, name)!r}")
+        if self.use_8bit_adam and self.optimizer != "adamw":
+            raise ConfigError("use_8bit_adam applies to optimizer 'adamw' only")
+        if self.noise_offset < 0:
+            raise ConfigError("noise_offset must be >= 0")
         return self
 
 

@@ -1,9 +1,23 @@
-"""DreamBooth data: subject images from a folder, made into training tensors."""
+"""DreamBooth data: subject (and class) images with their captions, and training batches.
+
+Sources go through `datasets`: a local folder of images (an `imagefolder`, whose
+`metadata.jsonl` may carry captions), or a dataset id / local dataset with image and caption
+columns. Images are decoded here rather than by `datasets`, so that odd files (EXIF-rotated,
+16-bit, palette, RGBA, grayscale, tiny, unreadable) are handled one way everywhere.
+
+Batches are drawn by *global step*, not by a stateful loader: the images of step k, their crops
+and flips depend only on (seed, k), so a resumed run and an uninterrupted one see the same data,
+and N processes with batch b see exactly what one process with batch N·b sees.
+"""
 
 from __future__ import annotations
 
+import functools
+import io
+import math
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,64 +29,154 @@ MIN_SIDE = 8
 
 
 class DataError(ValueError):
-    pass
+    """Bad training data; the CLI prints the message on one line."""
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image as 8-bit RGB: EXIF rotation applied, alpha flattened on white, 16-bit and
-    palette images converted."""
-    with Image.open(path) as im:
+@dataclass
+class Example:
+    image: Image.Image  # 8-bit RGB
+    caption: str
+
+
+def load_image(source) -> Image.Image:
+    """Open a path or bytes as 8-bit RGB: EXIF rotation applied, alpha flattened on white,
+    16-bit and 32-bit integer images rescaled, palette and grayscale converted."""
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             arr = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray((arr / max(arr.max(), 1) * 255).round().astype(np.uint8), "L")
-        if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+            top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            im = Image.fromarray((np.clip(arr / top, 0, 1) * 255).round().astype(np.uint8), "L")
+        if im.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in im.info:
             im = im.convert("RGBA")
-            canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(canvas, im)
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
         return im.convert("RGB")
 
 
-def load_image_folder(folder: str | Path) -> list[Image.Image]:
-    """All readable images in `folder`; unreadable or tiny ones are skipped with a warning
-    naming them, and DataError is raised when none remain."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"image folder {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images, bad = [], []
-    for path in files:
+def _decode_rows(rows, image_column: str, caption_column: str | None, default_caption: str, where: str):
+    examples, bad = [], []
+    for i, row in enumerate(rows):
+        cell = row[image_column]
+        name = Path(cell["path"]).name if isinstance(cell, dict) and cell.get("path") else f"row {i}"
         try:
-            im = load_image(path)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            bad.append(f"{path.name} ({type(err).__name__})")
+            if isinstance(cell, Image.Image):
+                image = load_image(_to_png_bytes(cell))
+            elif cell.get("bytes") is not None:
+                image = load_image(cell["bytes"])
+            else:
+                image = load_image(cell["path"])
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            bad.append(f"{name} ({type(err).__name__})")
             continue
-        if min(im.size) < MIN_SIDE:
-            bad.append(f"{path.name} (only {im.size[0]}x{im.size[1]} px)")
+        if min(image.size) < MIN_SIDE:
+            bad.append(f"{name} (only {image.size[0]}x{image.size[1]} px)")
             continue
-        images.append(im)
-    if not images:
-        raise DataError(f"no usable images in {str(folder)!r}: {', '.join(bad)}")
+        caption = row.get(caption_column) if caption_column else None
+        examples.append(Example(image, caption if caption else default_caption))
+    if not examples:
+        raise DataError(f"no usable images in {where}: {', '.join(bad[:5])}")
     if bad:
-        warnings.warn(f"skipped {len(bad)} image(s) in {folder}: {', '.join(bad)}", stacklevel=2)
-    return images
+        warnings.warn(f"skipped {len(bad)} unusable image(s) in {where}: {', '.join(bad)}", stacklevel=3)
+    return examples
 
 
-def to_training_tensor(im: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-                       rng: random.Random) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe flip; (3, H, W) in [-1, 1]."""
-    w, h = im.size
-    scale = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = im.size
-    if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+def _to_png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_examples(instance_data_dir: str | None = None, dataset_name: str | None = None,
+                  image_column: str = "image", caption_column: str | None = None,
+                  default_caption: str = "", split: str = "train") -> list[Example]:
+    """Subject images and captions from a local folder or a `datasets` source."""
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    if instance_data_dir is not None:
+        folder = Path(instance_data_dir)
+        if not folder.is_dir():
+            raise DataError(f"image folder {str(folder)!r} does not exist")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+            raise DataError(f"image folder {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        where, args = repr(str(folder)), dict(path="imagefolder", data_dir=str(folder))
     else:
-        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-    im = im.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
+        where, args = repr(dataset_name), dict(path=dataset_name)
+    try:
+        ds = load_dataset(**args, split=split)
+    except Exception as err:  # datasets raises many types; the user needs the first line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot load dataset {where}: {first}") from None
+    if image_column not in ds.column_names:
+        raise DataError(f"dataset {where} has no column {image_column!r}; columns: {', '.join(ds.column_names)}")
+    if caption_column is not None and caption_column not in ds.column_names:
+        raise DataError(f"dataset {where} has no caption column {caption_column!r}; "
+                        f"columns: {', '.join(ds.column_names)}")
+    if isinstance(ds.features[image_column], ImageFeature):
+        ds = ds.cast_column(image_column, ImageFeature(decode=False))
+    return _decode_rows(ds, image_column, caption_column, default_caption, where)
+
+
+def load_image_folder(folder: str | Path, caption: str = "") -> list[Example]:
+    """Every readable image directly in `folder` (class images), without `datasets`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise DataError(f"image folder {str(folder)!r} holds no images")
+    return _decode_rows([{"image": {"path": str(p), "bytes": None}} for p in files], "image", None, caption,
+                        repr(str(folder)))
+
+
+# ---- transforms ---------------------------------------------------------------------------
+
+def crop_box(size: tuple[int, int], resolution: int, center_crop: bool, rng: random.Random):
+    """Resize target (w, h) with the short side = resolution, and the square crop box in it."""
+    w, h = size
+    scale = resolution / min(w, h)
+    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if center_crop:
+        left, top = (rw - resolution) // 2, (rh - resolution) // 2
+    else:
+        left, top = rng.randint(0, rw - resolution), rng.randint(0, rh - resolution)
+    return (rw, rh), (left, top, left + resolution, top + resolution)
+
+
+def to_training_tensor(im: Image.Image, resolution: int, center_crop: bool, flip: bool,
+                       rng: random.Random) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, maybe mirror; (3, H, W) in [-1, 1]."""
+    resized, box = crop_box(im.size, resolution, center_crop, rng)
+    im = im.resize(resized, Image.BICUBIC).crop(box)
+    if flip:
         im = ImageOps.mirror(im)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0
+
+
+# ---- batches by step ----------------------------------------------------------------------
+
+def step_rng(seed: int, *key: int) -> random.Random:
+    """A generator that depends only on (seed, key): resumable, process-count independent.
+    (String seeds are hashed with SHA-512 by `random`, identically in every process.)"""
+    return random.Random(":".join(map(str, ("step", seed, *key))))
+
+
+@functools.lru_cache(maxsize=64)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"epoch:{seed}:{epoch}").shuffle(order)
+    return tuple(order)
+
+
+def batch_indices(n: int, global_batch: int, micro_step: int, seed: int) -> list[int]:
+    """Example indices of the global micro-batch `micro_step`: epochs are shuffled permutations of
+    range(n) laid end to end, so every example is seen once per epoch."""
+    start = micro_step * global_batch
+    out = []
+    for pos in range(start, start + global_batch):
+        epoch, offset = divmod(pos, n)
+        out.append(epoch_order(n, seed, epoch)[offset])
+    return out
+
+
+def micro_steps_per_epoch(n: int, global_batch: int) -> int:
+    return math.ceil(n / global_batch)

@@ -1,4 +1,4 @@
-"""The diffusion training loss, as pure functions."""
+"""The diffusion training loss, as pure functions of tensors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,20 @@ import torch
 import torch.nn.functional as F
 
 
-def diffusion_target(noise: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generator: torch.Generator | None = None, noise_offset: float = 0.0):
+    """Gaussian noise like `latents`, plus `noise_offset` x per-channel constant noise
+    (offset noise: lets the model learn very dark and very bright images)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+    if noise_offset:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=torch.float32)
+        noise = noise + noise_offset * offset.to(latents)
+    return noise
+
+
+def diffusion_target(noise: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor, scheduler,
+                     prediction_type: str | None = None) -> torch.Tensor:
     """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = scheduler.config.prediction_type
+    kind = prediction_type or scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
@@ -16,6 +27,30 @@ def diffusion_target(noise: torch.Tensor, latents: torch.Tensor, timesteps: torc
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32 over (B, C, H, W)."""
-    return F.mse_loss(model_pred.float(), target.float())
+def snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, snr_gamma: float,
+                prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023), per sample (B,): min(SNR, gamma) / SNR for
+    epsilon targets, min(SNR, gamma) / (SNR + 1) for v-prediction."""
+    ac = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+    snr = ac / (1 - ac)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, *, num_prior: int = 0,
+                   prior_loss_weight: float = 1.0, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """MSE in fp32 between prediction and target, both (B, C, H, W).
+
+    With prior preservation the last `num_prior` samples are class images: their mean loss is
+    added with `prior_loss_weight` to the instance samples' mean loss. `weights` (B,) reweights
+    samples (Min-SNR). Returns the loss and its parts for logging.
+    """
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    n_inst = per_sample.shape[0] - num_prior
+    instance = per_sample[:n_inst].mean()
+    if num_prior == 0:
+        return instance, {"loss_instance": instance.detach()}
+    prior = per_sample[n_inst:].mean()
+    return instance + prior_loss_weight * prior, {"loss_instance": instance.detach(), "loss_prior": prior.detach()}

@@ -1,22 +1,35 @@
-"""The DreamBooth training loop: setup, then per step batch -> loss -> backward -> clip -> step."""
+"""The DreamBooth training loop.
+
+Setup (data, models, adapters, caches, optimiser), then per optimiser step:
+micro-batches -> loss -> backward -> clip -> step -> log / validate / checkpoint.
+
+Everything random in step k (which images, crops, flips, noise, timesteps) is drawn from
+generators keyed by (seed, k, example slot), so a resumed run repeats an uninterrupted one and
+N processes with batch b train on exactly what one process with batch N·b trains on.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
-import random
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .adapters import adapter_parameters, add_adapters
-from .config import TrainConfig
-from .data import load_image_folder, to_training_tensor
-from .losses import diffusion_loss, diffusion_target
+from .checkpoints import register_adapter_hooks, resolve_resume, save_checkpoint, checkpoint_step
+from .config import ConfigError, TrainConfig
+from .data import DataError, Example, batch_indices, load_examples, load_image_folder, step_rng, to_training_tensor
+from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
 from .outputs import save_adapter, write_text
+from .prior import ensure_class_images
 from .tiny import resolve_model
+from .validation import generate_validation, save_grid
 
 
 class TrainingError(RuntimeError):
@@ -28,19 +41,63 @@ def load_models(path: str, revision: str | None = None, variant: str | None = No
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    kw = {"revision": revision}
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainingError(f"cannot load model {path!r}: {first}") from None
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
-def encode_prompt(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device))[0]  # (B, 77, D)
+
+
+def build_optimizer(cfg: TrainConfig, groups: list[dict]):
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt") from None
+        if cfg.learning_rate < 0.1:
+            warnings.warn("Prodigy adapts the step size itself; learning_rate is usually 1.0 with it", stacklevel=2)
+        return Prodigy(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), beta3=cfg.prodigy_beta3,
+                       weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, decouple=cfg.prodigy_decouple,
+                       use_bias_correction=cfg.prodigy_use_bias_correction,
+                       safeguard_warmup=cfg.prodigy_safeguard_warmup)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+               eps=cfg.adam_epsilon)
+
+
+def example_generator(seed: int, micro_step: int, slot: int) -> torch.Generator:
+    """Noise and timestep generator of one example slot of one global micro-batch."""
+    return torch.Generator().manual_seed(step_rng(seed, micro_step, slot, 1).getrandbits(63))
+
+
+@torch.no_grad()
+def cache_latents(vae, examples: list[Example], resolution: int, flips: tuple[bool, ...], device, dtype):
+    """{(example index, flip): latent (4, h, w)} from center crops; one entry per flip variant."""
+    cache = {}
+    for i, ex in enumerate(tqdm(examples, desc="cache latents", leave=False)):
+        for flip in flips:
+            pixels = to_training_tensor(ex.image, resolution, True, flip, step_rng(0, 0))[None]
+            dist = vae.encode(pixels.to(device, dtype)).latent_dist
+            cache[(i, flip)] = (dist.mean, dist.std)  # sampled per step, as without the cache
+    return cache
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -57,81 +114,256 @@ def train(cfg: TrainConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / cfg.logging_dir)),
     )
     set_seed(cfg.seed)
-    images = load_image_folder(cfg.instance_data_dir)  # bad data fails before any model loads
-    model_path = resolve_model(cfg.pretrained_model_name_or_path)
-    try:
-        tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, cfg.revision, cfg.variant)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"cannot load model {cfg.pretrained_model_name_or_path!r}: {first}") from None
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Frozen parts in the compute dtype; adapter parameters are created in fp32.
+    # ---- data (fails before any model loads)
+    examples = load_examples(cfg.instance_data_dir, cfg.dataset_name, cfg.image_column, cfg.caption_column,
+                             default_caption=cfg.instance_prompt)
+    model_path = resolve_model(cfg.pretrained_model_name_or_path)
+    class_examples: list[Example] = []
+    if cfg.with_prior_preservation:
+        if accelerator.is_main_process:
+            ensure_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, model_path,
+                                cfg.sample_batch_size, cfg.prior_generation_precision, cfg.revision, cfg.variant,
+                                accelerator.device, cfg.seed)
+        accelerator.wait_for_everyone()
+        class_examples = load_image_folder(cfg.class_data_dir, cfg.class_prompt)[:cfg.num_class_images]
+
+    # ---- models: frozen parts in the compute dtype, adapters in fp32
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, cfg.revision, cfg.variant)
+    if cfg.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    prediction_type = noise_scheduler.config.prediction_type
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-    text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-    unet.to(accelerator.device, dtype=weight_dtype)
+    device = accelerator.device
+    vae.requires_grad_(False).to(device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+    unet.requires_grad_(False).to(device, dtype=weight_dtype)
     adapter_kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, dora=cfg.use_dora, dropout=cfg.lora_dropout,
                       use_rslora=cfg.use_rslora)
-    add_adapters(unet, cfg.unet_target_modules, **adapter_kw)
-    groups = [{"params": adapter_parameters(unet), "lr": cfg.learning_rate}]
+    try:
+        add_adapters(unet, cfg.unet_target_modules, **adapter_kw)
+        if cfg.train_text_encoder:
+            add_adapters(text_encoder, cfg.text_encoder_target_modules, **adapter_kw)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    adapted = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+
+    # ---- caches: prompts (frozen text encoder), latents (frozen VAE)
+    prompts = sorted({ex.caption for ex in examples + class_examples})
+    validation_prompts = cfg.validation_prompt or [cfg.instance_prompt]
+    prompt_cache = None
+    if not cfg.train_text_encoder:
+        with torch.no_grad():
+            embeds = encode_prompts(tokenizer, text_encoder, prompts + validation_prompts + [""])
+        prompt_cache = dict(zip(prompts + validation_prompts + [""], embeds))
+        text_encoder.to("cpu")  # not needed on the device any more
+        del text_encoder
+        text_encoder = None
+        gc.collect()
+    latent_cache = None
+    if cfg.cache_latents:
+        if not cfg.center_crop:
+            warnings.warn("cache_latents uses center crops (random crops would need one latent per crop)",
+                          stacklevel=2)
+        flips = (False, True) if cfg.random_flip else (False,)
+        latent_cache = cache_latents(vae, examples + class_examples, cfg.resolution, flips, device, vae.dtype)
+
+    # ---- optimiser and schedule
+    n_inst = len(examples) * cfg.repeats
+    global_batch = cfg.train_batch_size * accelerator.num_processes
+    micro_per_epoch = math.ceil(n_inst / global_batch)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
+    groups = [{"params": adapter_parameters(unet), "lr": cfg.learning_rate * lr_factor}]
     if cfg.train_text_encoder:
-        add_adapters(text_encoder, cfg.text_encoder_target_modules, **adapter_kw)
-        groups.append({"params": adapter_parameters(text_encoder), "lr": cfg.text_encoder_lr or cfg.learning_rate})
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        groups.append({"params": adapter_parameters(text_encoder),
+                       "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
+                       "weight_decay": cfg.adam_weight_decay_text_encoder
+                       if cfg.adam_weight_decay_text_encoder is not None else cfg.adam_weight_decay})
+    params = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
+                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    if cfg.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    register_adapter_hooks(accelerator, adapted)
 
-    rng = random.Random(cfg.seed + accelerator.process_index)
-    params = [p for g in groups for p in g["params"]]
-    progress = tqdm(range(cfg.max_train_steps), desc="train", disable=not accelerator.is_local_main_process)
-    step, loss_value = 0, float("nan")
+    step = 0
+    resume = resolve_resume(out_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        step = checkpoint_step(resume)
+        accelerator.print(f"resumed from {resume} at step {step}")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
+        if cfg.report_to != "none":
+            accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
+
+    def make_batch(micro_step: int):
+        """This process's slice of global micro-batch `micro_step`: model input, target, #prior."""
+        slots = range(accelerator.process_index * cfg.train_batch_size,
+                      (accelerator.process_index + 1) * cfg.train_batch_size)
+        inst = batch_indices(n_inst, global_batch, micro_step, cfg.seed)
+        chosen = [(examples, inst[s] % len(examples), s, 0) for s in slots]
+        if class_examples:
+            cls = batch_indices(len(class_examples), global_batch, micro_step, cfg.seed + 1)
+            chosen += [(class_examples, cls[s], s, 1) for s in slots]
+        latents, captions, noises, timesteps = [], [], [], []
+        for source, idx, slot, is_class in chosen:
+            rng = step_rng(cfg.seed, micro_step, slot, is_class)
+            flip = cfg.random_flip and rng.random() < 0.5
+            gen = example_generator(cfg.seed, micro_step, 2 * slot + is_class)
+            if latent_cache is not None:
+                mean, std = latent_cache[(idx + (len(examples) if is_class else 0), flip)]
+                eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
+                latents.append(((mean + std * eps) * vae.config.scaling_factor)[0])
+            else:
+                pixels = to_training_tensor(source[idx].image, cfg.resolution, cfg.center_crop, flip, rng)
+                with torch.no_grad():
+                    dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
+                eps = torch.randn(dist.mean.shape, generator=gen, dtype=torch.float32).to(dist.mean)
+                latents.append(((dist.mean + dist.std * eps) * vae.config.scaling_factor)[0])
+            captions.append(source[idx].caption)
+            noises.append(sample_noise(latents[-1][None], gen, cfg.noise_offset)[0])
+            timesteps.append(int(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=gen)))
+        latents = torch.stack(latents).to(weight_dtype)
+        noise = torch.stack(noises).to(weight_dtype)
+        t = torch.tensor(timesteps, device=device)
+        return latents, noise, t, captions, len(slots) if class_examples else 0
+
+    # ---- the loop
+    progress = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     unet.train()
-    text_encoder.train(cfg.train_text_encoder)
-    while step < cfg.max_train_steps:
-        with accelerator.accumulate(unet, text_encoder):
-            batch = [images[rng.randrange(len(images))] for _ in range(cfg.train_batch_size)]
-            pixels = torch.stack([to_training_tensor(im, cfg.resolution, cfg.center_crop, cfg.random_flip, rng)
-                                  for im in batch]).to(accelerator.device, dtype=weight_dtype)
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      device=latents.device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            with torch.set_grad_enabled(cfg.train_text_encoder):
-                cond = encode_prompt(tokenizer, text_encoder, [cfg.instance_prompt] * len(batch))
-            model_pred = unet(noisy, timesteps, cond).sample
-            loss = diffusion_loss(model_pred, diffusion_target(noise, latents, timesteps, noise_scheduler))
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step}; lower the learning rate")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            step += 1
-            loss_value = loss.detach().item()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+    if text_encoder is not None and cfg.train_text_encoder:
+        text_encoder.train()
+    last_checkpoint = resume
+    logs = {}
+    while step < max_steps:
+        for micro in range(cfg.gradient_accumulation_steps):
+            micro_step = step * cfg.gradient_accumulation_steps + micro
+            torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
+            with accelerator.accumulate(unet):
+                latents, noise, timesteps, captions, num_prior = make_batch(micro_step)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                if prompt_cache is not None:
+                    cond = torch.stack([prompt_cache[c] for c in captions]).to(device, weight_dtype)
+                else:
+                    cond = encode_prompts(tokenizer, text_encoder, captions)
+                model_pred = unet(noisy, timesteps, cond).sample
+                target = diffusion_target(noise, latents, timesteps, noise_scheduler, prediction_type)
+                weights = (snr_weights(timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma, prediction_type)
+                           if cfg.snr_gamma else None)
+                loss, parts = diffusion_loss(model_pred, target, num_prior=num_prior,
+                                             prior_loss_weight=cfg.prior_loss_weight, weights=weights)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+                    if not math.isfinite(grad_norm) or not math.isfinite(float(loss)):
+                        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
+                            "no checkpoint was saved yet"
+                        raise TrainingError(f"loss or gradients became NaN/inf at step {step + 1}; stopped, "
+                                            f"{where}; lower learning_rate or try mixed_precision 'no'")
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+        logs = {"loss": float(loss), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                **{k: float(v) for k, v in parts.items()}}
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=step)
+        if step % cfg.checkpointing_steps == 0 and step < max_steps:
+            last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit)
+        if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
+            validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizer, text_encoder, prompt_cache,
+                     validation_prompts, step, out_dir)
+    progress.close()
 
+    # ---- output
     accelerator.wait_for_everyone()
     path = out_dir / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
-        models = {"unet": accelerator.unwrap_model(unet)}
-        if cfg.train_text_encoder:
-            models["text_encoder"] = accelerator.unwrap_model(text_encoder)
         info = {"base_model": cfg.pretrained_model_name_or_path, "instance_prompt": cfg.instance_prompt,
+                "class_prompt": cfg.class_prompt if cfg.with_prior_preservation else None,
                 "steps": step, "method": "dora" if cfg.use_dora else "lora", "rank": cfg.rank,
-                "final_loss": None if math.isnan(loss_value) else loss_value}
-        path = save_adapter(out_dir, models, info)
-        write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
+                "lora_alpha": cfg.lora_alpha or cfg.rank, "train_text_encoder": cfg.train_text_encoder,
+                "final_loss": logs.get("loss")}
+        path = save_adapter(out_dir, adapted, info)
+        write_text(out_dir / "README.md", model_card(cfg, info))
     accelerator.end_training()
     return path
+
+
+@torch.no_grad()
+def validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizer, text_encoder, prompt_cache, prompts, step,
+             out_dir):
+    """Main process: images for the validation prompts with fixed seeds -> PNG grid + TensorBoard."""
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        if prompt_cache is not None:
+            embeds = torch.stack([prompt_cache[p] for p in prompts])
+            negative = prompt_cache[""][None]
+        else:
+            te = accelerator.unwrap_model(text_encoder)
+            te.eval()
+            embeds = encode_prompts(tokenizer, te, prompts)
+            negative = encode_prompts(tokenizer, te, [""])
+            te.train()
+        with accelerator.autocast():
+            rows = generate_validation(model, vae, noise_scheduler.config, embeds.to(model.dtype),
+                                       negative.to(model.dtype), cfg.num_validation_images, cfg.seed,
+                                       cfg.validation_inference_steps, cfg.resolution)
+        model.train()
+        save_grid(out_dir / "validation" / f"step-{step:06d}.png", rows, prompts)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                for i, row in enumerate(rows):
+                    tracker.writer.add_images(f"validation/{i}: {prompts[i]}",
+                                              np.stack([np.asarray(im) for im in row]), step, dataformats="NHWC")
+    accelerator.wait_for_everyone()
+
+
+def model_card(cfg: TrainConfig, info: dict) -> str:
+    method = "DoRA" if cfg.use_dora else "LoRA"
+    return f"""---
+base_model: {cfg.pretrained_model_name_or_path}
+tags: [dreambooth, {method.lower()}, stable-diffusion, dreambooth-dora]
+---
+# {method} DreamBooth adapter
+
+Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
+
+| setting | value |
+|---|---|
+| instance prompt | `{cfg.instance_prompt}` |
+| class prompt (prior preservation) | {f'`{cfg.class_prompt}`' if cfg.with_prior_preservation else 'none'} |
+| method | {method}, rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}{', rsLoRA' if cfg.use_rslora else ''} |
+| UNet targets | {', '.join(cfg.unet_target_modules)} |
+| text encoder | {'adapted: ' + ', '.join(cfg.text_encoder_target_modules) if cfg.train_text_encoder else 'frozen'} |
+| steps | {info['steps']} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
+| learning rate | {cfg.learning_rate} ({cfg.optimizer}, {cfg.lr_scheduler}) |
+| final loss | {info['final_loss'] if info['final_loss'] is None else round(info['final_loss'], 5)} |
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{cfg.output_dir}")
+image = pipe("{cfg.instance_prompt}").images[0]
+```
+
+The settings that made it are in `train_config.json`.
+"""

@@ -35,7 +35,7 @@ def test_bad_settings_give_one_clear_error(argv, message, base_args):
 
 
 def test_missing_data_and_prompt_are_reported(tmp_path, icon_dir):
-    with pytest.raises(ConfigError, match="instance_data_dir is not set"):
+    with pytest.raises(ConfigError, match="give exactly one of instance_data_dir"):
         load_config(["--instance_prompt", "x"])
     with pytest.raises(ConfigError, match="is not a folder"):
         load_config(["--instance_prompt", "x", "--instance_data_dir", str(tmp_path / "nope")])

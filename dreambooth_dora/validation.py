@@ -1,0 +1,56 @@
+"""Validation images during training: fixed prompts and seeds, saved as PNG grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .outputs import atomic_path
+
+
+def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
+    """Rows of equally sized images in one picture, each row optionally captioned on its left."""
+    w, h = rows[0][0].size
+    label_w = 0 if not labels else max(96, 7 * max(len(s) for s in labels) // 2)
+    grid = Image.new("RGB", (label_w + w * max(len(r) for r in rows), h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, row in enumerate(rows):
+        if labels:
+            text, y = labels[i], i * h + 2
+            for k in range(0, len(text), max(1, label_w // 7)):  # crude wrap, no font files needed
+                draw.text((2, y), text[k:k + label_w // 7], fill="black")
+                y += 11
+        for j, im in enumerate(row):
+            grid.paste(im, (label_w + j * w, i * h))
+    return grid
+
+
+@torch.no_grad()
+def generate_validation(unet, vae, scheduler_config, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                        num_images: int, seed: int, steps: int, resolution: int,
+                        guidance_scale: float = 7.5) -> list[list[Image.Image]]:
+    """`num_images` images per prompt embedding (P, 77, D); image j of every prompt uses seed + j,
+    so grids from different steps and runs compare like with like."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for p in range(prompt_embeds.shape[0]):
+        gens = [torch.Generator("cpu").manual_seed(seed + j) for j in range(num_images)]
+        rows.append(pipe(prompt_embeds=prompt_embeds[p:p + 1].expand(num_images, -1, -1),
+                         negative_prompt_embeds=negative_embeds.expand(num_images, -1, -1),
+                         num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                         height=resolution, width=resolution).images)
+    return rows
+
+
+def save_grid(path: str | Path, rows, labels) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image_grid(rows, labels).save(tmp, format="PNG")
+    return path
