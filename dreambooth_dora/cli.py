@@ -5,6 +5,7 @@ Errors a user can fix (bad settings, bad data) print one line and exit with stat
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: dreambooth-dora <command> [options]
@@ -37,7 +38,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"adapter saved to {path}")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process
+        print(f"adapter saved to {path}")
     return 0
 
 

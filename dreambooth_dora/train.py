@@ -83,6 +83,11 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict]):
                eps=cfg.adam_epsilon)
 
 
+def has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def example_generator(seed: int, micro_step: int, slot: int) -> torch.Generator:
     """Noise and timestep generator of one example slot of one global micro-batch."""
     return torch.Generator().manual_seed(step_rng(seed, micro_step, slot, 1).getrandbits(63))
@@ -108,6 +113,7 @@ def train(cfg: TrainConfig) -> Path:
 
     out_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
+        cpu=not has_accelerator_device(),  # lets `accelerate launch --multi_gpu`/torchrun run DDP (gloo) on CPUs
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -205,6 +211,7 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.load_state(str(resume))
         step = checkpoint_step(resume)
         accelerator.print(f"resumed from {resume} at step {step}")
+    accelerator.print(f"processes: {accelerator.num_processes}, distributed: {accelerator.distributed_type}")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
@@ -271,7 +278,7 @@ def train(cfg: TrainConfig) -> Path:
                 if accelerator.sync_gradients:
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                     grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-                    if not math.isfinite(grad_norm) or not math.isfinite(float(loss)):
+                    if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
                         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
                             "no checkpoint was saved yet"
                         raise TrainingError(f"loss or gradients became NaN/inf at step {step + 1}; stopped, "
@@ -281,7 +288,7 @@ def train(cfg: TrainConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.update(1)
-        logs = {"loss": float(loss), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 **{k: float(v) for k, v in parts.items()}}
         progress.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=step)

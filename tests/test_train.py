@@ -1,66 +1,246 @@
+"""The trainer end to end on the tiny pipeline: features, resume, bad input, several processes."""
+
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from dreambooth_dora import adapter_state_dict, add_adapters, load_adapter_state_dict
-from dreambooth_dora.config import load_config
-from dreambooth_dora.train import load_models, train
+from dreambooth_dora import add_adapters, load_adapter_state_dict
+from dreambooth_dora.config import ConfigError, load_config
+from dreambooth_dora.prior import count_images, ensure_class_images
+from dreambooth_dora.train import TrainingError, load_models, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_training_saves_an_adapter_that_changes_the_model(tiny_sd_path, icon_dir, tmp_path):
-    out = tmp_path / "run"
-    cfg = load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir", str(icon_dir),
-                       "--instance_prompt", "a sks icon", "--resolution", "64", "--max_train_steps", "4",
-                       "--learning_rate", "1e-2", "--train_text_encoder", "--output_dir", str(out),
-                       "--report_to", "none"])
-    path = train(cfg)
-    with safe_open(path, "pt") as f:
-        keys = set(f.keys())
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in keys}
-    assert any(k.startswith("unet.") and k.endswith("attn2.to_k.lora_magnitude_vector") for k in keys)
-    assert any(k.startswith("text_encoder.") and k.endswith("q_proj.lora_A.weight") for k in keys)
-    config = json.loads(meta["lora_adapter_metadata"])
-    assert config["unet.r"] == 4 and config["unet.use_dora"] is True
-    assert json.loads(meta["dreambooth_dora"])["steps"] == 4
-    # training moved B off zero, so the adapted UNet differs from the base
-    assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_B.weight"))
-    _, _, _, unet, _ = load_models(str(tiny_sd_path))
-    x, t, cond = torch.randn(1, 4, 32, 32), torch.tensor([500]), torch.randn(1, 77, 32)
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; forget the previous one's singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(tmp_path, model, data, *flags, name="run"):
+    cfg = load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
+                       "--instance_prompt", "a sks icon", "--resolution", "64", "--learning_rate", "1e-2",
+                       "--output_dir", str(tmp_path / name), "--report_to", "none", "--seed", "3", *flags])
+    return train(cfg)
+
+
+def read_adapter(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def unet_output(model_path, tensors=None, rank=4, dora=True):
+    _, _, _, unet, _ = load_models(str(model_path))
+    if tensors is not None:
+        add_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=rank, dora=dora)
+        load_adapter_state_dict(unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
-        before = unet(x, t, cond).sample
-        add_adapters(unet, cfg.unet_target_modules, rank=4)
-        unet_sd = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-        load_adapter_state_dict(unet, unet_sd)
-        after = unet(x, t, cond).sample
-    assert (after - before).abs().max() > 1e-4
-    assert adapter_state_dict(unet).keys() == unet_sd.keys()
+        return unet(x, torch.tensor([500]), cond).sample
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path):
+@pytest.mark.parametrize("dora", [True, False], ids=["dora", "lora"])
+def test_prior_preservation_and_text_encoder_training(tmp_path, tiny_sd_path, icon_dir, dora):
+    class_dir = tmp_path / "class"
+    path = run(tmp_path, tiny_sd_path, icon_dir, "--use_dora", str(dora).lower(), "--train_text_encoder",
+               "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "an icon",
+               "--num_class_images", "3", "--sample_batch_size", "2", "--max_train_steps", "4",
+               "--text_encoder_lr", "5e-3", "--validation_prompt", "a sks icon,a red cube",
+               "--num_validation_images", "2", "--validation_steps", "2", "--validation_inference_steps", "2",
+               "--report_to", "tensorboard", "--snr_gamma", "5", "--noise_offset", "0.05")
+    assert count_images(class_dir) == 3
+    tensors, meta = read_adapter(path)
+    assert any(k.startswith("text_encoder.") and k.endswith("q_proj.lora_B.weight") for k in tensors)
+    assert any(k.endswith("lora_magnitude_vector") for k in tensors) == dora
+    info = json.loads(meta["dreambooth_dora"])
+    assert info["steps"] == 4 and np.isfinite(info["final_loss"]) and info["method"] == ("dora" if dora else "lora")
+    assert (unet_output(tiny_sd_path, tensors, dora=dora) - unet_output(tiny_sd_path)).abs().max() > 1e-4
+    out = path.parent
+    grids = sorted((out / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
+    assert Image.open(grids[0]).size[1] == 2 * 64  # two prompts, one row each
+    events = list((out / "logs").rglob("events.out.tfevents*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"loss", "lr", "loss_prior"} <= set(acc.Tags()["scalars"]) and acc.Tags()["images"]
+    card = (out / "README.md").read_text()
+    assert ("DoRA" if dora else "LoRA") in card and "an icon" in card
+    assert json.loads((out / "train_config.json").read_text())["use_dora"] is dora
+
+
+def test_class_images_are_generated_once_and_topped_up(tmp_path, tiny_sd_path):
+    folder = tmp_path / "class"
+    assert ensure_class_images(folder, "a cube", 3, str(tiny_sd_path), sample_batch_size=2,
+                               num_inference_steps=2, show_progress=False) == 3
+    files = sorted(folder.iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in files}
+    assert ensure_class_images(folder, "a cube", 3, str(tiny_sd_path), num_inference_steps=2) == 0
+    files[0].unlink()
+    assert ensure_class_images(folder, "a cube", 3, str(tiny_sd_path), num_inference_steps=2,
+                               show_progress=False) == 1
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in files[1:])  # kept, not rewritten
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_resumed_run_ends_with_the_same_adapter(tmp_path, tiny_sd_path, icon_dir, monkeypatch):
+    flags = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+             "--train_batch_size", "2", "--random_flip", "--lr_scheduler", "cosine", "--train_text_encoder"]
+    full, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, name="full"))
+    import dreambooth_dora.train as train_module
+
+    calls = {"n": 0}
+    real_loss = train_module.diffusion_loss
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in step 5, after the step-4 checkpoint
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_sd_path, icon_dir, *flags, name="resumed")
+    monkeypatch.setattr(train_module, "diffusion_loss", real_loss)
+    out = tmp_path / "resumed"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()  # nothing half-written
+    resumed, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, "--resume_from_checkpoint", "latest",
+                                  name="resumed"))
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+
+
+def test_cached_latents_stay_paired_with_their_images(tmp_path, tiny_sd_path):
+    """Distinct images with distinct captions, shuffled batches: the cached run must train on the
+    same (latent, caption) pairs as the uncached one, so the adapters agree."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        Image.new("RGB", (64, 64), colour).save(data / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a {colour} sks cube"})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--caption_column", "text", "--center_crop", "--random_flip", "--max_train_steps", "6",
+             "--train_batch_size", "2"]
+    plain, _ = read_adapter(run(tmp_path, tiny_sd_path, data, *flags, name="plain"))
+    cached, _ = read_adapter(run(tmp_path, tiny_sd_path, data, *flags, "--cache_latents", name="cached"))
+    for k in plain:
+        assert torch.allclose(plain[k], cached[k], atol=1e-5), k
+    swapped = tmp_path / "swapped"  # the same captions on other images: a different model
+    swapped.mkdir()
+    for i, colour in enumerate(["green", "red", "yellow", "blue"]):
+        Image.new("RGB", (64, 64), colour).save(swapped / f"{i}.png")
+    (swapped / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text())
+    other, _ = read_adapter(run(tmp_path, tiny_sd_path, swapped, *flags, "--cache_latents", name="other"))
+    assert max((other[k] - plain[k]).abs().max() for k in plain) > 1e-4
+
+
+def test_v_prediction_and_gradient_checkpointing(tmp_path, tiny_sd_path, icon_dir):
+    flags = ["--prediction_type", "v_prediction", "--max_train_steps", "2"]
+    a, meta = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, name="a"))
+    b, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, "--gradient_checkpointing", name="b"))
+    assert np.isfinite(json.loads(meta["dreambooth_dora"])["final_loss"])
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    c, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, "--max_train_steps", "2", name="c"))
+    assert max((a[k] - c[k]).abs().max() for k in a) > 1e-6  # epsilon and v targets train differently
+
+
+def test_prodigy_and_missing_8bit_adam(tmp_path, tiny_sd_path, icon_dir):
+    tensors, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, "--optimizer", "prodigy", "--learning_rate", "1",
+                                  "--max_train_steps", "2", name="prodigy"))
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="use_8bit_adam needs bitsandbytes"):
+            run(tmp_path, tiny_sd_path, icon_dir, "--use_8bit_adam", "--max_train_steps", "1", name="bnb")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_sd_path, icon_dir):
+    # warm-up makes step 1 a no-op (lr 0); then lr 1e30 blows the adapter up
+    with pytest.raises(TrainingError, match=r"NaN/inf at step \d+; stopped, the last good checkpoint is ") as err:
+        run(tmp_path, tiny_sd_path, icon_dir, "--learning_rate", "1e30", "--lr_scheduler", "constant_with_warmup",
+            "--lr_warmup_steps", "1", "--max_train_steps", "6", "--checkpointing_steps", "1",
+            "--max_grad_norm", "0", name="nan")
+    out = tmp_path / "nan"
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    named = Path(str(err.value).split("checkpoint is ")[1].split(";")[0])
+    assert named.parent == out and named.name.startswith("checkpoint-")
+    good = load_file(str(named / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert (out / "checkpoint-1").is_dir()  # earlier checkpoints are kept too
+
+
+def test_text_encoder_dora_in_fp16_stays_finite(tiny_pipeline):
+    te = tiny_pipeline.text_encoder.half()
+    add_adapters(te, ["q_proj", "k_proj", "v_proj", "out_proj"], rank=4)
+    ids = tiny_pipeline.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77,
+                                  return_tensors="pt").input_ids
+    out = te(ids)[0]
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    grads = [p.grad for n, p in te.named_parameters() if p.requires_grad]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(REPO / "train_dreambooth_dora.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, icon_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, str(REPO / "train_dreambooth_dora.py"), "--instance_data_dir", str(empty),
-                           "--instance_prompt", "x", "--pretrained_model_name_or_path", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "holds no images" in proc.stderr
+    proc = cli("--instance_data_dir", empty, "--instance_prompt", "x", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: image folder")
+    assert "Traceback" not in proc.stderr
+    proc = cli("--instance_data_dir", icon_dir, "--instance_prompt", "x",
+               "--pretrained_model_name_or_path", tmp_path / "no-model", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: cannot load model")
     proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "train", "--rnak", "3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown setting 'rnak'; did you mean rank?"
+    proc = cli("--instance_data_dir", icon_dir, "--instance_prompt", "x", "--with_prior_preservation",
+               "--class_data_dir", tmp_path / "c")
+    assert proc.returncode == 2 and "needs class_prompt" in proc.stderr
 
 
-def test_cli_reports_a_model_that_does_not_load(tmp_path, icon_dir):
-    proc = subprocess.run([sys.executable, str(REPO / "train_dreambooth_dora.py"), "--instance_data_dir", str(icon_dir),
-                           "--instance_prompt", "x", "--pretrained_model_name_or_path", str(tmp_path / "no-model")],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot load model") and "Traceback" not in proc.stderr
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_sd_path, icon_dir):
+    common = ["--config", REPO / "train_configs" / "quickstart_tiny_icon_dora.yaml", "--pretrained_model_name_or_path",
+              tiny_sd_path, "--instance_data_dir", icon_dir, "--max_train_steps", "3", "--validation_prompt", "none",
+              "--report_to", "none", "--train_text_encoder"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+              str(REPO / "train_dreambooth_dora.py")]
+    two = subprocess.run([*launch, *map(str, common), "--train_batch_size", "1", "--output_dir", tmp_path / "two"],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "processes: 2" in two.stdout + two.stderr
+    one = cli(*common, "--train_batch_size", "2", "--output_dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 1e-4  # it did train

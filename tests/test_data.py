@@ -1,0 +1,103 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth_dora.data import DataError, batch_indices, load_examples, load_image, to_training_tensor, step_rng
+
+
+def save_odd_images(folder):
+    """One file per kind of odd input a user's folder holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30] = (255, 0, 0)  # left half red
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 2] = 255  # blue, fully transparent on the right half
+    rgba[:, :20, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    Image.fromarray(np.full((32, 32), 128, np.uint8), "L").save(folder / "gray.png")
+    Image.fromarray(np.full((32, 32), 65535, np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
+    return folder
+
+
+def test_odd_images_become_8bit_rgb(tmp_path):
+    folder = save_odd_images(tmp_path / "imgs")
+    rgba = load_image(folder / "rgba.png")
+    assert rgba.mode == "RGB" and rgba.getpixel((5, 5)) == (0, 0, 255) and rgba.getpixel((35, 5)) == (255, 255, 255)
+    assert load_image(folder / "gray.png").getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(folder / "deep16.png").getpixel((0, 0)) == (255, 255, 255)  # 16-bit white stays white
+    assert load_image(folder / "palette.png").getpixel((0, 0))[0] > 200
+    rotated = load_image(folder / "rotated.jpg")
+    assert rotated.size == (40, 60)  # EXIF orientation applied: portrait now
+    assert np.asarray(rotated)[:30, :, 0].mean() > 200  # the red half is on top after the 90 degree turn
+
+
+def test_folder_with_bad_files_warns_by_name_and_keeps_the_rest(tmp_path):
+    folder = save_odd_images(tmp_path / "imgs")
+    (folder / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (4, 4)).save(folder / "tiny.png")
+    with pytest.warns(UserWarning, match=r"skipped 2 .*broken.png.*tiny.png \(only 4x4 px\)"):
+        examples = load_examples(str(folder), default_caption="a sks thing")
+    assert len(examples) == 6 and all(ex.image.mode == "RGB" and ex.caption == "a sks thing" for ex in examples)
+
+
+def test_folders_with_nothing_usable_fail_clearly(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="holds no images"):
+        load_examples(str(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"no usable images .*a.png"):
+        load_examples(str(tmp_path / "bad"))
+
+
+def test_captions_from_metadata_and_local_datasets(tmp_path, icon_dir):
+    examples = load_examples(str(icon_dir), caption_column="text", default_caption="unused")
+    assert len(examples) == 6 and {ex.caption for ex in examples} == {"a sks icon, 3d render"}
+    # a dataset folder given as dataset_name, with its own column names
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green"]):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "prompt": f"a {colour} sks cube"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples(dataset_name=str(folder), caption_column="prompt")
+    assert sorted(ex.caption for ex in examples) == ["a green sks cube", "a red sks cube"]
+    with pytest.raises(DataError, match="no caption column 'text'; columns: image, prompt"):
+        load_examples(dataset_name=str(folder), caption_column="text")
+    with pytest.raises(DataError, match="cannot load dataset 'nobody/no-such-dataset'"):
+        load_examples(dataset_name="nobody/no-such-dataset")
+
+
+def test_crop_and_flip():
+    im = Image.new("RGB", (200, 100), "black")
+    im.paste((255, 255, 255), (0, 0, 100, 100))  # left half white
+    t = to_training_tensor(im, 64, True, False, step_rng(0, 0))
+    assert t.shape == (3, 64, 64) and t.min() >= -1 and t.max() <= 1
+    assert t[:, :, :32].mean() > 0.9 and t[:, :, 32:].mean() < -0.9  # center crop straddles the edge
+    flipped = to_training_tensor(im, 64, True, True, step_rng(0, 0))
+    assert flipped[:, :, :32].mean() < -0.9
+    crops = {tuple(to_training_tensor(im, 64, False, False, step_rng(0, k)).mean(dim=(0, 1)).sign().tolist()[::16])
+             for k in range(8)}
+    assert len(crops) > 1  # random crops move
+
+
+def test_batches_cover_each_epoch_and_split_across_processes():
+    n, seed = 7, 3
+    seen = [i for k in range(7) for i in batch_indices(n, 2, k, seed)]  # 14 = two epochs
+    assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:]) == list(range(7))
+    assert seen[:7] != list(range(7))  # shuffled
+    # two processes with batch 2 take the two halves of the global batch of 4
+    assert batch_indices(n, 4, 5, seed) == batch_indices(n, 4, 5, seed)
+    assert batch_indices(n, 4, 0, seed)[:2] + batch_indices(n, 4, 0, seed)[2:] == batch_indices(n, 4, 0, seed)
