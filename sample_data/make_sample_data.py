@@ -3,6 +3,7 @@
     python sample_data/make_sample_data.py
 
 3d_icon/: one glossy rounded-square app icon (one colour, one emblem) from varied angles and light.
+lego/: one 2x3 yellow brick with a red stripe, in isometric views with varied light and backgrounds.
 """
 
 from __future__ import annotations
@@ -63,6 +64,68 @@ ICON_VIEWS = [  # yaw (rad), light direction (x, y), scale, background
 ]
 
 
+def _shade(rgb, k):
+    return tuple(int(max(0, min(255, c * k))) for c in rgb)
+
+
+def render_brick(angle: float, light: float, scale: float, bg: tuple[int, int, int], studs=(2, 3)) -> Image.Image:
+    """An isometric brick (rotation 0.2 to 0.95 rad keeps the front and right faces in view): top, front and right faces shaded by a light direction, cylindrical
+    studs with a highlight, a red stripe on the long side."""
+    from PIL import ImageDraw
+
+    big = 4 * SIZE  # draw large, downsample: anti-aliasing without extra packages
+    im = Image.new("RGB", (big, big), bg)
+    d = ImageDraw.Draw(im)
+    colour = (245, 200, 30)
+    nx, ny = studs
+    u = big * 0.15 * scale  # one stud pitch
+    ca, sa = math.cos(angle), math.sin(angle)
+
+    def project(x, y, z):  # world (x right, y back, z up) -> image
+        px = (x * ca - y * sa) * u
+        py = (x * sa + y * ca) * u * 0.5 - z * u
+        return (big / 2 + px, big * 0.58 + py)
+
+    w, dpt, h = nx, ny, 1.2
+    x0, y0 = -w / 2, -dpt / 2
+    top = [project(x0, y0, h), project(x0 + w, y0, h), project(x0 + w, y0 + dpt, h), project(x0, y0 + dpt, h)]
+    front = [project(x0, y0 + dpt, 0), project(x0 + w, y0 + dpt, 0), project(x0 + w, y0 + dpt, h),
+             project(x0, y0 + dpt, h)]
+    side = [project(x0 + w, y0, 0), project(x0 + w, y0 + dpt, 0), project(x0 + w, y0 + dpt, h),
+            project(x0 + w, y0, h)]
+    d.polygon([project(x0 - 0.2, y0 + dpt + 0.3, 0), project(x0 + w + 0.3, y0 + dpt + 0.3, 0),
+               project(x0 + w + 0.3, y0 - 0.2, 0)], fill=_shade(bg, 0.82))  # contact shadow
+    d.polygon(side, fill=_shade(colour, 0.55 + 0.25 * light))
+    d.polygon(front, fill=_shade(colour, 0.75 - 0.2 * light))
+    stripe = [project(x0, y0 + dpt, 0.35), project(x0 + w, y0 + dpt, 0.35), project(x0 + w, y0 + dpt, 0.6),
+              project(x0, y0 + dpt, 0.6)]
+    d.polygon(stripe, fill=_shade((210, 40, 30), 0.8 - 0.2 * light))
+    d.polygon(top, fill=_shade(colour, 1.0))
+    r = 0.3
+    for i in range(nx):
+        for j in range(ny):
+            cx, cy = x0 + i + 0.5, y0 + j + 0.5
+            base_c, top_c = project(cx, cy, h), project(cx, cy, h + 0.25)
+            rx, ry = r * u, r * u * 0.5
+            d.rectangle([base_c[0] - rx, top_c[1], base_c[0] + rx, base_c[1]], fill=_shade(colour, 0.7))
+            d.ellipse([base_c[0] - rx, base_c[1] - ry, base_c[0] + rx, base_c[1] + ry], fill=_shade(colour, 0.7))
+            d.ellipse([top_c[0] - rx, top_c[1] - ry, top_c[0] + rx, top_c[1] + ry], fill=_shade(colour, 1.08))
+            hx = top_c[0] - rx * 0.4 * (1 if light > 0 else -1)
+            d.ellipse([hx - rx * 0.25, top_c[1] - ry * 0.35, hx + rx * 0.25, top_c[1] + ry * 0.1],
+                      fill=(255, 250, 225))
+    return im.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+BRICK_VIEWS = [  # rotation (rad), light (-1..1), scale, background
+    (0.25, 0.8, 1.0, (240, 240, 240)),
+    (0.45, -0.5, 0.9, (225, 235, 245)),
+    (0.6, 0.2, 0.85, (245, 238, 225)),
+    (0.35, 0.9, 0.95, (235, 245, 235)),
+    (0.75, -0.9, 1.1, (250, 250, 250)),
+    (0.9, 0.5, 0.8, (230, 230, 240)),
+]
+
+
 def main() -> None:
     out = HERE / "3d_icon"
     out.mkdir(exist_ok=True)
@@ -71,6 +134,15 @@ def main() -> None:
         name = f"icon_{i:02d}.png"
         render_icon(yaw, light, scale, bg).save(out / name)
         rows.append({"file_name": name, "text": "a sks icon, 3d render"})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = HERE / "lego"
+    out.mkdir(exist_ok=True)
+    rows = []
+    for i, (angle, light, scale, bg) in enumerate(BRICK_VIEWS):
+        name = f"brick_{i:02d}.png"
+        render_brick(angle, light, scale, bg).save(out / name)
+        rows.append({"file_name": name, "text": "a sks lego brick"})
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

@@ -29,3 +29,14 @@ def test_every_shipped_config_loads_and_starts_with_its_command(path, monkeypatc
     first = path.read_text().splitlines()[0]
     assert first.startswith("# accelerate launch") and f"--config train_configs/{path.name}" in first
     assert Path(cfg.instance_data_dir).is_dir()
+
+
+@pytest.mark.parametrize("dora_path", sorted((REPO / "train_configs").glob("*_dora.yaml")), ids=lambda p: p.name)
+def test_every_dora_recipe_has_a_lora_twin_differing_only_in_use_dora(dora_path):
+    import yaml
+
+    lora_path = dora_path.with_name(dora_path.name.replace("_dora.yaml", "_lora.yaml"))
+    dora, lora = yaml.safe_load(dora_path.read_text()), yaml.safe_load(lora_path.read_text())
+    assert dora.pop("use_dora") is True and lora.pop("use_dora") is False
+    assert dora.pop("output_dir") != lora.pop("output_dir")
+    assert dora == lora

@@ -244,3 +244,24 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 1e-4  # it did train
+
+
+def test_sd15_recipe_runs_on_a_local_model_in_bf16(tmp_path, tiny_sd_path, monkeypatch):
+    """The shipped SD 1.5 recipe, pointed at a local folder in the hub layout, with bf16 autocast."""
+    monkeypatch.chdir(REPO)
+    cfg = load_config(["--config", "train_configs/sd15_lego_dora.yaml", "--pretrained_model_name_or_path",
+                       str(tiny_sd_path), "--resolution", "64", "--max_train_steps", "2", "--mixed_precision", "bf16",
+                       "--num_class_images", "2", "--class_data_dir", str(tmp_path / "class"), "--output_dir",
+                       str(tmp_path / "out"), "--validation_steps", "2", "--num_validation_images", "1",
+                       "--validation_inference_steps", "2", "--report_to", "none"])
+    assert cfg.cache_latents and cfg.gradient_checkpointing and cfg.with_prior_preservation
+    tensors, meta = read_adapter(train(cfg))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
+    assert np.isfinite(json.loads(meta["dreambooth_dora"])["final_loss"])
+    assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+
+
+def test_unet_attention_uses_sdpa(tiny_pipeline):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipeline.unet.attn_processors.values())
