@@ -25,13 +25,12 @@ def _user_errors():
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from .config import load_config
+    from .config import help_text, load_config
     from .train import train
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: train_dreambooth_dora.py --config FILE.yaml [--name value ...]\n"
-              "Every field of dreambooth_dora.config.TrainConfig is a YAML key and a flag.")
+        print(help_text())
         return 0
     try:
         path = train(load_config(argv))

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
+PROMPT_LISTS = {"validation_prompt"}
 
 
 @dataclass
@@ -122,7 +123,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     """'latest' or a checkpoint folder."""
     validation_prompt: list[str] | None = None
-    """One or more prompts (YAML list, or comma-separated on the command line)."""
+    """One or more prompts (a YAML list, or separated by '|' on the command line)."""
     num_validation_images: int = 4
     validation_steps: int = 100
     validation_inference_steps: int = 25
@@ -203,7 +204,9 @@ def _convert(key: str, value, typ):
             return False
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if typing.get_origin(typ) is list:
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        # prompts contain commas ("a sks dog, in a bucket"): several prompts are split on "|"
+        sep = "|" if key in PROMPT_LISTS else ","
+        items = value if isinstance(value, list) else [v for v in str(value).split(sep) if v.strip()]
         return [str(v).strip() for v in items]
     try:
         return typ(value)
@@ -257,3 +260,30 @@ def load_config(argv: list[str]) -> TrainConfig:
         if key not in types_:
             raise _unknown(key, types_)
     return TrainConfig(**{k: _convert(k, v, types_[k]) for k, v in values.items()}).validate()
+
+
+def describe_fields() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) per setting, help taken from the docstring under each field."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        typ = str(_field_types()[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        out.append((f.name, typ, repr(default), docs.get(f.name, "")))
+    return out
+
+
+def help_text() -> str:
+    lines = ["usage: train_dreambooth_dora.py [--config FILE.yaml] [--name value ...]",
+             "Every setting is a YAML key and a flag; flags override the file; booleans work bare.", ""]
+    for name, typ, default, doc in describe_fields():
+        lines.append(f"  --{name} ({typ}, default {default})" + (f"\n      {doc}" if doc else ""))
+    return "\n".join(lines)

@@ -45,6 +45,11 @@ from torch import nn
 NORM_EPS = 1e-12  # an all-zero row (n = 0, m = 0) gives scale 0, never NaN
 
 
+def _per_row(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(out,) against a weight (out, in) or (out, in, kh, kw): one factor per output row."""
+    return v.view(-1, *([1] * (weight.dim() - 1)))
+
+
 class AdaptedLayer(nn.Module):
     """What DoRA/LoRA layers share. Subclasses also inherit from the base layer type, so the base
     weight keeps its name (`<path>.weight`) and `isinstance(layer, nn.Linear)` still holds.
@@ -143,11 +148,11 @@ class AdaptedLayer(nn.Module):
             return self._add_lowrank(self._base(x, self.bias), h)
         base_d = self._base(xd, None)  # (…, out), no bias
         t = self._add_lowrank(base_d, h)  # xd W0ᵀ + s·xd Aᵀ Bᵀ
-        scale = self._channel_view(self.magnitude_scale().to(t.dtype), t)
+        scale = self._per_channel(self.magnitude_scale().to(t.dtype))
         if dropout_active:
             y = t * scale + self._base(x, self.bias) - base_d
         elif self.bias is not None:
-            y = torch.addcmul(self._channel_view(self.bias.to(t.dtype), t), t, scale)
+            y = torch.addcmul(self._per_channel(self.bias.to(t.dtype)), t, scale)
         else:
             y = t * scale
         return y
@@ -166,7 +171,7 @@ class AdaptedLayer(nn.Module):
         """The weight that makes the plain base layer compute this adapted layer (eval mode)."""
         w = self.weight.float() + self.delta_weight()
         if self.use_dora:
-            w = self._channel_view(self.magnitude_scale(), w, dim=0) * w
+            w = _per_row(self.magnitude_scale(), w) * w
         return w.to(self.weight.dtype)
 
     @torch.no_grad()
@@ -187,7 +192,7 @@ class AdaptedLayer(nn.Module):
         w = self.weight.float()
         if self.use_dora:
             inv = self._merge_norm / self.lora_magnitude_vector.flatten().float()
-            w = self._channel_view(inv, w, dim=0) * w
+            w = _per_row(inv, w) * w
             self._merge_norm = None
         self.weight.copy_((w - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
@@ -310,8 +315,8 @@ class AdaptedLinear(AdaptedLayer, nn.Linear):
         return out.view(base_out.shape)
 
     @staticmethod
-    def _channel_view(v, like, dim=-1):
-        return v.view(-1, 1) if dim == 0 else v
+    def _per_channel(v):  # (out,) against activations (…, out)
+        return v
 
     def merged_layer(self) -> nn.Linear:
         """A plain `nn.Linear` computing this adapted layer (a copy; self is unchanged)."""
@@ -355,8 +360,8 @@ class AdaptedConv2d(AdaptedLayer, nn.Conv2d):
         return base_out + F.conv2d(h.to(base_out.dtype), sb)
 
     @staticmethod
-    def _channel_view(v, like, dim=1):
-        return v.view(-1, 1, 1, 1) if dim == 0 else v.view(1, -1, 1, 1)
+    def _per_channel(v):  # (out,) against activations (N, out, H, W)
+        return v.view(1, -1, 1, 1)
 
     def merged_layer(self) -> nn.Conv2d:
         layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,

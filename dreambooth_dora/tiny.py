@@ -92,8 +92,9 @@ def build_tokenizer(folder: str | os.PathLike, max_length: int = 77):
     return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=max_length)
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_dim: int = 32):
-    """A StableDiffusionPipeline in SD 1.x layout with a few thousand random parameters per part.
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_dim: int = 32, sd2: bool = False):
+    """A StableDiffusionPipeline in SD 1.x layout (or SD 2.x: linear proj_in/proj_out,
+    v-prediction) with a few hundred thousand random parameters.
 
     UNet: one plain and one cross-attention down block (and their up twins) with
     `to_q/to_k/to_v/to_out.0` projections; VAE: 2 levels (64 px images for `sample_size=32`);
@@ -116,6 +117,8 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_di
         attention_head_dim=4,
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=8,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -143,7 +146,8 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_di
         )
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, prediction_type="v_prediction" if sd2 else "epsilon",
     )
     return StableDiffusionPipeline(
         vae=vae,
@@ -157,14 +161,14 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_di
     )
 
 
-def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False) -> Path:
     """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    build_tiny_pipeline(seed=seed).save_pretrained(tmp)
+    build_tiny_pipeline(seed=seed, sd2=sd2).save_pretrained(tmp)
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished first

@@ -33,6 +33,12 @@ def tiny_sd_path_b(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-b", seed=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_path(tmp_path_factory) -> Path:
+    """A tiny SD 2.x-layout pipeline: linear proj_in/proj_out, v-prediction scheduler."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd2", sd2=True)
+
+
 @pytest.fixture
 def tiny_pipeline(tiny_sd_path):
     from diffusers import StableDiffusionPipeline

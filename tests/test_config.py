@@ -46,3 +46,35 @@ def test_missing_data_and_prompt_are_reported(tmp_path, icon_dir):
     with pytest.raises(ConfigError, match="did you mean learning_rate"):
         load_config(["--config", str(bad_yaml)])
     assert TrainConfig().use_dora is True  # DoRA by default
+
+
+DIFFUSERS_FLAGS = """pretrained_model_name_or_path revision variant instance_data_dir instance_prompt dataset_name
+image_column caption_column with_prior_preservation class_data_dir class_prompt num_class_images sample_batch_size
+prior_generation_precision repeats prior_loss_weight output_dir seed resolution center_crop random_flip
+train_text_encoder train_batch_size max_train_steps num_train_epochs gradient_accumulation_steps
+gradient_checkpointing learning_rate text_encoder_lr lr_scheduler lr_warmup_steps use_8bit_adam optimizer
+mixed_precision allow_tf32 rank lora_alpha lora_dropout use_dora snr_gamma noise_offset cache_latents
+checkpointing_steps checkpoints_total_limit resume_from_checkpoint validation_prompt num_validation_images
+validation_steps report_to logging_dir""".split()
+
+
+def test_diffusers_flag_names_are_settings_and_documented():
+    from dreambooth_dora.config import describe_fields, help_text
+
+    names = {f[0] for f in describe_fields()}
+    assert set(DIFFUSERS_FLAGS) <= names
+    assert all(f"--{n} " in help_text() for n in DIFFUSERS_FLAGS)
+
+
+def test_a_diffusers_command_line_works_unchanged(icon_dir, tmp_path):
+    argv = f"""--pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --instance_data_dir {icon_dir}
+    --output_dir {tmp_path} --instance_prompt |a photo of sks dog| --resolution 512 --train_batch_size 1
+    --gradient_accumulation_steps 1 --checkpointing_steps 100 --learning_rate 1e-4 --report_to tensorboard
+    --lr_scheduler constant --lr_warmup_steps 0 --max_train_steps 500 --validation_prompt |A photo of sks dog, in a bucket|
+    --seed 0 --mixed_precision fp16 --use_dora --train_text_encoder --with_prior_preservation
+    --class_data_dir {tmp_path}/class --class_prompt |a photo of dog| --num_class_images 50""".split("|")
+    args = [a for i, part in enumerate(argv) for a in ([part] if i % 2 else part.split())]
+    cfg = load_config(args)
+    assert cfg.validation_prompt == ["A photo of sks dog, in a bucket"]  # commas stay inside one prompt
+    assert cfg.use_dora and cfg.train_text_encoder and cfg.with_prior_preservation and cfg.num_class_images == 50
+    assert load_config([*args, "--validation_prompt", "a|b"]).validation_prompt == ["a", "b"]

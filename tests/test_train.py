@@ -60,7 +60,7 @@ def test_prior_preservation_and_text_encoder_training(tmp_path, tiny_sd_path, ic
     path = run(tmp_path, tiny_sd_path, icon_dir, "--use_dora", str(dora).lower(), "--train_text_encoder",
                "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "an icon",
                "--num_class_images", "3", "--sample_batch_size", "2", "--max_train_steps", "4",
-               "--text_encoder_lr", "5e-3", "--validation_prompt", "a sks icon,a red cube",
+               "--text_encoder_lr", "5e-3", "--validation_prompt", "a sks icon|a red cube, 3d",
                "--num_validation_images", "2", "--validation_steps", "2", "--validation_inference_steps", "2",
                "--report_to", "tensorboard", "--snr_gamma", "5", "--noise_offset", "0.05")
     assert count_images(class_dir) == 3
@@ -100,7 +100,7 @@ def test_class_images_are_generated_once_and_topped_up(tmp_path, tiny_sd_path):
 
 
 def test_resumed_run_ends_with_the_same_adapter(tmp_path, tiny_sd_path, icon_dir, monkeypatch):
-    flags = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+    flags = ["--max_train_steps", "6", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
              "--train_batch_size", "2", "--random_flip", "--lr_scheduler", "cosine", "--train_text_encoder"]
     full, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, name="full"))
     import dreambooth_dora.train as train_module
@@ -119,7 +119,8 @@ def test_resumed_run_ends_with_the_same_adapter(tmp_path, tiny_sd_path, icon_dir
         run(tmp_path, tiny_sd_path, icon_dir, *flags, name="resumed")
     monkeypatch.setattr(train_module, "diffusion_loss", real_loss)
     out = tmp_path / "resumed"
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    # checkpoints 1..4 were written, the limit kept the newest two
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
     assert not (out / "pytorch_lora_weights.safetensors").exists()  # nothing half-written
     resumed, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, "--resume_from_checkpoint", "latest",
                                   name="resumed"))
@@ -265,3 +266,22 @@ def test_unet_attention_uses_sdpa(tiny_pipeline):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipeline.unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("layout", ["sd1", "sd2"])
+def test_more_unet_targets_on_sd1_and_sd2_layouts(tmp_path, tiny_sd_path, tiny_sd2_path, icon_dir, layout):
+    """proj_in/proj_out are 1x1 convs in SD 1.x and linears in SD 2.x; feed-forward too."""
+    model = tiny_sd_path if layout == "sd1" else tiny_sd2_path
+    path = run(tmp_path, model, icon_dir, "--unet_target_modules", "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.2",
+               "--max_train_steps", "2")
+    tensors, _ = read_adapter(path)
+    proj = next(v for k, v in tensors.items() if k.endswith("proj_in.lora_A.weight"))
+    assert proj.dim() == (4 if layout == "sd1" else 2)
+    mag = next(v for k, v in tensors.items() if k.endswith("proj_in.lora_magnitude_vector"))
+    channels = proj.shape[1]  # proj_in keeps the channel count
+    assert tuple(mag.shape) == ((1, channels, 1, 1) if layout == "sd1" else (channels,))  # PEFT's shapes
+    assert any(k.endswith("ff.net.2.lora_B.weight") for k in tensors)
+    if layout == "sd2":
+        from diffusers import DDPMScheduler
+
+        assert DDPMScheduler.from_pretrained(model, subfolder="scheduler").config.prediction_type == "v_prediction"
