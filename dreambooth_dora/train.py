@@ -3,9 +3,10 @@
 Setup (data, models, adapters, caches, optimiser), then per optimiser step:
 micro-batches -> loss -> backward -> clip -> step -> log / validate / checkpoint.
 
-Everything random in step k (which images, crops, flips, noise, timesteps) is drawn from
-generators keyed by (seed, k, example slot), so a resumed run repeats an uninterrupted one and
-N processes with batch b train on exactly what one process with batch N·b trains on.
+Everything random about an example (which image, crop, flip, noise, timestep) is drawn from
+generators keyed by (seed, its position in the stream of examples), so a resumed run repeats an
+uninterrupted one, and N processes with batch b, or accumulation over N micro-batches of b, train
+on exactly what one process with batch N·b trains on.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def example_generator(seed: int, micro_step: int, slot: int) -> torch.Generator:
-    """Noise and timestep generator of one example slot of one global micro-batch."""
-    return torch.Generator().manual_seed(step_rng(seed, micro_step, slot, 1).getrandbits(63))
+def example_generator(seed: int, position: int, is_class: int) -> torch.Generator:
+    """Noise and timestep generator of the example at `position` in the stream of examples."""
+    return torch.Generator().manual_seed(step_rng(seed, position, is_class, 1).getrandbits(63))
 
 
 @torch.no_grad()
@@ -229,9 +230,10 @@ def train(cfg: TrainConfig) -> Path:
             chosen += [(class_examples, cls[s], s, 1) for s in slots]
         latents, captions, noises, timesteps = [], [], [], []
         for source, idx, slot, is_class in chosen:
-            rng = step_rng(cfg.seed, micro_step, slot, is_class)
+            position = micro_step * global_batch + slot
+            rng = step_rng(cfg.seed, position, is_class)
             flip = cfg.random_flip and rng.random() < 0.5
-            gen = example_generator(cfg.seed, micro_step, 2 * slot + is_class)
+            gen = example_generator(cfg.seed, position, is_class)
             if latent_cache is not None:
                 mean, std = latent_cache[(idx + (len(examples) if is_class else 0), flip)]
                 eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
