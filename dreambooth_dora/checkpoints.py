@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .adapters import load_adapter_state_dict
-from .outputs import ADAPTER_FILE, save_adapter
+from .outputs import ADAPTER_FILE, layout_prefix, save_adapter
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -60,7 +60,8 @@ def register_adapter_hooks(accelerator, models: dict) -> None:
         for i in reversed(range(len(prepared))):
             prefix = prefix_of(prepared.pop(i))
             if prefix is not None:
-                load_adapter_state_dict(models[prefix], tensors, prefix=f"{prefix}.")
+                model = models[prefix]
+                load_adapter_state_dict(model, tensors, prefix=f"{prefix}.{layout_prefix(model)}")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

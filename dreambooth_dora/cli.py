@@ -13,15 +13,19 @@ USAGE = """usage: dreambooth-dora <command> [options]
 commands:
   train    train a DoRA/LoRA adapter: dreambooth-dora train --config train_configs/X.yaml [--flag value ...]
            (the same as: accelerate launch train_dreambooth_dora.py --config ...)
+  export   dreambooth-dora export ADAPTER_DIR --format fused --out DIR        (a merged diffusers pipeline)
+           dreambooth-dora export ADAPTER_DIR --format kohya --out FILE.safetensors [--comfyui]
+  info     dreambooth-dora info ADAPTER_DIR_OR_FILE                           (method, rank, targets, base)
 """
 
 
 def _user_errors():
     from .config import ConfigError
     from .data import DataError
+    from .pipelines import AdapterError
     from .train import TrainingError
 
-    return (ConfigError, DataError, TrainingError, FileNotFoundError)
+    return (ConfigError, DataError, TrainingError, AdapterError, FileNotFoundError)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -29,6 +33,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .train import train
 
     argv = sys.argv[1:] if argv is None else argv
+    quiet_libraries()
     if argv and argv[0] in ("-h", "--help"):
         print(help_text())
         return 0
@@ -42,14 +47,94 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dreambooth-dora export")
+    parser.add_argument("adapter", help="adapter folder (or its .safetensors file)")
+    parser.add_argument("--format", choices=["fused", "kohya"], required=True)
+    parser.add_argument("--out", required=True, help="folder (fused) or .safetensors file (kohya)")
+    parser.add_argument("--base", help="base model; default: the one recorded in the adapter")
+    parser.add_argument("--comfyui", action="store_true",
+                        help="kohya: write dora_scale for ComfyUI's loader (exact there, wrong in LyCORIS/A1111)")
+    args = parser.parse_args(argv)
+    from .export import export_fused, export_kohya
+
+    try:
+        if args.format == "fused":
+            out = export_fused(args.adapter, args.out, base=args.base)
+        else:
+            if not args.out.endswith(".safetensors"):
+                print("error: --out must be a .safetensors file for --format kohya", file=sys.stderr)
+                return 2
+            out = export_kohya(args.adapter, args.out, base=args.base, comfyui_compatible=args.comfyui)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def info_main(argv: list[str]) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="dreambooth-dora info")
+    parser.add_argument("adapter", help="adapter folder or .safetensors file")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    from .export import describe
+
+    try:
+        d = describe(args.adapter)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"{d['file']}\n  method: {d['method']}\n  base model: {d['base_model']}\n"
+          f"  steps: {d['steps']}\n  instance prompt: {d['instance_prompt']}\n  parameters: {d['parameters']:,}")
+    for prefix, p in d["parts"].items():
+        print(f"  {prefix}: rank {p['rank']}, alpha {p['alpha']:g}, {p['modules']} modules "
+              f"({', '.join(p['targets'])}), {p['parameters']:,} parameters")
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars and messages only: library load bars, info logs and deprecation
+    notices would bury the one line a user needs."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    quiet_libraries()
     if command == "train":
         return train_main(rest)
+    if command == "export":
+        return export_main(rest)
+    if command == "info":
+        return info_main(rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

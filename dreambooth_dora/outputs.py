@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import tempfile
 from contextlib import contextmanager
@@ -62,15 +63,31 @@ def lora_config_dict(model: torch.nn.Module) -> dict:
     }
 
 
+def layout_prefix(model: torch.nn.Module) -> str:
+    """'text_model.' for a transformers CLIP text model whose modules no longer sit under
+    `text_model` (transformers 5), so that files keep the key layout every loader knows
+    (`text_encoder.text_model.encoder.layers.0.self_attn.q_proj...`); '' otherwise."""
+    is_clip_text = type(model).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
+    if is_clip_text and not hasattr(model, "text_model") and hasattr(model, "encoder"):
+        return "text_model."
+    return ""
+
+
 def save_adapter(output_dir: str | os.PathLike, models: dict[str, torch.nn.Module], info: dict) -> Path:
     """Write `pytorch_lora_weights.safetensors`: `<prefix>.<path>.lora_*` tensors for each model
     (prefix `unet`, `text_encoder`, ...), the LoRA configs as diffusers' adapter metadata, and
     `info` (base model, prompts, steps) under the key `dreambooth_dora`."""
     tensors, configs = {}, {}
     for prefix, model in models.items():
-        sd = adapter_state_dict(model, prefix=f"{prefix}.")
+        sd = adapter_state_dict(model, prefix=f"{prefix}.{layout_prefix(model)}")
         tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()})
-        configs.update({f"{prefix}.{k}": v for k, v in lora_config_dict(model).items()})
+        config = lora_config_dict(model)
+        if layout_prefix(model) and config:
+            # a regex that matches the modules with and without the `text_model.` level, so the
+            # config rebuilds the same adapters under transformers 4 and 5
+            names = "|".join(re.escape(n) for n in config["target_modules"])
+            config["target_modules"] = rf"(?:{re.escape(layout_prefix(model))})?(?:{names})"
+        configs.update({f"{prefix}.{k}": v for k, v in config.items()})
     metadata = {
         "format": "pt",
         LORA_ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True),

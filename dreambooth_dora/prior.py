@@ -35,7 +35,7 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
     if precision is None:
         precision = "fp16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    pipe = StableDiffusionPipeline.from_pretrained(model_path, torch_dtype=dtype, revision=revision, variant=variant,
+    pipe = StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype, revision=revision, variant=variant,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

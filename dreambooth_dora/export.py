@@ -1,0 +1,164 @@
+"""Exports of an adapter: a fused diffusers pipeline, and the kohya/LyCORIS single file that
+A1111 and ComfyUI read.
+
+Kohya/LyCORIS layout, per adapted module (dots of the diffusers module path become `_`)::
+
+    lora_unet_<path>.lora_down.weight   = lora_A              (r, in)
+    lora_unet_<path>.lora_up.weight     = lora_B              (out, r)
+    lora_unet_<path>.alpha              = scale * r           ()  so that alpha / r is our scale
+    lora_unet_<path>.dora_scale         = magnitude           (out, 1); conv: (out, 1, 1, 1)
+    lora_te_<path>...                   the text encoder (SDXL: lora_te1_ / lora_te2_)
+
+The merge rule this must satisfy is LyCORIS's (`lycoris/modules/locon.py`,
+`LoConModule.apply_weight_decompose` with `wd_on_out=True`, LyCORIS 3.x; read through the public
+code index): `V = W0 + (alpha / r) * up @ down`, `n = ||V|| per output row + eps`,
+`W' = V * dora_scale / n`; `dora_scale` shaped (out, 1, ...) marks the output axis. PEFT's DoRA
+(ours) is the same rule, so the file is exact for LyCORIS-correct loaders.
+
+ComfyUI (`comfy/weight_adapter/base.py`, `weight_decompose`) picks the output axis when
+`dora_scale.shape[0] == weight.shape[0]`, but in that branch divides by the norm of the *base*
+weight W0 rather than of V. `comfyui_compatible=True` writes `dora_scale = m * ||W0|| / ||V||`,
+which makes that branch compute our W' exactly (and LyCORIS-correct loaders wrong).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .adapters import add_adapters, load_adapter_state_dict, merge_adapters
+from .outputs import atomic_path, layout_prefix
+from .pipelines import AdapterError, AdapterFile, check_fits, pipeline_models, read_adapter
+from .tiny import resolve_model
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+
+
+def base_model_of(adapter: AdapterFile, base: str | None) -> str:
+    base = base or adapter.info.get("base_model")
+    if not base:
+        raise AdapterError(f"{adapter.path} does not record its base model; pass --base MODEL")
+    return resolve_model(base)
+
+
+def apply_to_models(adapter: AdapterFile, models: dict[str, torch.nn.Module]) -> None:
+    """Wrap the adapter's modules in our DoRA/LoRA layers and load its tensors (exact)."""
+    check_fits(adapter, models)
+    for prefix in sorted({k.split(".", 1)[0] for k in adapter.tensors}):
+        rank, alpha = adapter.rank_alpha(prefix)
+        cfg = adapter.configs.get(prefix, {})
+        part = adapter.part(prefix, models[prefix])
+        names = adapter.modules(prefix, models[prefix])
+        dora = any(k.endswith("lora_magnitude_vector") for k in part)
+        add_adapters(models[prefix], names, rank=rank, alpha=alpha, dora=dora,
+                     use_rslora=bool(cfg.get("use_rslora", False)))
+        for name in names:  # per-module ranks/alphas (rank_pattern / alpha_pattern)
+            layer = models[prefix].get_submodule(name)
+            r = part[f"{name}.lora_A.weight"].shape[0]
+            if r != layer.rank:
+                raise AdapterError(f"{prefix}.{name}: rank {r} differs from the adapter's rank {layer.rank}; "
+                                   "per-module ranks are not supported by this loader")
+            a = float(cfg.get("alpha_pattern", {}).get(name, alpha))
+            layer.alpha, layer.scaling = a, a / (r ** 0.5 if layer.use_rslora else r)
+        load_adapter_state_dict(models[prefix], part)
+
+
+def load_pipeline(base: str, revision: str | None = None, torch_dtype=torch.float32):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(resolve_model(base), revision=revision, dtype=torch_dtype,
+                                             safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+    """A complete diffusers pipeline with the adapter merged into its weights (plain layers)."""
+    adapter = read_adapter(adapter_dir)
+    pipe = load_pipeline(base_model_of(adapter, base))
+    models = pipeline_models(pipe)
+    apply_to_models(adapter, models)
+    for model in models.values():
+        merge_adapters(model)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def kohya_key(prefix: str, module_name: str) -> str:
+    return KOHYA_PREFIX[prefix] + module_name.replace(".", "_")
+
+
+@torch.no_grad()
+def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None = None,
+                 comfyui_compatible: bool = False) -> Path:
+    """The kohya/LyCORIS single file (see the module docstring for the layout and rule)."""
+    adapter = read_adapter(adapter_dir)
+    pipe = load_pipeline(base_model_of(adapter, base))
+    models = pipeline_models(pipe)
+    apply_to_models(adapter, models)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, model in models.items():
+        for name, module in model.named_modules():
+            if not hasattr(module, "lora_A") or not hasattr(module, "scaling"):
+                continue
+            key = kohya_key(prefix, layout_prefix(model) + name)
+            tensors[f"{key}.lora_down.weight"] = module.lora_A.weight.detach().float().contiguous()
+            tensors[f"{key}.lora_up.weight"] = module.lora_B.weight.detach().float().contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(module.scaling * module.rank, dtype=torch.float32)
+            if module.use_dora:
+                m = module.lora_magnitude_vector.detach().float().flatten()
+                if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
+                    w0 = module.weight.detach().float().flatten(1).norm(dim=1)
+                    m = m * w0 / module.weight_norm()
+                shape = (-1,) + (1,) * (module.weight.dim() - 1)
+                tensors[f"{key}.dora_scale"] = m.reshape(shape).contiguous()
+    rank, alpha = adapter.rank_alpha("unet") if adapter.part("unet") else adapter.rank_alpha("text_encoder")
+    metadata = {
+        "ss_network_module": "lycoris.kohya" if adapter.use_dora else "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": ('{"algo": "lora", "dora_wd": true, "wd_on_output": true}' if adapter.use_dora
+                            else '{"algo": "lora"}'),
+        "ss_base_model_version": "sd_v1" if getattr(pipe.unet.config, "cross_attention_dim", 0) != 2048 else "sdxl_base_v1-0",
+        "ss_output_name": Path(out_file).stem,
+        "dreambooth_dora_dora_scale": "comfyui-compensated" if comfyui_compatible else "lycoris-exact",
+    }
+    out = Path(out_file)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out
+
+
+def describe(path: str | Path) -> dict:
+    """What `dreambooth-dora info` prints: method, rank, alpha, targets, sizes, base model."""
+    adapter = read_adapter(path)
+    parts = {}
+    for prefix in sorted({k.split(".", 1)[0] for k in adapter.tensors}):
+        rank, alpha = adapter.rank_alpha(prefix)
+        modules = adapter.modules(prefix)
+        parts[prefix] = {
+            "modules": len(modules),
+            "targets": sorted({m.rsplit(".", 1)[-1] if not m.split(".")[-1].isdigit() else ".".join(m.split(".")[-2:])
+                               for m in modules}),
+            "rank": rank, "alpha": alpha,
+            "parameters": sum(v.numel() for v in adapter.part(prefix).values()),
+        }
+    return {
+        "file": str(adapter.path),
+        "method": "DoRA" if adapter.use_dora else "LoRA",
+        "base_model": adapter.info.get("base_model", "unknown (not recorded)"),
+        "steps": adapter.info.get("steps"),
+        "instance_prompt": adapter.info.get("instance_prompt"),
+        "parameters": sum(v.numel() for v in adapter.tensors.values()),
+        "parts": parts,
+    }
