@@ -12,5 +12,6 @@ from .adapters import (
     set_adapters_enabled,
 )
 from .dora import AdaptedConv2d, AdaptedLayer, AdaptedLinear
+from .pipelines import AdapterError, load_adapter, read_adapter
 
 __version__ = "0.1.0"
