@@ -126,24 +126,21 @@ BRICK_VIEWS = [  # rotation (rad), light (-1..1), scale, background
 ]
 
 
-def main() -> None:
-    out = HERE / "3d_icon"
+def write_set(folder: str, stem: str, render, views, caption: str) -> None:
+    """One image per view plus the `datasets` imagefolder captions file."""
+    out = HERE / folder
     out.mkdir(exist_ok=True)
     rows = []
-    for i, (yaw, light, scale, bg) in enumerate(ICON_VIEWS):
-        name = f"icon_{i:02d}.png"
-        render_icon(yaw, light, scale, bg).save(out / name)
-        rows.append({"file_name": name, "text": "a sks icon, 3d render"})
+    for i, view in enumerate(views):
+        name = f"{stem}_{i:02d}.png"
+        render(*view).save(out / name)
+        rows.append({"file_name": name, "text": caption})
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    out = HERE / "lego"
-    out.mkdir(exist_ok=True)
-    rows = []
-    for i, (angle, light, scale, bg) in enumerate(BRICK_VIEWS):
-        name = f"brick_{i:02d}.png"
-        render_brick(angle, light, scale, bg).save(out / name)
-        rows.append({"file_name": name, "text": "a sks lego brick"})
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+def main() -> None:
+    write_set("3d_icon", "icon", render_icon, ICON_VIEWS, "a sks icon, 3d render")
+    write_set("lego", "brick", render_brick, BRICK_VIEWS, "a sks lego brick")
 
 
 if __name__ == "__main__":
