@@ -16,6 +16,7 @@ commands:
   export   dreambooth-dora export ADAPTER_DIR --format fused --out DIR        (a merged diffusers pipeline)
            dreambooth-dora export ADAPTER_DIR --format kohya --out FILE.safetensors [--comfyui]
   info     dreambooth-dora info ADAPTER_DIR_OR_FILE                           (method, rank, targets, base)
+  app      dreambooth-dora app [--base MODEL] [--dora DIR] [--lora DIR] [--port N]  (the comparison app)
 """
 
 
@@ -135,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return export_main(rest)
     if command == "info":
         return info_main(rest)
+    if command == "app":
+        from app.main import main as app_main
+
+        return app_main(rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -18,6 +18,7 @@ import torch
 
 from dreambooth_dora.tiny import save_tiny_pipeline
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +57,29 @@ def icon_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_sd_path, tmp_path_factory):
+    """A DoRA and a LoRA adapter trained (UNet + text encoder, rank 4, alpha 8) on the tiny
+    pipeline, in one folder: {"dora": root/dora, "lora": root/lora}."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.config import load_config
+    from dreambooth_dora.train import train
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for method in ("dora", "lora"):
+        folder = root / method
+        cfg = load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir",
+                           str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon",
+                           "--resolution", "64", "--learning_rate", "3e-2", "--max_train_steps", "4",
+                           "--rank", "4", "--lora_alpha", "8", "--train_text_encoder",
+                           "--use_dora", str(method == "dora").lower(), "--output_dir", str(folder),
+                           "--report_to", "none", "--seed", "5"])
+        train(cfg)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        out[method] = folder
+    return out

@@ -24,27 +24,6 @@ TOL = 1e-5
 RANK, ALPHA = 4, 8  # alpha = 2 x rank: a loader that guesses alpha = rank gets the scale wrong
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_sd_path, tmp_path_factory):
-    """A DoRA and a LoRA adapter trained (UNet + text encoder) on the tiny pipeline."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    out = {}
-    for method in ("dora", "lora"):
-        folder = tmp_path_factory.mktemp("adapters") / method
-        cfg = load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir",
-                           str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon",
-                           "--resolution", "64", "--learning_rate", "3e-2", "--max_train_steps", "4",
-                           "--rank", str(RANK), "--lora_alpha", str(ALPHA), "--train_text_encoder",
-                           "--use_dora", str(method == "dora").lower(), "--output_dir", str(folder),
-                           "--report_to", "none", "--seed", "5"])
-        train(cfg)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        out[method] = folder
-    return out
-
-
 def fresh(path):
     pipe = StableDiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)

@@ -17,8 +17,8 @@ def readme_commands():
 def test_ci_runs_the_readme_test_command():
     commands = readme_commands()
     assert len(commands) == 2, commands
-    ci_lines = [l for l in (REPO / ".ci/run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
-    assert ci_lines == [commands[1]]
+    ci_lines = [l for l in (REPO / ".ci/run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert ci_lines[-1] == commands[1]  # the README's test command, last, verbatim
     assert "pytest" in commands[1] and "train_dreambooth_dora.py" in commands[0]
 
 

@@ -1,0 +1,219 @@
+"""The comparison's logic, apart from the UI: pipelines, columns, generation, difference maps.
+
+Fairness: every column of one click gets the same initial latents (drawn once from the seed),
+a fresh scheduler of the same kind and config, the same prompt embeddings path and the same
+settings. The base column runs with every adapter disabled (for DoRA, scale 0 is not the base
+model: its learned magnitudes still apply).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreambooth_dora.export import describe, load_pipeline
+from dreambooth_dora.outputs import ADAPTER_FILE
+from dreambooth_dora.pipelines import AdapterError, load_adapter, read_adapter
+from dreambooth_dora.tiny import resolve_model
+
+SLOTS = ("base", "lora", "dora")
+SCHEDULERS = {
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "DDIM": "DDIMScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler a": "EulerAncestralDiscreteScheduler",
+    "PNDM": "PNDMScheduler",
+}
+
+
+class AppError(ValueError):
+    """Shown to the user as a message; the app keeps running."""
+
+
+def resolve_under_root(root: Path | None, user_path: str) -> Path:
+    """A folder the UI may open: relative, inside `root`, no `..` escapes (symlinks resolved)."""
+    if root is None:
+        raise AppError("opening folders from the UI is off: start the app with --adapters-root DIR")
+    text = (user_path or "").strip()
+    if not text:
+        raise AppError("give a folder under the adapters root")
+    p = Path(text)
+    if p.is_absolute() or ".." in p.parts:
+        raise AppError(f"{text!r} is outside the adapters root: give a path relative to it, without '..'")
+    full = (root / p).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise AppError(f"{text!r} leads outside the adapters root")
+    if not full.is_dir():
+        raise AppError(f"{text!r} is not a folder under the adapters root")
+    return full
+
+
+def find_adapters(root: Path | None) -> list[str]:
+    """Adapter and merged-pipeline folders under `root`, relative to it."""
+    if root is None or not root.is_dir():
+        return []
+    found = set()
+    for f in list(root.rglob(ADAPTER_FILE)) + list(root.rglob("model_index.json")):
+        if "checkpoint-" not in str(f.parent.relative_to(root)):
+            found.add(str(f.parent.relative_to(root)))
+    return sorted(found)
+
+
+@dataclass
+class Source:
+    path: Path
+    merged: bool
+    caption: str
+
+
+class Comparison:
+    """One pipeline with the adapters loaded under the names 'lora' and 'dora', plus separate
+    pipelines for merged (fused) folders."""
+
+    def __init__(self, base: str, adapters_root: str | Path | None = None, device: str | None = None):
+        self.base_name = base
+        self.base_path = resolve_model(base)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.pipe = load_pipeline(base, torch_dtype=self.dtype).to(self.device)
+        self.root = Path(adapters_root).resolve() if adapters_root else None
+        self.sources: dict[str, Source] = {}
+        self.merged: dict[str, object] = {}
+        self.lock = threading.Lock()  # one generation at a time: columns never mix
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def load(self, slot: str, path: str | Path, from_ui: bool = False) -> str:
+        """Load an adapter folder or a merged pipeline folder into column `slot`."""
+        if slot not in ("lora", "dora"):
+            raise AppError(f"unknown column {slot!r}")
+        folder = resolve_under_root(self.root, str(path)) if from_ui else Path(path)
+        with self.lock:
+            if (folder / "model_index.json").is_file():
+                return self._load_merged(slot, folder)
+            if not folder.is_dir() and folder.suffix != ".safetensors":
+                raise AppError(f"{str(path)!r} is not an adapter folder")
+            return self._load_adapter(slot, folder)
+
+    def _load_adapter(self, slot: str, folder: Path) -> str:
+        try:
+            info = describe(folder)
+            adapter = read_adapter(folder)
+        except AdapterError as err:
+            raise AppError(str(err)) from None
+        if slot in self._loaded_adapters():
+            self.pipe.delete_adapters(slot)
+        try:
+            load_adapter(self.pipe, folder, adapter_name=slot)
+        except AdapterError as err:
+            raise AppError(str(err)) from None
+        part = info["parts"].get("unet") or next(iter(info["parts"].values()))
+        warn = ""
+        recorded = adapter.info.get("base_model")
+        if recorded and recorded != self.base_name and resolve_model(recorded) != self.base_path:
+            warn = f" (trained on {recorded})"
+        caption = (f"{info['method']} · rank {part['rank']} · {info['steps'] or '?'} steps · "
+                   f"{folder.name}/{adapter.path.name}{warn}")
+        self.sources[slot] = Source(folder, False, caption)
+        self.merged.pop(slot, None)
+        return f"loaded {caption} as {slot}"
+
+    def _load_merged(self, slot: str, folder: Path) -> str:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, use_safetensors=True,
+                                                     safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as err:
+            raise AppError(f"cannot load merged pipeline {folder.name!r}: {str(err).splitlines()[0]}") from None
+        base_shapes = {k: v.shape for k, v in self.pipe.unet.state_dict().items() if "lora_" not in k}
+        for k, v in pipe.unet.state_dict().items():
+            if k.replace(".weight", ".base_layer.weight") in base_shapes or k in base_shapes:
+                shape = base_shapes.get(k, base_shapes.get(k.replace(".weight", ".base_layer.weight")))
+                if tuple(shape) != tuple(v.shape):
+                    raise AppError(f"merged pipeline {folder.name!r} is for another base model: unet {k} "
+                                   f"is {tuple(v.shape)}, here {tuple(shape)}")
+        pipe.set_progress_bar_config(disable=True)
+        self.merged[slot] = pipe.to(self.device)
+        self.sources[slot] = Source(folder, True, f"merged pipeline · {folder.name}")
+        if slot in self._loaded_adapters():
+            self.pipe.delete_adapters(slot)
+        return f"loaded merged pipeline {folder.name} as {slot}"
+
+    def _loaded_adapters(self) -> list[str]:
+        try:
+            return list(self.pipe.get_list_adapters().get("unet", []))
+        except (AttributeError, ValueError):
+            return []
+
+    def captions(self) -> dict[str, str]:
+        out = {"base": f"base · {self.base_name}"}
+        for slot in ("lora", "dora"):
+            out[slot] = self.sources[slot].caption if slot in self.sources else f"{slot}: nothing loaded"
+        return out
+
+    # ---- generation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+                 guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                 scheduler: str = "DPM++ 2M", scale: float = 1.0, num_images: int = 1,
+                 columns=SLOTS) -> dict[str, list[tuple[Image.Image, float]]]:
+        """{column: [(image, seconds), ...]} for every requested column that has a source."""
+        if not prompt or not prompt.strip():
+            raise AppError("type a prompt first")
+        if scheduler not in SCHEDULERS:
+            raise AppError(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        width, height = int(width or size), int(height or size)
+        if width % 8 or height % 8:
+            raise AppError("width and height must be multiples of 8")
+        import diffusers
+
+        with self.lock:
+            gen = torch.Generator("cpu").manual_seed(int(seed))
+            latents = torch.randn((int(num_images), self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor,
+                                   width // self.pipe.vae_scale_factor), generator=gen, dtype=torch.float32)
+            out = {}
+            for col in columns:
+                if col != "base" and col not in self.sources:
+                    continue
+                pipe = self.merged.get(col, self.pipe)
+                if pipe is self.pipe:
+                    if col == "base":
+                        if self._loaded_adapters():
+                            self.pipe.disable_lora()
+                    else:
+                        self.pipe.enable_lora()
+                        self.pipe.set_adapters([col], adapter_weights=[float(scale)])
+                pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+                t0 = time.perf_counter()
+                images = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
+                              guidance_scale=float(guidance), width=width, height=height,
+                              latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
+                              num_images_per_prompt=int(num_images),
+                              generator=torch.Generator("cpu").manual_seed(int(seed))).images
+                seconds = (time.perf_counter() - t0) / max(len(images), 1)
+                out[col] = [(im, seconds) for im in images]
+            if self._loaded_adapters():
+                self.pipe.enable_lora()
+        return out
+
+
+def difference_map(a: Image.Image, b: Image.Image) -> Image.Image:
+    """Per-pixel |a - b| (mean over channels) as a heat map: black = equal, yellow = most different.
+    The maximum is printed in the caption by the UI; the map is normalised to it."""
+    x = np.asarray(a.convert("RGB"), dtype=np.float32)
+    y = np.asarray(b.convert("RGB"), dtype=np.float32)
+    d = np.abs(x - y).mean(axis=2) / 255.0
+    top = float(d.max())
+    t = d / top if top > 0 else d
+    # black -> red -> yellow -> white
+    rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], axis=2)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")

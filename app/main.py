@@ -1,0 +1,53 @@
+"""`python -m app` / `dreambooth-dora app`: start the comparison app.
+
+    python -m app --base MODEL --dora DIR --lora DIR [--port N] [--host 127.0.0.1] [--adapters-root DIR]
+
+With no arguments: the embedded default model and the quick start's outputs when they exist.
+Safe by default: listens on 127.0.0.1, no public share link unless --share, reads only
+.safetensors adapters, and the UI opens folders under --adapters-root only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+QUICKSTART = {"dora": Path("outputs/quickstart_tiny_icon_dora"), "lora": Path("outputs/quickstart_tiny_icon_lora")}
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m app", description="base | LoRA | DoRA comparison")
+    parser.add_argument("--base", default="embedded:tiny-random", help="hub id, local diffusers folder or embedded:NAME")
+    parser.add_argument("--dora", help="DoRA adapter folder or merged pipeline folder")
+    parser.add_argument("--lora", help="LoRA adapter folder or merged pipeline folder")
+    parser.add_argument("--adapters-root", help="the only folder the UI may open adapters from (default: outputs/)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="open a public Gradio share link (off by default)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dreambooth_dora.cli import quiet_libraries
+
+    quiet_libraries()
+    args = parse(sys.argv[1:] if argv is None else argv)
+    from .core import AppError, Comparison
+    from .ui import build_ui
+
+    root = args.adapters_root or ("outputs" if Path("outputs").is_dir() else None)
+    try:
+        comp = Comparison(args.base, adapters_root=root, device=args.device)
+        for slot in ("lora", "dora"):
+            path = getattr(args, slot) or (QUICKSTART[slot] if QUICKSTART[slot].is_dir() else None)
+            if path:
+                print(comp.load(slot, path))
+    except (AppError, OSError, ValueError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    demo = build_ui(comp)
+    print(f"open http://{args.host}:{args.port}" + (" (and a public share link)" if args.share else ""))
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False)
+    return 0
