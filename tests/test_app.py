@@ -118,6 +118,14 @@ def test_merged_folders_are_columns_too(comp, adapters, tmp_path):
         shutil.rmtree(fused)
 
 
+def test_safe_defaults():
+    from app.main import parse
+
+    args = parse([])
+    assert args.host == "127.0.0.1" and args.share is False  # this machine only, no public link
+    assert parse(["--share", "--host", "0.0.0.0"]).share is True  # only when asked
+
+
 def test_difference_map():
     a = Image.new("RGB", (8, 8), (10, 10, 10))
     b = a.copy()
@@ -186,6 +194,12 @@ def test_page_in_a_real_browser(served_app, tmp_path):
         assert "seed 0" in page.locator("#status").inner_text()
         assert "DoRA · rank 4" in page.locator("#gallery-dora").inner_text()
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+
+        page.locator("#diff").click()  # the difference view on demand
+        page.locator("#diff-image img").first.wait_for(timeout=60_000)
+        heat = Image.open(io.BytesIO(page.request.get(page.locator("#diff-image img").first.get_attribute("src")).body()))
+        assert heat.size == (64, 64) and arr(heat.convert("RGB")).max() > 0
+        assert "largest per-pixel difference" in page.locator("#status").inner_text()
 
         # a bad path: a message, and the app keeps working
         page.get_by_text("Load another adapter or merged pipeline").click()
