@@ -92,7 +92,7 @@ def bench(width, tokens, rank, repeats, device, force=None):
     x = torch.randn(BATCH, tokens, width, device=device, requires_grad=True)  # upstream adapters need dx
     grad = torch.randn(BATCH, tokens, width, device=device)
     times = {name: [] for name in variants}
-    for name, (layer, _) in variants.items():  # warm-up
+    for layer, _ in variants.values():  # warm-up
         step(layer, x, grad)
     for _ in range(repeats):
         for name, (layer, clear) in variants.items():

@@ -14,4 +14,9 @@ from .adapters import (
 from .dora import AdaptedConv2d, AdaptedLayer, AdaptedLinear
 from .pipelines import AdapterError, load_adapter, read_adapter
 
+__all__ = [
+    "TEXT_ENCODER_TARGETS", "UNET_ATTENTION_TARGETS", "AdaptedConv2d", "AdaptedLayer", "AdaptedLinear", "AdapterError",
+    "adapted_layers", "adapter_parameters", "adapter_state_dict", "add_adapters", "load_adapter",
+    "load_adapter_state_dict", "merge_adapters", "read_adapter", "set_adapters_enabled",
+]
 __version__ = "0.1.0"

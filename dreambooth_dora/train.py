@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_parameters, add_adapters
 from .checkpoints import register_adapter_hooks, resolve_resume, save_checkpoint, checkpoint_step
 from .config import ConfigError, TrainConfig
-from .data import DataError, Example, batch_indices, load_examples, load_image_folder, step_rng, to_training_tensor
+from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, to_training_tensor
 from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
 from .outputs import save_adapter, write_text
 from .prior import ensure_class_images
@@ -236,14 +236,13 @@ def train(cfg: TrainConfig) -> Path:
             gen = example_generator(cfg.seed, position, is_class)
             if latent_cache is not None:
                 mean, std = latent_cache[(idx + (len(examples) if is_class else 0), flip)]
-                eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
-                latents.append(((mean + std * eps) * vae.config.scaling_factor)[0])
             else:
                 pixels = to_training_tensor(source[idx].image, cfg.resolution, cfg.center_crop, flip, rng)
                 with torch.no_grad():
                     dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
-                eps = torch.randn(dist.mean.shape, generator=gen, dtype=torch.float32).to(dist.mean)
-                latents.append(((dist.mean + dist.std * eps) * vae.config.scaling_factor)[0])
+                mean, std = dist.mean, dist.std
+            eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
+            latents.append(((mean + std * eps) * vae.config.scaling_factor)[0])  # a VAE sample, our generator
             captions.append(source[idx].caption)
             noises.append(sample_noise(latents[-1][None], gen, cfg.noise_offset)[0])
             timesteps.append(int(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=gen)))

@@ -158,7 +158,7 @@ def served_app(tiny_sd_path, adapters):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
+                raise RuntimeError(proc.stdout.read()) from None
             time.sleep(0.5)
     yield url
     proc.terminate()

@@ -13,11 +13,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth_dora.config import load_config
 from dreambooth_dora.export import apply_to_models, export_fused, export_kohya
 from dreambooth_dora.pipelines import AdapterError, load_adapter, pipeline_models, read_adapter
 from dreambooth_dora.tiny import build_tiny_pipeline
-from dreambooth_dora.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
