@@ -1,0 +1,40 @@
+"""The toy world's generator and judge (groundwork for the embedded base model)."""
+
+import random
+
+import numpy as np
+
+from dreambooth_dora.toyworld import CLASSES, COLOURS, _classifier_module, classify, held_out_prompts, sample
+
+
+def test_samples_are_labelled_deterministic_and_avoid_held_out_prompts():
+    a = [sample(random.Random(3)) for _ in range(1)][0]
+    b = sample(random.Random(3))
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.caption == b.caption
+    assert a.image.size == (64, 64) and CLASSES[a.cls] in a.caption and list(COLOURS)[a.colour] in a.caption
+    held = held_out_prompts(64)
+    assert len({p for p, *_ in held}) == 64
+    keys = {key for *_, key in held}
+    rng = random.Random(0)
+    drawn = [sample(rng, held_out=keys) for _ in range(400)]
+    held_captions = {p for p, *_ in held}
+    assert not any(s.caption in held_captions for s in drawn)
+    assert len({s.cls for s in drawn}) == len(CLASSES) and len({s.colour for s in drawn}) == len(COLOURS)
+
+
+def test_colour_is_what_the_label_says():
+    rng = random.Random(1)
+    for _ in range(50):
+        s = sample(rng)
+        pixels = np.asarray(s.image, dtype=np.float32).reshape(-1, 3)
+        target = np.array(list(COLOURS.values())[s.colour], np.float32)
+        # some pixel of the object is close to its colour (shading scales it by 0.6 to 1.2)
+        cos = pixels @ target / (np.linalg.norm(pixels, axis=1) * np.linalg.norm(target) + 1e-6)
+        assert cos.max() > 0.97, s.caption
+
+
+def test_classifier_interface():
+    model = _classifier_module().eval()
+    rng = random.Random(2)
+    cls, colour, features = classify(model, [sample(rng).image for _ in range(3)])
+    assert len(cls) == len(colour) == 3 and features.shape == (3, 128)
