@@ -44,7 +44,9 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
-        print(f"adapter saved to {path}")
+        print(f"adapter saved to {path}\n"
+              f"compare it with the base model: python -m app --base <the base model> --dora {path.parent} "
+              "(or --lora ...)")
     return 0
 
 
