@@ -39,14 +39,15 @@ def train_main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     try:
-        path = train(load_config(argv))
+        cfg = load_config(argv)
+        path = train(cfg)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
-        print(f"adapter saved to {path}\n"
-              f"compare it with the base model: python -m app --base <the base model> --dora {path.parent} "
-              "(or --lora ...)")
+        flag = "--dora" if cfg.use_dora else "--lora"
+        print(f"adapter saved to {path}\ncompare it with the base model: "
+              f"python -m app --base {cfg.pretrained_model_name_or_path} {flag} {path.parent}")
     return 0
 
 
