@@ -135,9 +135,11 @@ def _classifier_module(width: int = 32):
             super().__init__()
             c = width
             self.body = nn.Sequential(
-                nn.Conv2d(3, c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-                nn.Conv2d(c, 2 * c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-                nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(), nn.MaxPool2d(2),
+                nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.GELU(), nn.MaxPool2d(2),
+                nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.BatchNorm2d(4 * c), nn.GELU(), nn.MaxPool2d(2),
+                nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.BatchNorm2d(4 * c), nn.GELU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             )
             self.cls_head = nn.Linear(4 * c, len(CLASSES))
             self.colour_head = nn.Linear(4 * c, len(COLOURS))
@@ -159,7 +161,12 @@ def to_tensor(images: list[Image.Image], size: int = SIZE):
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def train_classifier(steps: int = 600, batch: int = 64, seed: int = 0, log=print):
+def degrade(im: Image.Image, resolution: int) -> Image.Image:
+    """What a `resolution`-pixel model can draw of a picture: down- and back up-sampled."""
+    return im.resize((resolution, resolution), Image.BICUBIC) if resolution < SIZE else im
+
+
+def train_classifier(steps: int = 600, batch: int = 64, seed: int = 0, resolution: int = SIZE, log=print):
     import torch
 
     torch.manual_seed(seed)
@@ -169,7 +176,8 @@ def train_classifier(steps: int = 600, batch: int = 64, seed: int = 0, log=print
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     for step in range(steps):
         batch_samples = [sample(rng) for _ in range(batch)]
-        x = to_tensor([s.image for s in batch_samples])
+        x = to_tensor([degrade(s.image, rng.choice((resolution, SIZE))) for s in batch_samples])
+        x = x + 0.05 * torch.randn_like(x)  # generated pictures are noisier than renders
         yc = torch.tensor([s.cls for s in batch_samples])
         yk = torch.tensor([s.colour for s in batch_samples])
         lc, lk = model(x)
