@@ -32,14 +32,7 @@ def build_models(resolution: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        from . import tiny
-
-        old = tiny.WORDS
-        tiny.WORDS = tuple(sorted(set(TOY_WORDS)))
-        try:
-            tokenizer = build_tokenizer(tmp, max_length=16)
-        finally:
-            tiny.WORDS = old
+        tokenizer = build_tokenizer(tmp, max_length=24, words=tuple(sorted(set(TOY_WORDS))))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), latent_channels=4,
                         norm_num_groups=16, layers_per_block=1, sample_size=resolution)
@@ -49,7 +42,7 @@ def build_models(resolution: int):
                                 block_out_channels=(64, 96, 128), layers_per_block=1, attention_head_dim=8,
                                 cross_attention_dim=64, norm_num_groups=16)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=24,
                                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id))
     return tokenizer, text_encoder, vae, unet
@@ -150,3 +143,19 @@ def score_base(pipe, classifier, prompts=None, seeds=(0,), steps: int = 20, guid
         hits_k += sum(int(k == p[2]) for k, p in zip(colour, prompts))
         n += len(prompts)
     return hits_c / n, hits_k / n
+
+
+@torch.no_grad()
+def subject_distance(pipe, classifier, instance_images, prompt: str, seeds=range(8), steps: int = 20,
+                     guidance: float = 5.0) -> float:
+    """Mean cosine distance (classifier penultimate features) from images for `prompt` to the
+    instance images seen at the model's resolution: lower is nearer the subject."""
+    from .toyworld import classify, degrade
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    _, _, target = classify(classifier, [degrade(im, size) for im in instance_images])
+    images = [pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(s)).images[0] for s in seeds]
+    _, _, feats = classify(classifier, images)
+    cos = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(target, dim=1).T
+    return float(1 - cos.mean())

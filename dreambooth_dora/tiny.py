@@ -73,22 +73,22 @@ def build_clip_vocab(words=WORDS) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def write_tokenizer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
+def write_tokenizer_files(folder: str | os.PathLike, words=WORDS) -> tuple[Path, Path]:
     """Write `vocab.json` and `merges.txt` (CLIP's file layout) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_clip_vocab()
+    vocab, merges = build_clip_vocab(words)
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return vocab_file, merges_file
 
 
-def build_tokenizer(folder: str | os.PathLike, max_length: int = 77):
+def build_tokenizer(folder: str | os.PathLike, max_length: int = 77, words=WORDS):
     """A CLIPTokenizer read from the vocabulary and merges files written into `folder`."""
     from transformers import CLIPTokenizer
 
-    vocab_file, merges_file = write_tokenizer_files(folder)
+    vocab_file, merges_file = write_tokenizer_files(folder, words)
     return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=max_length)
 
 
@@ -186,7 +186,9 @@ def resolve_model(name_or_path: str) -> str:
     if not name_or_path.startswith(EMBEDDED_PREFIX):
         return name_or_path
     name = name_or_path[len(EMBEDDED_PREFIX):]
+    if name == "toy-world":  # trained by `python -m dreambooth_dora.embedded`, shipped in the package
+        return str(Path(__file__).resolve().parent / "models" / "toy-world")
     if name != "tiny-random":
-        raise ValueError(f"unknown embedded model {name!r}; known: 'embedded:tiny-random'")
+        raise ValueError(f"unknown embedded model {name!r}; known: 'embedded:toy-world', 'embedded:tiny-random'")
     cache = Path(os.environ.get("DREAMBOOTH_DORA_CACHE", Path.home() / ".cache" / "dreambooth_dora"))
     return str(save_tiny_pipeline(cache / name))

@@ -38,3 +38,18 @@ def test_classifier_interface():
     rng = random.Random(2)
     cls, colour, features = classify(model, [sample(rng).image for _ in range(3)])
     assert len(cls) == len(colour) == 3 and features.shape == (3, 128)
+
+
+def test_pretraining_script_saves_a_loadable_pipeline(tmp_path):
+    """Two steps per stage: the code path, not the quality (that is measured, not tested)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_dora.embedded import pretrain
+
+    out = pretrain(tmp_path / "emb", resolution=32, vae_steps=2, unet_steps=2, batch=4, log=lambda m: None)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red ball", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+    ids = pipe.tokenizer("a red ball on a beige background").input_ids
+    assert len(ids) == 2 + 7  # every toy-world word is one token
