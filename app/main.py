@@ -18,7 +18,7 @@ QUICKSTART = {"dora": Path("outputs/quickstart_tiny_icon_dora"), "lora": Path("o
 
 def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m app", description="base | LoRA | DoRA comparison")
-    parser.add_argument("--base", default="embedded:tiny-random", help="hub id, local diffusers folder or embedded:NAME")
+    parser.add_argument("--base", default="embedded:toy-world", help="hub id, local diffusers folder or embedded:NAME")
     parser.add_argument("--dora", help="DoRA adapter folder or merged pipeline folder")
     parser.add_argument("--lora", help="LoRA adapter folder or merged pipeline folder")
     parser.add_argument("--adapters-root", help="the only folder the UI may open adapters from (default: outputs/)")

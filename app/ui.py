@@ -28,8 +28,8 @@ def build_ui(comp: Comparison) -> gr.Blocks:
             guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
             scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M", label="Scheduler")
         with gr.Row():
-            width = gr.Slider(64, 1536, value=size, step=8, label="Width")
-            height = gr.Slider(64, 1536, value=size, step=8, label="Height")
+            width = gr.Slider(16, 2048, value=size, step=8, label="Width")
+            height = gr.Slider(16, 2048, value=size, step=8, label="Height")
             scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", info=SCALE_HELP)
             count = gr.Slider(1, 8, value=1, step=1, label="Images per column")
             shown = gr.CheckboxGroup([TITLES[s] for s in SLOTS], value=[TITLES[s] for s in SLOTS], label="Columns")

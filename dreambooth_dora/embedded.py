@@ -1,6 +1,7 @@
-"""Pretraining the embedded base model on the toy world (work in progress: see the notes).
+"""Pretraining the embedded base model on the toy world, and the judge that scores it.
 
     python -m dreambooth_dora.embedded OUT_DIR [--resolution 32] [--vae-steps 800] [--unet-steps 3000]
+                                               [--classifier-steps 1500]
 
 Stage 1 trains a small AutoencoderKL (factor 4) on toy pictures; stage 2 trains a
 UNet2DConditionModel with cross-attention and a CLIPTextModel from scratch on cached latents
@@ -118,8 +119,15 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--classifier-steps", type=int, default=1500,
+                        help="train the judge too, into OUT/classifier (0: skip)")
     args = parser.parse_args(argv)
-    pretrain(args.out, args.resolution, args.vae_steps, args.unet_steps, args.batch, log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    out = pretrain(args.out, args.resolution, args.vae_steps, args.unet_steps, args.batch, log=log)
+    if args.classifier_steps:
+        from .toyworld import save_classifier, train_classifier
+
+        save_classifier(train_classifier(args.classifier_steps, resolution=args.resolution, log=log), out / "classifier")
     return 0
 
 

@@ -53,3 +53,24 @@ def test_pretraining_script_saves_a_loadable_pipeline(tmp_path):
     assert image.shape == (1, 32, 32, 3)
     ids = pipe.tokenizer("a red ball on a beige background").input_ids
     assert len(ids) == 2 + 7  # every toy-world word is one token
+
+
+def test_the_embedded_model_draws_its_world():
+    """A small, fast version of the measured figure: 8 held-out prompts, one seed."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_dora.tiny import resolve_model
+    from dreambooth_dora.toyworld import load_classifier
+
+    path = resolve_model("embedded:toy-world")
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = load_classifier(f"{path}/classifier")
+    prompts = held_out_prompts()[:8]
+    images = pipe([p for p, *_ in prompts], num_inference_steps=15, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images[0].size == (32, 32)
+    cls, colour, _ = classify(classifier, images)
+    assert sum(c == p[1] for c, p in zip(cls, prompts)) >= 5
+    assert sum(k == p[2] for k, p in zip(colour, prompts)) >= 6
