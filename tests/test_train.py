@@ -227,9 +227,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, icon_dir):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_sd_path, icon_dir):
-    common = ["--config", REPO / "train_configs" / "quickstart_tiny_icon_dora.yaml", "--pretrained_model_name_or_path",
-              tiny_sd_path, "--instance_data_dir", icon_dir, "--max_train_steps", "3", "--validation_prompt", "none",
-              "--report_to", "none", "--train_text_encoder"]
+    common = ["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", icon_dir,
+              "--instance_prompt", "a sks icon", "--resolution", "64", "--random_flip", "--learning_rate", "1e-2",
+              "--max_train_steps", "3", "--report_to", "none", "--train_text_encoder", "--seed", "0"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
               str(REPO / "train_dreambooth_dora.py")]
@@ -242,9 +242,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
-    assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 1e-4  # it did train
+    # the same gradients up to summation order (DDP averages two halves); Adam's first steps
+    # (about lr x sign(g)) magnify that only for entries whose gradient is ~0
+    assert max((a[k] - b[k]).abs().max() for k in a) <= 2e-4
+    assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 5e-3  # it did train
 
 
 def test_sd15_recipe_runs_on_a_local_model_in_bf16(tmp_path, tiny_sd_path, monkeypatch):
