@@ -14,7 +14,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import sd15_unet
+    from timing import timed
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -56,13 +56,7 @@ def main(argv=None) -> int:
         times = {k: [] for k in variants}
         for _ in range(args.rounds):
             for name, unet in variants.items():
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                unet(x, t, cond)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed(lambda unet=unet: unet(x, t, cond), dev))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"device={dev} threads={torch.get_num_threads()} resolution={args.resolution} batch=2 rank={args.rank} "
           f"rounds={args.rounds}; fused vs unmerged max |diff| = {err:.2e}")

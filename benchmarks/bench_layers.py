@@ -17,14 +17,15 @@ import copy
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth_dora.dora import AdaptedLinear  # noqa: E402
+from timing import timed  # noqa: E402
 
 # (width, tokens, where): SD 1.5 UNet attention at 64x64 / 32x32 / 16x16 / 8x8 latents, CLIP text encoder
 SHAPES = [(320, 4096, "unet 64x64"), (640, 1024, "unet 32x32"), (1280, 256, "unet 16x16"),
@@ -82,11 +83,6 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench(width, tokens, rank, repeats, device, force=None):
     variants = make_variants(width, rank, device, force)
     x = torch.randn(BATCH, tokens, width, device=device, requires_grad=True)  # upstream adapters need dx
@@ -100,11 +96,7 @@ def bench(width, tokens, rank, repeats, device, force=None):
                 layer.clear_cache()
             x.grad = None
             layer.zero_grad(set_to_none=True)
-            sync(device)
-            t0 = time.perf_counter()
-            step(layer, x, grad)
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(lambda layer=layer: step(layer, x, grad), device))
     med = {name: statistics.median(v) for name, v in times.items()}
     mem = {name: saved_bytes(layer, x) for name, (layer, _) in variants.items()}
     return med, mem

@@ -14,13 +14,14 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth_dora import adapter_parameters, add_adapters  # noqa: E402
+from timing import timed  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -101,13 +102,7 @@ def main(argv=None) -> int:
             step(name, mode)  # warm-up
         for _ in range(args.steps):
             for name in variants:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step(name, mode)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed(lambda name=name: step(name, mode), dev))
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"| {mode} latents | {med['ours LoRA']:.3f} | {med['ours DoRA']:.3f} | {med['PEFT DoRA']:.3f} "
               f"| {med['ours DoRA'] / med['ours LoRA']:.3f} | {med['PEFT DoRA'] / med['ours DoRA']:.3f} |")
