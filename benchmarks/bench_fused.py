@@ -54,6 +54,8 @@ def main(argv=None) -> int:
         ref = variants["adapter (unmerged)"](x, t, cond).sample
         err = (variants["fused"](x, t, cond).sample - ref).abs().max().item()
         times = {k: [] for k in variants}
+        for unet in variants.values():  # warm-up: first calls allocate
+            unet(x, t, cond)
         for _ in range(args.rounds):
             for name, unet in variants.items():
                 times[name].append(timed(lambda unet=unet: unet(x, t, cond), dev))
