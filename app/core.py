@@ -132,10 +132,12 @@ class Comparison:
                                                      safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError) as err:
             raise AppError(f"cannot load merged pipeline {folder.name!r}: {str(err).splitlines()[0]}") from None
-        base_shapes = {k: v.shape for k, v in self.pipe.unet.state_dict().items() if "lora_" not in k}
+        # the shared pipeline may hold PEFT-wrapped layers: compare under the plain names
+        base_shapes = {k.replace(".base_layer", ""): v.shape for k, v in self.pipe.unet.state_dict().items()
+                       if "lora_" not in k}
         for k, v in pipe.unet.state_dict().items():
-            if k.replace(".weight", ".base_layer.weight") in base_shapes or k in base_shapes:
-                shape = base_shapes.get(k, base_shapes.get(k.replace(".weight", ".base_layer.weight")))
+            shape = base_shapes.get(k)
+            if shape is not None:
                 if tuple(shape) != tuple(v.shape):
                     raise AppError(f"merged pipeline {folder.name!r} is for another base model: unet {k} "
                                    f"is {tuple(v.shape)}, here {tuple(shape)}")

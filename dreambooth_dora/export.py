@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import add_adapters, load_adapter_state_dict, merge_adapters
+from .adapters import adapted_layers, add_adapters, load_adapter_state_dict, merge_adapters
 from .outputs import atomic_path, layout_prefix
 from .pipelines import AdapterError, AdapterFile, check_fits, pipeline_models, read_adapter
 from .tiny import resolve_model
@@ -108,9 +108,7 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
     apply_to_models(adapter, models)
     tensors: dict[str, torch.Tensor] = {}
     for prefix, model in models.items():
-        for name, module in model.named_modules():
-            if not hasattr(module, "lora_A") or not hasattr(module, "scaling"):
-                continue
+        for name, module in adapted_layers(model):
             key = kohya_key(prefix, layout_prefix(model) + name)
             tensors[f"{key}.lora_down.weight"] = module.lora_A.weight.detach().float().contiguous()
             tensors[f"{key}.lora_up.weight"] = module.lora_B.weight.detach().float().contiguous()

@@ -149,20 +149,18 @@ def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: f
     check_fits(adapter, models)
     pipe.load_lora_weights(str(adapter.path.parent), weight_name=adapter.path.name, adapter_name=adapter_name)
     restored = []
-    for key, value in adapter.tensors.items():
-        prefix, _, rest = key.partition(".")
-        extra = layout_prefix(models[prefix])
-        rest = rest[len(extra):] if extra and rest.startswith(extra) else rest
-        module_name, _, kind = rest.partition(".lora_")
-        module = models[prefix].get_submodule(module_name)
-        if kind == "magnitude_vector":
-            target = module.lora_magnitude_vector[adapter_name].weight
-        else:  # "A.weight" / "B.weight"
-            target = getattr(module, "lora_" + kind.split(".")[0])[adapter_name].weight
-        value = value.to(target.device, target.dtype).reshape(target.shape)
-        if not torch.equal(target, value):
-            target.copy_(value)
-            restored.append(key)
+    for prefix, model in models.items():
+        for rest, value in adapter.part(prefix, model).items():  # names in this model's layout
+            module_name, _, kind = rest.partition(".lora_")
+            module = model.get_submodule(module_name)
+            if kind == "magnitude_vector":
+                target = module.lora_magnitude_vector[adapter_name].weight
+            else:  # "A.weight" / "B.weight"
+                target = getattr(module, "lora_" + kind.split(".")[0])[adapter_name].weight
+            value = value.to(target.device, target.dtype).reshape(target.shape)
+            if not torch.equal(target, value):
+                target.copy_(value)
+                restored.append(f"{prefix}.{layout_prefix(model)}{rest}")
     if restored:
         log.warning("stock load_lora_weights left %d tensor(s) of %s wrong (e.g. %s); restored them",
                     len(restored), adapter.path, restored[0])
