@@ -15,6 +15,8 @@ commands:
            (the same as: accelerate launch train_dreambooth_dora.py --config ...)
   export   dreambooth-dora export ADAPTER_DIR --format fused --out DIR        (a merged diffusers pipeline)
            dreambooth-dora export ADAPTER_DIR --format kohya --out FILE.safetensors [--comfyui]
+  evaluate dreambooth-dora evaluate --config train_configs/evaluate/X.yaml [--adapters A,B ...]
+           (DINO / CLIP fidelity, prior drift, magnitude/direction analysis -> a report folder)
   info     dreambooth-dora info ADAPTER_DIR_OR_FILE                           (method, rank, targets, base)
   app      dreambooth-dora app [--base MODEL] [--dora DIR] [--lora DIR] [--port N]  (the comparison app)
 """
@@ -23,10 +25,11 @@ commands:
 def _user_errors():
     from .config import ConfigError
     from .data import DataError
+    from .metrics import MetricModelError
     from .pipelines import AdapterError
     from .train import TrainingError
 
-    return (ConfigError, DataError, TrainingError, AdapterError, FileNotFoundError)
+    return (ConfigError, DataError, TrainingError, AdapterError, MetricModelError, FileNotFoundError)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -76,6 +79,24 @@ def export_main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    from .config import EVAL_USAGE, help_text
+    from .evaluate import EvalConfig, evaluate, load_eval_config, summary_lines
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(help_text(EvalConfig, EVAL_USAGE))
+        return 0
+    try:
+        cfg = load_eval_config(argv)
+        out, result = evaluate(cfg)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(result)))
+    print(f"report: {out / 'report.md'}")
     return 0
 
 
@@ -139,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return export_main(rest)
     if command == "info":
         return info_main(rest)
+    if command == "evaluate":
+        return evaluate_main(rest)
     if command == "app":
         from app.main import main as app_main
 

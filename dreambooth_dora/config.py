@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
-PROMPT_LISTS = {"validation_prompt"}
+EVAL_USAGE = "usage: dreambooth-dora evaluate [--config FILE.yaml] [--name value ...]"
+PROMPT_LISTS = {"validation_prompt", "subject_prompts", "class_prompts", "unrelated_prompts"}
 
 
 @dataclass
@@ -176,9 +177,10 @@ class TrainConfig:
         return self
 
 
-def _field_types() -> dict[str, type]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+def _field_types(cls=None) -> dict[str, type]:
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _unknown(key: str, known) -> ConfigError:
@@ -207,16 +209,20 @@ def _convert(key: str, value, typ):
         # prompts contain commas ("a sks dog, in a bucket"): several prompts are split on "|"
         sep = "|" if key in PROMPT_LISTS else ","
         items = value if isinstance(value, list) else [v for v in str(value).split(sep) if v.strip()]
-        return [str(v).strip() for v in items]
+        elem = (typing.get_args(typ) or (str,))[0]
+        try:
+            return [elem(v.strip() if isinstance(v, str) else v) for v in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a list of {elem.__name__}, got {value!r}") from None
     try:
         return typ(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be a {typ.__name__}, got {value!r}") from None
 
 
-def parse_flags(argv: list[str]) -> dict:
+def parse_flags(argv: list[str], cls=None) -> dict:
     """`--key value`, `--key=value`, and bare `--flag` for booleans (as in diffusers)."""
-    types_ = _field_types()
+    types_ = _field_types(cls)
     out, i = {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -240,9 +246,11 @@ def parse_flags(argv: list[str]) -> dict:
     return out
 
 
-def load_config(argv: list[str]) -> TrainConfig:
-    """Defaults <- YAML file of `--config` <- the other flags; then validated."""
-    flags = parse_flags(argv)
+def load_config(argv: list[str], cls=None):
+    """Defaults <- YAML file of `--config` <- the other flags; then validated. `cls`: the config
+    dataclass (default TrainConfig); it must have a `validate()` that returns the config."""
+    cls = cls or TrainConfig
+    flags = parse_flags(argv, cls)
     values: dict = {}
     if "config" in flags:
         path = Path(flags.pop("config"))
@@ -255,35 +263,35 @@ def load_config(argv: list[str]) -> TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings")
     values.update(flags)
-    types_ = _field_types()
+    types_ = _field_types(cls)
     for key in values:
         if key not in types_:
             raise _unknown(key, types_)
-    return TrainConfig(**{k: _convert(k, v, types_[k]) for k, v in values.items()}).validate()
+    return cls(**{k: _convert(k, v, types_[k]) for k, v in values.items()}).validate()
 
 
-def describe_fields() -> list[tuple[str, str, str, str]]:
+def describe_fields(cls=None) -> list[tuple[str, str, str, str]]:
     """(name, type, default, help) per setting, help taken from the docstring under each field."""
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(TrainConfig))
+    cls = cls or TrainConfig
+    tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:] + [None]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     out = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        typ = str(_field_types()[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        typ = str(_field_types(cls)[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
         out.append((f.name, typ, repr(default), docs.get(f.name, "")))
     return out
 
 
-def help_text() -> str:
-    lines = ["usage: train_dreambooth_dora.py [--config FILE.yaml] [--name value ...]",
-             "Every setting is a YAML key and a flag; flags override the file; booleans work bare.", ""]
-    for name, typ, default, doc in describe_fields():
+def help_text(cls=None, usage: str = "usage: train_dreambooth_dora.py [--config FILE.yaml] [--name value ...]") -> str:
+    lines = [usage, "Every setting is a YAML key and a flag; flags override the file; booleans work bare.", ""]
+    for name, typ, default, doc in describe_fields(cls):
         lines.append(f"  --{name} ({typ}, default {default})" + (f"\n      {doc}" if doc else ""))
     return "\n".join(lines)

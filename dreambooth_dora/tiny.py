@@ -192,3 +192,37 @@ def resolve_model(name_or_path: str) -> str:
         raise ValueError(f"unknown embedded model {name!r}; known: 'embedded:toy-world', 'embedded:tiny-random'")
     cache = Path(os.environ.get("DREAMBOOTH_DORA_CACHE", Path.home() / ".cache" / "dreambooth_dora"))
     return str(save_tiny_pipeline(cache / name))
+
+
+def save_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random CLIPModel with its tokenizer and image processor, in the layout
+    `CLIPModel.from_pretrained` reads (for evaluation tests; CLIP-I / CLIP-T code paths)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(path)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def save_tiny_vit(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random ViTModel (DINO's architecture) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

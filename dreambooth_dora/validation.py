@@ -10,20 +10,25 @@ from PIL import Image, ImageDraw
 from .outputs import atomic_path
 
 
-def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
-    """Rows of equally sized images in one picture, each row optionally captioned on its left."""
+def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None,
+               column_labels: list[str] | None = None) -> Image.Image:
+    """Rows of equally sized images in one picture, each row optionally captioned on its left and
+    each column on top."""
     w, h = rows[0][0].size
     label_w = 0 if not labels else max(96, 7 * max(len(s) for s in labels) // 2)
-    grid = Image.new("RGB", (label_w + w * max(len(r) for r in rows), h * len(rows)), "white")
+    head = 14 if column_labels else 0
+    grid = Image.new("RGB", (label_w + w * max(len(r) for r in rows), head + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(column_labels or []):
+        draw.text((label_w + j * w + 2, 1), text[: max(1, w // 6)], fill="black")
     for i, row in enumerate(rows):
         if labels:
-            text, y = labels[i], i * h + 2
+            text, y = labels[i], head + i * h + 2
             for k in range(0, len(text), max(1, label_w // 7)):  # crude wrap, no font files needed
                 draw.text((2, y), text[k:k + label_w // 7], fill="black")
                 y += 11
         for j, im in enumerate(row):
-            grid.paste(im, (label_w + j * w, i * h))
+            grid.paste(im, (label_w + j * w, head + i * h))
     return grid
 
 

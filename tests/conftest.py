@@ -61,8 +61,8 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def adapters(tiny_sd_path, tmp_path_factory):
-    """A DoRA and a LoRA adapter trained (UNet + text encoder, rank 4, alpha 8) on the tiny
-    pipeline, in one folder: {"dora": root/dora, "lora": root/lora}."""
+    """A DoRA and a LoRA adapter trained (UNet + text encoder, rank 4, alpha 8, 4 steps, a
+    checkpoint every 2) on the tiny pipeline, in one folder: {"dora": root/dora, "lora": root/lora}."""
     from accelerate.state import AcceleratorState, GradientState
 
     from dreambooth_dora.config import load_config
@@ -77,7 +77,7 @@ def adapters(tiny_sd_path, tmp_path_factory):
                            "--resolution", "64", "--learning_rate", "3e-2", "--max_train_steps", "4",
                            "--rank", "4", "--lora_alpha", "8", "--train_text_encoder",
                            "--use_dora", str(method == "dora").lower(), "--output_dir", str(folder),
-                           "--report_to", "none", "--seed", "5"])
+                           "--report_to", "none", "--seed", "5", "--checkpointing_steps", "2"])
         train(cfg)
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
