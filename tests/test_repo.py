@@ -40,3 +40,13 @@ def test_every_dora_recipe_has_a_lora_twin_differing_only_in_use_dora(dora_path)
     assert dora.pop("use_dora") is True and lora.pop("use_dora") is False
     assert dora.pop("output_dir") != lora.pop("output_dir")
     assert dora == lora
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "train_configs" / "evaluate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_evaluation_config_loads_and_starts_with_its_command(path, monkeypatch):
+    from dreambooth_dora.evaluate import load_eval_config
+
+    monkeypatch.chdir(REPO)
+    cfg = load_eval_config(["--config", str(path)])
+    assert path.read_text().splitlines()[0] == f"# dreambooth-dora evaluate --config train_configs/evaluate/{path.name}"
+    assert Path(cfg.instance_data_dir).is_dir() and len(cfg.adapters) >= 2 and cfg.class_prompts and cfg.unrelated_prompts
