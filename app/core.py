@@ -19,7 +19,7 @@ from PIL import Image
 
 from dreambooth_dora.export import describe, load_pipeline
 from dreambooth_dora.outputs import ADAPTER_FILE
-from dreambooth_dora.pipelines import AdapterError, load_adapter, read_adapter
+from dreambooth_dora.pipelines import AdapterError, load_adapter, read_adapter, without_safety_checker
 from dreambooth_dora.tiny import resolve_model
 
 SLOTS = ("base", "lora", "dora")
@@ -129,7 +129,7 @@ class Comparison:
 
         try:
             pipe = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, use_safetensors=True,
-                                                     safety_checker=None, requires_safety_checker=False)
+                                                     **without_safety_checker(str(folder)))
         except (OSError, ValueError) as err:
             raise AppError(f"cannot load merged pipeline {folder.name!r}: {str(err).splitlines()[0]}") from None
         # the shared pipeline may hold PEFT-wrapped layers: compare under the plain names

@@ -39,6 +39,9 @@ class TrainConfig:
     revision: str | None = None
     variant: str | None = None
     """Weight file variant, e.g. 'fp16'."""
+    pretrained_vae_model_name_or_path: str | None = None
+    """Another VAE (hub id or folder), e.g. an fp16-safe SDXL VAE such as madebyollin/sdxl-vae-fp16-fix;
+    with it the VAE runs in the mixed-precision dtype (without it, fp16 training keeps the VAE in fp32)."""
     prediction_type: str | None = None
     """Override the scheduler's prediction type ('epsilon' or 'v_prediction'); default: the model's."""
     gradient_checkpointing: bool = False

@@ -141,15 +141,26 @@ def crop_box(size: tuple[int, int], resolution: int, center_crop: bool, rng: ran
     return (rw, rh), (left, top, left + resolution, top + resolution)
 
 
-def to_training_tensor(im: Image.Image, resolution: int, center_crop: bool, flip: bool,
-                       rng: random.Random) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe mirror; (3, H, W) in [-1, 1]."""
-    resized, box = crop_box(im.size, resolution, center_crop, rng)
-    im = im.resize(resized, Image.BICUBIC).crop(box)
+def training_view(im: Image.Image, resolution: int, center_crop: bool, flip: bool,
+                  rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Resize the short side to `resolution`, crop a square, maybe mirror: (3, H, W) in [-1, 1],
+    and SDXL's size conditioning (original height, original width, crop top, crop left). The crop
+    corner is given in the mirrored picture when mirrored, as if the mirror came first."""
+    (rw, rh), box = crop_box(im.size, resolution, center_crop, rng)
+    original = (im.height, im.width)
+    im = im.resize((rw, rh), Image.BICUBIC).crop(box)
+    left = box[0]
     if flip:
         im = ImageOps.mirror(im)
+        left = rw - box[2]
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    return arr / 127.5 - 1.0, (*original, box[1], left)
+
+
+def to_training_tensor(im: Image.Image, resolution: int, center_crop: bool, flip: bool,
+                       rng: random.Random) -> torch.Tensor:
+    """`training_view` without the size conditioning."""
+    return training_view(im, resolution, center_crop, flip, rng)[0]
 
 
 # ---- batches by step ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ Kohya/LyCORIS layout, per adapted module (dots of the diffusers module path beco
     lora_unet_<path>.lora_up.weight     = lora_B              (out, r)
     lora_unet_<path>.alpha              = scale * r           ()  so that alpha / r is our scale
     lora_unet_<path>.dora_scale         = magnitude           (out, 1); conv: (out, 1, 1, 1)
-    lora_te_<path>...                   the text encoder (SDXL: lora_te1_ / lora_te2_)
+    lora_te_<path>...                   the text encoder; SDXL: lora_te1_<path> and lora_te2_<path>
 
 The merge rule this must satisfy is LyCORIS's (`lycoris/modules/locon.py`,
 `LoConModule.apply_weight_decompose` with `wd_on_out=True`, LyCORIS 3.x; read through the public
@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .adapters import adapted_layers, add_adapters, load_adapter_state_dict, merge_adapters
 from .outputs import atomic_path, layout_prefix
-from .pipelines import AdapterError, AdapterFile, check_fits, pipeline_models, read_adapter
+from .pipelines import AdapterError, AdapterFile, check_fits, pipeline_models, read_adapter, without_safety_checker
 from .tiny import resolve_model
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -70,8 +70,9 @@ def apply_to_models(adapter: AdapterFile, models: dict[str, torch.nn.Module]) ->
 def load_pipeline(base: str, revision: str | None = None, torch_dtype=torch.float32):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(resolve_model(base), revision=revision, dtype=torch_dtype,
-                                             safety_checker=None, requires_safety_checker=False)
+    path = resolve_model(base)
+    pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=torch_dtype,
+                                             **without_safety_checker(path, revision))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -94,8 +95,10 @@ def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None 
     return out_dir
 
 
-def kohya_key(prefix: str, module_name: str) -> str:
-    return KOHYA_PREFIX[prefix] + module_name.replace(".", "_")
+def kohya_key(prefix: str, module_name: str, sdxl: bool = False) -> str:
+    """kohya's names: `lora_unet_`, `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL)."""
+    start = "lora_te1_" if sdxl and prefix == "text_encoder" else KOHYA_PREFIX[prefix]
+    return start + module_name.replace(".", "_")
 
 
 @torch.no_grad()
@@ -107,9 +110,10 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
     models = pipeline_models(pipe)
     apply_to_models(adapter, models)
     tensors: dict[str, torch.Tensor] = {}
+    sdxl = "text_encoder_2" in models
     for prefix, model in models.items():
         for name, module in adapted_layers(model):
-            key = kohya_key(prefix, layout_prefix(model) + name)
+            key = kohya_key(prefix, layout_prefix(model) + name, sdxl)
             tensors[f"{key}.lora_down.weight"] = module.lora_A.weight.detach().float().contiguous()
             tensors[f"{key}.lora_up.weight"] = module.lora_B.weight.detach().float().contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(module.scaling * module.rank, dtype=torch.float32)
@@ -127,7 +131,8 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
         "ss_network_alpha": str(alpha),
         "ss_network_args": ('{"algo": "lora", "dora_wd": true, "wd_on_output": true}' if adapter.use_dora
                             else '{"algo": "lora"}'),
-        "ss_base_model_version": "sd_v1" if getattr(pipe.unet.config, "cross_attention_dim", 0) != 2048 else "sdxl_base_v1-0",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else ("sd_v2" if pipe.unet.config.cross_attention_dim == 1024
+                                                                else "sd_v1"),
         "ss_output_name": Path(out_file).stem,
         "dreambooth_dora_dora_scale": "comfyui-compensated" if comfyui_compatible else "lycoris-exact",
     }

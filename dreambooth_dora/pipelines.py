@@ -131,6 +131,16 @@ def check_fits(adapter: AdapterFile, models: dict[str, torch.nn.Module]) -> None
                                    f"{mag.numel()} entries for {weight.shape[0]} output features")
 
 
+def without_safety_checker(model_path: str, revision: str | None = None) -> dict:
+    """`from_pretrained` arguments that skip SD 1.x's safety checker; nothing for pipelines
+    that have none (SD 2.x, SDXL), which would warn about unexpected arguments."""
+    from diffusers import DiffusionPipeline
+
+    if "safety_checker" in DiffusionPipeline.load_config(model_path, revision=revision):
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
+
+
 def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
     return {p: getattr(pipe, p) for p in PREFIXES if getattr(pipe, p, None) is not None}
 

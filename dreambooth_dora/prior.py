@@ -23,7 +23,9 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
                         variant: str | None = None, device: str | torch.device = "cpu", seed: int = 0,
                         num_inference_steps: int = 25, show_progress: bool = True) -> int:
     """Generate class images until `class_data_dir` holds `num_class_images`; returns how many were made."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import without_safety_checker
 
     folder = Path(class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -35,8 +37,8 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
     if precision is None:
         precision = "fp16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    pipe = StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype, revision=revision, variant=variant,
-                                                   safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, revision=revision, variant=variant,
+                                             **without_safety_checker(model_path, revision))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     tag = hashlib.sha1(class_prompt.encode()).hexdigest()[:10]

@@ -161,14 +161,59 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_di
     )
 
 
-def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False) -> Path:
+def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
+    """A StableDiffusionXLPipeline with SDXL's structure at toy size: two text encoders
+    (CLIPTextModel and CLIPTextModelWithProjection, hidden states concatenated into the UNet's
+    64-wide cross-attention), pooled text embeddings and time ids through the UNet's
+    `text_time` addition embedding, linear proj_in/proj_out, Euler scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_2 = build_tokenizer(tmp)
+    width, projection, time_dim = 32, 32, 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=(2, 4), norm_num_groups=8,
+        use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=2 * width,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), latent_channels=4,
+        norm_num_groups=8, sample_size=sample_size * 2, scaling_factor=0.13025,
+    )
+
+    def text_config():
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
+                              hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config())
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config())
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False, sdxl: bool = False) -> Path:
     """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    build_tiny_pipeline(seed=seed, sd2=sd2).save_pretrained(tmp)
+    (build_tiny_sdxl_pipeline(seed=seed) if sdxl else build_tiny_pipeline(seed=seed, sd2=sd2)).save_pretrained(tmp)
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished first

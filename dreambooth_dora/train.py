@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from .adapters import adapter_parameters, add_adapters
 from .checkpoints import register_adapter_hooks, resolve_resume, save_checkpoint, checkpoint_step
 from .config import ConfigError, TrainConfig
-from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, to_training_tensor
+from .conditioning import encode_prompts, time_ids, unet_kwargs
+from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, training_view
 from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
 from .outputs import save_adapter, write_text
 from .prior import ensure_class_images
@@ -37,27 +38,36 @@ class TrainingError(RuntimeError):
     pass
 
 
-def load_models(path: str, revision: str | None = None, variant: str | None = None):
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of an SD 1.x/2.x model."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_models(path: str, revision: str | None = None, variant: str | None = None, vae_path: str | None = None):
+    """Tokenizers and text encoders (one for SD 1.x/2.x; two for SDXL, the second with its
+    projection), VAE (or the one at `vae_path`, e.g. an fp16-safe SDXL VAE), UNet and the
+    training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    where = path
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+        index = DiffusionPipeline.load_config(path, revision=revision)
+        sdxl = (index.get("text_encoder_2") or [None])[0] is not None
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)]
+        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)]
+        if sdxl:
+            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", revision=revision, variant=variant))
+        if vae_path:
+            where = vae_path
+            sub = "vae" if (Path(vae_path) / "vae").is_dir() else None  # a whole pipeline folder works too
+            vae = AutoencoderKL.from_pretrained(vae_path, subfolder=sub)
+            where = path
+        else:
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrainingError(f"cannot load model {path!r}: {first}") from None
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]  # (B, 77, D)
+        raise TrainingError(f"cannot load model {where!r}: {first}") from None
+    return tokenizers, text_encoders, vae, unet, noise_scheduler
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict]):
@@ -96,13 +106,14 @@ def example_generator(seed: int, position: int, is_class: int) -> torch.Generato
 
 @torch.no_grad()
 def cache_latents(vae, examples: list[Example], resolution: int, flips: tuple[bool, ...], device, dtype):
-    """{(example index, flip): latent (4, h, w)} from center crops; one entry per flip variant."""
+    """{(example index, flip): (latent mean, latent std, size conditioning)} from center crops;
+    one entry per flip variant."""
     cache = {}
     for i, ex in enumerate(tqdm(examples, desc="cache latents", leave=False)):
         for flip in flips:
-            pixels = to_training_tensor(ex.image, resolution, True, flip, step_rng(0, 0))[None]
-            dist = vae.encode(pixels.to(device, dtype)).latent_dist
-            cache[(i, flip)] = (dist.mean, dist.std)  # sampled per step, as without the cache
+            pixels, size = training_view(ex.image, resolution, True, flip, step_rng(0, 0))
+            dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
+            cache[(i, flip)] = (dist.mean, dist.std, size)  # sampled per step, as without the cache
     return cache
 
 
@@ -138,40 +149,47 @@ def train(cfg: TrainConfig) -> Path:
         class_examples = load_image_folder(cfg.class_data_dir, cfg.class_prompt)[:cfg.num_class_images]
 
     # ---- models: frozen parts in the compute dtype, adapters in fp32
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(model_path, cfg.revision, cfg.variant)
+    tokenizers, text_encoders, vae, unet, noise_scheduler = load_models(model_path, cfg.revision, cfg.variant,
+                                                                        cfg.pretrained_vae_model_name_or_path)
+    sdxl = len(text_encoders) == 2
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     prediction_type = noise_scheduler.config.prediction_type
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    vae.requires_grad_(False).to(device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
-    text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+    # fp16 overflows in the stock SD/SDXL VAEs: fp32 unless a VAE made for fp16 was given
+    fp16_unsafe_vae = weight_dtype == torch.float16 and not cfg.pretrained_vae_model_name_or_path
+    vae.requires_grad_(False).to(device, dtype=torch.float32 if fp16_unsafe_vae else weight_dtype)
+    for te in text_encoders:
+        te.requires_grad_(False).to(device, dtype=weight_dtype)
     unet.requires_grad_(False).to(device, dtype=weight_dtype)
     adapter_kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, dora=cfg.use_dora, dropout=cfg.lora_dropout,
                       use_rslora=cfg.use_rslora)
     try:
         add_adapters(unet, cfg.unet_target_modules, **adapter_kw)
-        if cfg.train_text_encoder:
-            add_adapters(text_encoder, cfg.text_encoder_target_modules, **adapter_kw)
+        for te in text_encoders if cfg.train_text_encoder else []:
+            add_adapters(te, cfg.text_encoder_target_modules, **adapter_kw)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    adapted = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+        for te in text_encoders if cfg.train_text_encoder else []:
+            te.gradient_checkpointing_enable()
+    te_prefixes = ("text_encoder", "text_encoder_2")[:len(text_encoders)]  # diffusers' names, file prefixes
+    adapted = {"unet": unet, **(dict(zip(te_prefixes, text_encoders)) if cfg.train_text_encoder else {})}
 
     # ---- caches: prompts (frozen text encoder), latents (frozen VAE)
     prompts = sorted({ex.caption for ex in examples + class_examples})
     validation_prompts = cfg.validation_prompt or [cfg.instance_prompt]
     prompt_cache = None
     if not cfg.train_text_encoder:
+        texts = prompts + validation_prompts + [""]
         with torch.no_grad():
-            embeds = encode_prompts(tokenizer, text_encoder, prompts + validation_prompts + [""])
-        prompt_cache = dict(zip(prompts + validation_prompts + [""], embeds))
-        text_encoder.to("cpu")  # not needed on the device any more
-        del text_encoder
-        text_encoder = None
+            embeds, pooled = encode_prompts(tokenizers, text_encoders, texts)
+        prompt_cache = {t: (embeds[i], None if pooled is None else pooled[i]) for i, t in enumerate(texts)}
+        for te in text_encoders:
+            te.to("cpu")  # not needed on the device any more
+        text_encoders = []
         gc.collect()
     latent_cache = None
     if cfg.cache_latents:
@@ -190,7 +208,7 @@ def train(cfg: TrainConfig) -> Path:
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
     groups = [{"params": adapter_parameters(unet), "lr": cfg.learning_rate * lr_factor}]
     if cfg.train_text_encoder:
-        groups.append({"params": adapter_parameters(text_encoder),
+        groups.append({"params": [p for te in text_encoders for p in adapter_parameters(te)],
                        "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
                        "weight_decay": cfg.adam_weight_decay_text_encoder
                        if cfg.adam_weight_decay_text_encoder is not None else cfg.adam_weight_decay})
@@ -201,7 +219,8 @@ def train(cfg: TrainConfig) -> Path:
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     if cfg.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        unet, *text_encoders, optimizer, lr_scheduler = accelerator.prepare(unet, *text_encoders, optimizer,
+                                                                            lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_adapter_hooks(accelerator, adapted)
@@ -228,19 +247,20 @@ def train(cfg: TrainConfig) -> Path:
         if class_examples:
             cls = batch_indices(len(class_examples), global_batch, micro_step, cfg.seed + 1)
             chosen += [(class_examples, cls[s], s, 1) for s in slots]
-        latents, captions, noises, timesteps = [], [], [], []
+        latents, captions, noises, timesteps, sizes = [], [], [], [], []
         for source, idx, slot, is_class in chosen:
             position = micro_step * global_batch + slot
             rng = step_rng(cfg.seed, position, is_class)
             flip = cfg.random_flip and rng.random() < 0.5
             gen = example_generator(cfg.seed, position, is_class)
             if latent_cache is not None:
-                mean, std = latent_cache[(idx + (len(examples) if is_class else 0), flip)]
+                mean, std, size = latent_cache[(idx + (len(examples) if is_class else 0), flip)]
             else:
-                pixels = to_training_tensor(source[idx].image, cfg.resolution, cfg.center_crop, flip, rng)
+                pixels, size = training_view(source[idx].image, cfg.resolution, cfg.center_crop, flip, rng)
                 with torch.no_grad():
                     dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
                 mean, std = dist.mean, dist.std
+            sizes.append(time_ids(size[:2], size[2:], (cfg.resolution, cfg.resolution)))
             eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
             latents.append(((mean + std * eps) * vae.config.scaling_factor)[0])  # a VAE sample, our generator
             captions.append(source[idx].caption)
@@ -249,13 +269,13 @@ def train(cfg: TrainConfig) -> Path:
         latents = torch.stack(latents).to(weight_dtype)
         noise = torch.stack(noises).to(weight_dtype)
         t = torch.tensor(timesteps, device=device)
-        return latents, noise, t, captions, len(slots) if class_examples else 0
+        return latents, noise, t, captions, torch.stack(sizes), len(slots) if class_examples else 0
 
     # ---- the loop
     progress = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     unet.train()
-    if text_encoder is not None and cfg.train_text_encoder:
-        text_encoder.train()
+    for te in text_encoders if cfg.train_text_encoder else []:
+        te.train()
     last_checkpoint = resume
     logs = {}
     while step < max_steps:
@@ -263,13 +283,14 @@ def train(cfg: TrainConfig) -> Path:
             micro_step = step * cfg.gradient_accumulation_steps + micro
             torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
             with accelerator.accumulate(unet):
-                latents, noise, timesteps, captions, num_prior = make_batch(micro_step)
+                latents, noise, timesteps, captions, sizes, num_prior = make_batch(micro_step)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 if prompt_cache is not None:
-                    cond = torch.stack([prompt_cache[c] for c in captions]).to(device, weight_dtype)
+                    cond = torch.stack([prompt_cache[c][0] for c in captions]).to(device, weight_dtype)
+                    pooled = torch.stack([prompt_cache[c][1] for c in captions]).to(device, weight_dtype) if sdxl else None
                 else:
-                    cond = encode_prompts(tokenizer, text_encoder, captions)
-                model_pred = unet(noisy, timesteps, cond).sample
+                    cond, pooled = encode_prompts(tokenizers, text_encoders, captions)
+                model_pred = unet(noisy, timesteps, cond, **unet_kwargs(pooled, sizes)).sample
                 target = diffusion_target(noise, latents, timesteps, noise_scheduler, prediction_type)
                 weights = (snr_weights(timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma, prediction_type)
                            if cfg.snr_gamma else None)
@@ -296,7 +317,7 @@ def train(cfg: TrainConfig) -> Path:
         if step % cfg.checkpointing_steps == 0 and step < max_steps:
             last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit)
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
-            validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizer, text_encoder, prompt_cache,
+            validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache,
                      validation_prompts, step, out_dir)
     progress.close()
 
@@ -308,6 +329,7 @@ def train(cfg: TrainConfig) -> Path:
                 "class_prompt": cfg.class_prompt if cfg.with_prior_preservation else None,
                 "steps": step, "method": "dora" if cfg.use_dora else "lora", "rank": cfg.rank,
                 "lora_alpha": cfg.lora_alpha or cfg.rank, "train_text_encoder": cfg.train_text_encoder,
+                "architecture": "sdxl" if sdxl else "sd",
                 "final_loss": logs.get("loss")}
         path = save_adapter(out_dir, adapted, info)
         write_text(out_dir / "README.md", model_card(cfg, info))
@@ -316,25 +338,32 @@ def train(cfg: TrainConfig) -> Path:
 
 
 @torch.no_grad()
-def validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizer, text_encoder, prompt_cache, prompts, step,
+def validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache, prompts, step,
              out_dir):
     """Main process: images for the validation prompts with fixed seeds -> PNG grid + TensorBoard."""
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         model.eval()
         if prompt_cache is not None:
-            embeds = torch.stack([prompt_cache[p] for p in prompts])
-            negative = prompt_cache[""][None]
+            embeds = torch.stack([prompt_cache[p][0] for p in prompts])
+            negative = prompt_cache[""][0][None]
+            pooled = torch.stack([prompt_cache[p][1] for p in prompts]) if prompt_cache[""][1] is not None else None
+            negative_pooled = prompt_cache[""][1][None] if pooled is not None else None
         else:
-            te = accelerator.unwrap_model(text_encoder)
-            te.eval()
-            embeds = encode_prompts(tokenizer, te, prompts)
-            negative = encode_prompts(tokenizer, te, [""])
-            te.train()
+            encoders = [accelerator.unwrap_model(te).eval() for te in text_encoders]
+            with torch.no_grad():
+                embeds, pooled = encode_prompts(tokenizers, encoders, prompts)
+                negative, negative_pooled = encode_prompts(tokenizers, encoders, [""])
+            for te in encoders:
+                te.train()
+        if pooled is not None:  # SDXL pipelines use zeros for an empty negative prompt (force_zeros_for_empty_prompt)
+            negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+            pooled, negative_pooled = pooled.to(model.dtype), negative_pooled.to(model.dtype)
         with accelerator.autocast():
             rows = generate_validation(model, vae, noise_scheduler.config, embeds.to(model.dtype),
                                        negative.to(model.dtype), cfg.num_validation_images, cfg.seed,
-                                       cfg.validation_inference_steps, cfg.resolution)
+                                       cfg.validation_inference_steps, cfg.resolution,
+                                       pooled=pooled, negative_pooled=negative_pooled)
         model.train()
         save_grid(out_dir / "validation" / f"step-{step:06d}.png", rows, prompts)
         for tracker in accelerator.trackers:

@@ -35,22 +35,31 @@ def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None,
 @torch.no_grad()
 def generate_validation(unet, vae, scheduler_config, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                         num_images: int, seed: int, steps: int, resolution: int,
-                        guidance_scale: float = 7.5) -> list[list[Image.Image]]:
+                        guidance_scale: float = 7.5, pooled: torch.Tensor | None = None,
+                        negative_pooled: torch.Tensor | None = None) -> list[list[Image.Image]]:
     """`num_images` images per prompt embedding (P, 77, D); image j of every prompt uses seed + j,
-    so grids from different steps and runs compare like with like."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    so grids from different steps and runs compare like with like. With `pooled` (P, D') the
+    UNet is SDXL's and an SDXL pipeline draws."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
+    if pooled is None:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for p in range(prompt_embeds.shape[0]):
         gens = [torch.Generator("cpu").manual_seed(seed + j) for j in range(num_images)]
+        extra = {} if pooled is None else {
+            "pooled_prompt_embeds": pooled[p:p + 1].expand(num_images, -1),
+            "negative_pooled_prompt_embeds": negative_pooled.expand(num_images, -1)}
         rows.append(pipe(prompt_embeds=prompt_embeds[p:p + 1].expand(num_images, -1, -1),
                          negative_prompt_embeds=negative_embeds.expand(num_images, -1, -1),
                          num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                         height=resolution, width=resolution).images)
+                         height=resolution, width=resolution, **extra).images)
     return rows
 
 

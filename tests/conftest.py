@@ -40,6 +40,12 @@ def tiny_sd2_path(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd2", sd2=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline: two text encoders, pooled embeddings and time ids."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", sdxl=True)
+
+
 @pytest.fixture
 def tiny_pipeline(tiny_sd_path):
     from diffusers import StableDiffusionPipeline

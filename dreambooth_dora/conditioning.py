@@ -1,0 +1,45 @@
+"""The UNet's text (and size) conditioning for SD 1.x/2.x and SDXL.
+
+SD 1.x/2.x: one CLIP text encoder; the UNet attends to its last hidden state (B, 77, D).
+
+SDXL (Podell et al. 2023, section 2.2): two encoders; the UNet attends to the penultimate hidden
+states of both, concatenated (B, 77, D1 + D2), and adds an embedding of the second encoder's
+pooled, projected output (B, P) together with six size numbers per picture, the "time ids":
+(original height, original width, crop top, crop left, target height, target width).
+This is what `StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids` compute
+(without clip skip), so training and inference condition the UNet the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt embeddings (B, 77, D), pooled embeddings (B, P) for SDXL, else None)."""
+    if len(text_encoders) == 1:
+        tok, enc = tokenizers[0], text_encoders[0]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return enc(ids.to(enc.device))[0], None
+    hidden, pooled = [], None
+    for tok, enc in zip(tokenizers, text_encoders):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        out = enc(ids.to(enc.device), output_hidden_states=True)
+        if out[0].ndim == 2:  # the projected, pooled output (CLIPTextModelWithProjection): the last one counts
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor:
+    """SDXL's size conditioning for one picture: (6,)."""
+    return torch.tensor([*original_hw, *crop_top_left, *target_hw], dtype=torch.float32)
+
+
+def unet_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> dict:
+    """Extra UNet arguments: SDXL's `added_cond_kwargs`, nothing for SD 1.x/2.x."""
+    if pooled is None:
+        return {}
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)}}

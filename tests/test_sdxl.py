@@ -1,0 +1,195 @@
+"""SDXL: conditioning as the pipeline computes it, training with both text encoders (cached and
+not, resumed), the saved layout, exact loading, exports, the app and the evaluation, all on a
+tiny SDXL pipeline built from configs."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth_dora.conditioning import encode_prompts, time_ids
+from dreambooth_dora.data import training_view
+from dreambooth_dora.outputs import ADAPTER_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_ICONS = "sample_data/3d_icon"
+
+
+def _train(model, out, *extra):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.config import load_config
+    from dreambooth_dora.train import train
+
+    cfg = load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / REPO_ICONS),
+                       "--instance_prompt", "a sks icon", "--resolution", "64", "--learning_rate", "3e-2",
+                       "--max_train_steps", "4", "--rank", "4", "--lora_alpha", "8", "--output_dir", str(out),
+                       "--report_to", "none", "--seed", "3", "--center_crop", *extra])
+    try:
+        return train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def sdxl_dora(tiny_sdxl_path, tmp_path_factory):
+    """DoRA on the UNet and both text encoders, 4 steps, a checkpoint at step 2, validation on."""
+    out = tmp_path_factory.mktemp("sdxl") / "dora"
+    _train(tiny_sdxl_path, out, "--train_text_encoder", "--checkpointing_steps", "2", "--random_flip",
+           "--validation_prompt", "a sks icon", "--validation_steps", "4", "--num_validation_images", "1",
+           "--validation_inference_steps", "2")
+    return out
+
+
+def _pipe(path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe, prompt="a sks icon", seed=0):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+
+def test_conditioning_equals_the_pipelines(tiny_sdxl_path):
+    pipe = _pipe(tiny_sdxl_path)
+    embeds, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                    ["a sks icon", "a red cube"])
+    ref, _, ref_pooled, _ = pipe.encode_prompt(["a sks icon", "a red cube"], do_classifier_free_guidance=False)
+    assert embeds.shape == (2, 77, 64) and torch.allclose(embeds, ref) and torch.allclose(pooled, ref_pooled)
+    ids = pipe._get_add_time_ids((40, 80), (3, 16), (64, 64), dtype=torch.float32, text_encoder_projection_dim=32)
+    assert torch.equal(time_ids((40, 80), (3, 16), (64, 64))[None], ids)
+
+
+def test_training_view_reports_sdxl_size_conditioning():
+    rng_image = np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8)
+    im = Image.fromarray(rng_image)  # 80 wide, 40 high
+    for flip in (False, True):
+        for seed in range(5):
+            pixels, (oh, ow, top, left) = training_view(im, 32, False, flip, random.Random(seed))
+            assert (oh, ow) == (40, 80) and top == 0 and 0 <= left <= 64 - 32
+            resized = im.resize((64, 32), Image.BICUBIC)
+            if flip:  # the corner is in the mirrored picture, as if the mirror came first
+                resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
+            ref = np.asarray(resized.crop((left, top, left + 32, top + 32)), np.float32) / 127.5 - 1
+            assert np.allclose(pixels.permute(1, 2, 0).numpy(), ref, atol=1e-6)
+
+
+def test_sdxl_training_writes_diffusers_sdxl_layout(sdxl_dora):
+    tensors = load_file(str(sdxl_dora / ADAPTER_FILE))
+    prefixes = {k.split(".", 1)[0] for k in tensors}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_magnitude_vector") for k in tensors)
+    assert any(k.startswith("text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_A") for k in tensors)
+    assert (sdxl_dora / "checkpoint-2" / ADAPTER_FILE).is_file()
+    assert sorted(p.name for p in (sdxl_dora / "validation").iterdir()) == ["step-000004.png"]
+    from dreambooth_dora.export import describe
+
+    d = describe(sdxl_dora)
+    assert d["method"] == "DoRA" and set(d["parts"]) == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_sdxl_resume_equals_uninterrupted(sdxl_dora, tiny_sdxl_path, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(sdxl_dora / "checkpoint-2", out / "checkpoint-2")
+    _train(tiny_sdxl_path, out, "--train_text_encoder", "--checkpointing_steps", "2", "--random_flip",
+           "--resume_from_checkpoint", "latest")
+    a, b = load_file(str(sdxl_dora / ADAPTER_FILE)), load_file(str(out / ADAPTER_FILE))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_sdxl_cached_latents_and_embeddings_equal_uncached(tiny_sdxl_path, tmp_path):
+    """Frozen text encoders (embeddings and pooled embeddings cached) and cached latents with
+    their size conditioning give the adapter of the uncached run."""
+    cached = _train(tiny_sdxl_path, tmp_path / "cached", "--use_dora", "false", "--cache_latents")
+    plain = _train(tiny_sdxl_path, tmp_path / "plain", "--use_dora", "false")
+    a, b = load_file(str(cached)), load_file(str(plain))
+    assert {k.split(".", 1)[0] for k in a} == {"unet"}
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+
+
+def test_sdxl_adapter_loads_exactly_and_exports(sdxl_dora, tiny_sdxl_path, tmp_path):
+    from dreambooth_dora.export import apply_to_models, export_fused, export_kohya
+    from dreambooth_dora.pipelines import load_adapter, pipeline_models, read_adapter
+
+    ref = _pipe(tiny_sdxl_path)  # our layers: the reference the trainer optimised
+    apply_to_models(read_adapter(sdxl_dora), pipeline_models(ref))
+    expected = _image(ref)
+    base = _image(_pipe(tiny_sdxl_path))
+    assert np.abs(expected - base).max() > 1e-3
+
+    pipe = _pipe(tiny_sdxl_path)
+    report = load_adapter(pipe, sdxl_dora)
+    assert not any(k.startswith("unet.") for k in report["restored"])  # stock UNet path is exact
+    assert np.abs(_image(pipe) - expected).max() < 1e-4
+    pipe.disable_lora()
+    assert np.abs(_image(pipe) - base).max() < 1e-5
+
+    fused = export_fused(sdxl_dora, tmp_path / "fused")
+    assert np.abs(_image(_pipe(fused)) - expected).max() < 1e-4
+
+    kohya = load_file(str(export_kohya(sdxl_dora, tmp_path / "k.safetensors")))
+    starts = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in kohya}
+    assert starts == {"lora_unet", "lora_te1", "lora_te2"}
+    key = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    w0 = _pipe(tiny_sdxl_path).text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj.weight.detach()
+    v = w0 + kohya[f"{key}.alpha"] / 4 * kohya[f"{key}.lora_up.weight"] @ kohya[f"{key}.lora_down.weight"]
+    merged = v * kohya[f"{key}.dora_scale"] / v.norm(dim=1, keepdim=True)  # LyCORIS' wd_on_out rule
+    fused_w = _pipe(fused).text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj.weight.detach()
+    assert torch.allclose(merged, fused_w, atol=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_sdxl_app_and_evaluate(sdxl_dora, tiny_sdxl_path, tmp_path):
+    from app.core import Comparison
+    from dreambooth_dora.evaluate import evaluate, load_eval_config
+
+    comp = Comparison(str(tiny_sdxl_path), device="cpu")
+    comp.load("dora", sdxl_dora)
+    out = comp.generate("a sks icon", steps=2, seed=1)
+    assert set(out) == {"base", "dora"} and out["base"][0][0].size == (64, 64)
+    assert np.abs(np.asarray(out["base"][0][0], np.int16) - np.asarray(out["dora"][0][0], np.int16)).max() > 0
+
+    cfg = load_eval_config(["--base_model", str(tiny_sdxl_path), "--adapters", str(sdxl_dora), "--instance_data_dir",
+                            str(REPO / REPO_ICONS), "--class_prompts", "a icon", "--seeds", "0", "--images_per_prompt",
+                            "1", "--num_inference_steps", "2", "--dino_model", "none", "--clip_model", "none",
+                            "--output_dir", str(tmp_path / "eval")])
+    _, result = evaluate(cfg, progress=False)
+    assert result["metrics"]["DoRA r4"]["class MSE"]["mean"] > 0
+    import json
+
+    points = json.loads((tmp_path / "eval" / "metrics.json").read_text())["points"]
+    assert {p["module"].split(".")[0] for p in points} == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_pretrained_vae_path(tiny_sdxl_path, tmp_path):
+    from dreambooth_dora.tiny import build_tiny_sdxl_pipeline
+    from dreambooth_dora.train import TrainingError, load_models
+
+    other = build_tiny_sdxl_pipeline(seed=7)
+    other.vae.save_pretrained(tmp_path / "vae-only")
+    for where in (tmp_path / "vae-only", tiny_sdxl_path):
+        _, encoders, vae, _, _ = load_models(str(tiny_sdxl_path), vae_path=str(where))
+        assert len(encoders) == 2
+        expected = other.vae if where != tiny_sdxl_path else _pipe(tiny_sdxl_path).vae
+        assert torch.equal(vae.encoder.conv_in.weight, expected.encoder.conv_in.weight)
+    with pytest.raises(TrainingError, match="cannot load model .*nowhere"):
+        load_models(str(tiny_sdxl_path), vae_path=str(tmp_path / "nowhere"))
