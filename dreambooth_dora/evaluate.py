@@ -272,6 +272,14 @@ def write_report(folder: Path, cfg: EvalConfig, prompts, images, instances, resu
     for label, s in summaries.items():
         lines.append(f"| {label} | {s['layers']} | {', '.join(map(str, s['snapshots']))} | {s['slope']:.4g} | "
                      f"{s['r']:.3f} | {s['mean_dm']:.4g} | {s['mean_dd']:.4g} |")
+        by_part = {}
+        for p in points:
+            if p.adapter == label:
+                by_part.setdefault(p.module.split(".", 1)[0], []).append(p)
+        for part, pts in sorted(by_part.items()) if len(by_part) > 1 else []:  # UNet and text encoders apart
+            t = summarise(pts)
+            lines.append(f"| {label} · {part} | {t['layers']} | | {t['slope']:.4g} | {t['r']:.3f} | "
+                         f"{t['mean_dm']:.4g} | {t['mean_dd']:.4g} |")
     lines += ["", "## Pictures", "", f"Columns: {' | '.join(models)}; one row per seed and image.", ""]
     for j, (kind, prompt) in enumerate(prompts):
         rows, labels = [], []

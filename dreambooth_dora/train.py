@@ -376,9 +376,10 @@ def validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_enco
 
 def model_card(cfg: TrainConfig, info: dict) -> str:
     method = "DoRA" if cfg.use_dora else "LoRA"
+    pipeline = "StableDiffusionXLPipeline" if info.get("architecture") == "sdxl" else "StableDiffusionPipeline"
     return f"""---
 base_model: {cfg.pretrained_model_name_or_path}
-tags: [dreambooth, {method.lower()}, stable-diffusion, dreambooth-dora]
+tags: [dreambooth, {method.lower()}, {'stable-diffusion-xl' if pipeline.endswith('XLPipeline') else 'stable-diffusion'}, dreambooth-dora]
 ---
 # {method} DreamBooth adapter
 
@@ -396,9 +397,10 @@ Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
 | final loss | {info['final_loss'] if info['final_loss'] is None else round(info['final_loss'], 5)} |
 
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}")
-pipe.load_lora_weights("{cfg.output_dir}")
+from diffusers import {pipeline}
+from dreambooth_dora import load_adapter
+pipe = {pipeline}.from_pretrained("{cfg.pretrained_model_name_or_path}")
+load_adapter(pipe, "{cfg.output_dir}")  # exact; stock pipe.load_lora_weights drops text-encoder DoRA magnitudes
 image = pipe("{cfg.instance_prompt}").images[0]
 ```
 

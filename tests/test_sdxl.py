@@ -93,6 +93,8 @@ def test_sdxl_training_writes_diffusers_sdxl_layout(sdxl_dora):
     assert any(k.startswith("text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_A") for k in tensors)
     assert (sdxl_dora / "checkpoint-2" / ADAPTER_FILE).is_file()
     assert sorted(p.name for p in (sdxl_dora / "validation").iterdir()) == ["step-000004.png"]
+    card = (sdxl_dora / "README.md").read_text()
+    assert "StableDiffusionXLPipeline.from_pretrained" in card and "load_adapter(pipe," in card
     from dreambooth_dora.export import describe
 
     d = describe(sdxl_dora)
@@ -193,3 +195,36 @@ def test_pretrained_vae_path(tiny_sdxl_path, tmp_path):
         assert torch.equal(vae.encoder.conv_in.weight, expected.encoder.conv_in.weight)
     with pytest.raises(TrainingError, match="cannot load model .*nowhere"):
         load_models(str(tiny_sdxl_path), vae_path=str(tmp_path / "nowhere"))
+
+
+def test_sdxl_recipe_runs_on_local_models_in_bf16_with_prior_preservation(tiny_sdxl_path, tmp_path, monkeypatch):
+    """The shipped SDXL recipe pointed at local folders in the hub layout (base and VAE), with
+    bf16 autocast and prior preservation (class images drawn by the SDXL pipeline)."""
+    import json
+
+    from dreambooth_dora.config import load_config
+    from dreambooth_dora.train import train
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(["--config", "train_configs/sdxl_lego_dora.yaml", "--pretrained_model_name_or_path",
+                       str(tiny_sdxl_path), "--pretrained_vae_model_name_or_path", str(tiny_sdxl_path),
+                       "--resolution", "64", "--max_train_steps", "2", "--mixed_precision", "bf16",
+                       "--with_prior_preservation", "--class_prompt", "a lego brick", "--num_class_images", "2",
+                       "--class_data_dir", str(tmp_path / "class"), "--output_dir", str(tmp_path / "out"),
+                       "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",
+                       "--gradient_accumulation_steps", "1", "--report_to", "none"])
+    assert cfg.cache_latents and cfg.gradient_checkpointing and cfg.train_text_encoder
+    try:
+        path = train(cfg)
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    tensors = load_file(str(path))
+    assert {k.split(".", 1)[0] for k in tensors} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+    info = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert info["pretrained_vae_model_name_or_path"] == str(tiny_sdxl_path)
