@@ -82,6 +82,16 @@ def _load(kind: str, name: str, loader):
                                f"(save_pretrained layout), or 'none' to skip {kind}") from None
 
 
+@torch.no_grad()
+def _embed(embedder, images: list[Image.Image], features) -> torch.Tensor:
+    """(N, D) features of `images` in batches: the embedder's processor, then `features(pixels)`."""
+    out = []
+    for chunk in _batches([im.convert("RGB") for im in images]):
+        pixels = embedder.processor(images=chunk, return_tensors="pt")["pixel_values"].to(embedder.device)
+        out.append(features(pixels).float().cpu())
+    return torch.cat(out)
+
+
 class DinoEmbedder:
     """DINO ViT image embeddings: the [CLS] token of the last layer (after its layer norm), the
     feature the DINO authors use for retrieval and the DreamBooth paper for subject fidelity."""
@@ -96,13 +106,8 @@ class DinoEmbedder:
         self.model = _load("DINO", name_or_path, lambda: AutoModel.from_pretrained(name_or_path, **extra))
         self.model.to(self.device).eval()
 
-    @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        out = []
-        for chunk in _batches([im.convert("RGB") for im in images]):
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())
-        return torch.cat(out)
+        return _embed(self, images, lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
 
 def _features(out) -> torch.Tensor:
@@ -123,13 +128,8 @@ class ClipEmbedder:
         self.model = _load("CLIP", name_or_path, lambda: CLIPModel.from_pretrained(name_or_path))
         self.model.to(self.device).eval()
 
-    @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        out = []
-        for chunk in _batches([im.convert("RGB") for im in images]):
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())
-        return torch.cat(out)
+        return _embed(self, images, lambda pixels: _features(self.model.get_image_features(pixel_values=pixels)))
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
