@@ -169,6 +169,9 @@ def test_sdxl_app_and_evaluate(sdxl_dora, tiny_sdxl_path, tmp_path):
     out = comp.generate("a sks icon", steps=2, seed=1)
     assert set(out) == {"base", "dora"} and out["base"][0][0].size == (64, 64)
     assert np.abs(np.asarray(out["base"][0][0], np.int16) - np.asarray(out["dora"][0][0], np.int16)).max() > 0
+    from app.ui import build_ui
+
+    assert build_ui(comp) is not None  # the page builds for an SDXL base (sizes from its UNet and VAE)
 
     cfg = load_eval_config(["--base_model", str(tiny_sdxl_path), "--adapters", str(sdxl_dora), "--instance_data_dir",
                             str(REPO / REPO_ICONS), "--class_prompts", "a icon", "--seeds", "0", "--images_per_prompt",
