@@ -141,6 +141,15 @@ def without_safety_checker(model_path: str, revision: str | None = None) -> dict
     return {}
 
 
+def load_vae(path: str, dtype: torch.dtype | None = None):
+    """An AutoencoderKL from a hub id or folder holding the VAE itself, or a whole pipeline
+    folder (its `vae/` subfolder); e.g. an fp16-safe SDXL VAE."""
+    from diffusers import AutoencoderKL
+
+    sub = "vae" if (Path(path) / "vae").is_dir() else None
+    return AutoencoderKL.from_pretrained(path, subfolder=sub, **({"dtype": dtype} if dtype else {}))
+
+
 def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
     return {p: getattr(pipe, p) for p in PREFIXES if getattr(pipe, p, None) is not None}
 

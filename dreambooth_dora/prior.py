@@ -21,11 +21,12 @@ def count_images(folder: Path) -> int:
 def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class_images: int, model_path: str,
                         sample_batch_size: int = 4, precision: str | None = None, revision: str | None = None,
                         variant: str | None = None, device: str | torch.device = "cpu", seed: int = 0,
-                        num_inference_steps: int = 25, show_progress: bool = True) -> int:
-    """Generate class images until `class_data_dir` holds `num_class_images`; returns how many were made."""
+                        num_inference_steps: int = 25, show_progress: bool = True, vae_path: str | None = None) -> int:
+    """Generate class images until `class_data_dir` holds `num_class_images`; returns how many were
+    made. `vae_path`: a VAE to use instead of the model's (the fp16-safe one training was given)."""
     from diffusers import DiffusionPipeline
 
-    from .pipelines import without_safety_checker
+    from .pipelines import load_vae, without_safety_checker
 
     folder = Path(class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -37,8 +38,9 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
     if precision is None:
         precision = "fp16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    extra = {"vae": load_vae(vae_path, dtype)} if vae_path else {}
     pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, revision=revision, variant=variant,
-                                             **without_safety_checker(model_path, revision))
+                                             **without_safety_checker(model_path, revision), **extra)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     tag = hashlib.sha1(class_prompt.encode()).hexdigest()[:10]

@@ -29,6 +29,7 @@ from .conditioning import encode_prompts, time_ids, unet_kwargs
 from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, training_view
 from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
 from .outputs import save_adapter, write_text
+from .pipelines import load_vae
 from .prior import ensure_class_images
 from .tiny import resolve_model
 from .validation import generate_validation, save_grid
@@ -57,8 +58,7 @@ def load_models(path: str, revision: str | None = None, variant: str | None = No
                 path, subfolder="text_encoder_2", revision=revision, variant=variant))
         if vae_path:
             where = vae_path
-            sub = "vae" if (Path(vae_path) / "vae").is_dir() else None  # a whole pipeline folder works too
-            vae = AutoencoderKL.from_pretrained(vae_path, subfolder=sub)
+            vae = load_vae(vae_path)
             where = path
         else:
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
@@ -144,7 +144,7 @@ def train(cfg: TrainConfig) -> Path:
         if accelerator.is_main_process:
             ensure_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, model_path,
                                 cfg.sample_batch_size, cfg.prior_generation_precision, cfg.revision, cfg.variant,
-                                accelerator.device, cfg.seed)
+                                accelerator.device, cfg.seed, vae_path=cfg.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
         class_examples = load_image_folder(cfg.class_data_dir, cfg.class_prompt)[:cfg.num_class_images]
 

@@ -199,6 +199,15 @@ def test_pretrained_vae_path(tiny_sdxl_path, tmp_path):
     with pytest.raises(TrainingError, match="cannot load model .*nowhere"):
         load_models(str(tiny_sdxl_path), vae_path=str(tmp_path / "nowhere"))
 
+    from dreambooth_dora.prior import ensure_class_images
+
+    pictures = {}
+    for name, vae_path in (("own", None), ("other", str(tmp_path / "vae-only"))):  # class images decode with it too
+        ensure_class_images(tmp_path / name, "a icon", 1, str(tiny_sdxl_path), num_inference_steps=2,
+                            show_progress=False, vae_path=vae_path)
+        pictures[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png"))), np.int16)
+    assert np.abs(pictures["own"] - pictures["other"]).max() > 0
+
 
 def test_sdxl_recipe_runs_on_local_models_in_bf16_with_prior_preservation(tiny_sdxl_path, tmp_path, monkeypatch):
     """The shipped SDXL recipe pointed at local folders in the hub layout (base and VAE), with
