@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -334,10 +333,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
 
     pipe = load_pipeline(cfg.base_model, torch_dtype=torch.float16 if device.type == "cuda" else torch.float32)
     pipe.to(device)
-    with warnings.catch_warnings():  # PEFT warns about every adapter after the first; several are the point here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        for i, (_, path) in enumerate(sources):
-            load_adapter(pipe, path, adapter_name=f"adapter{i}")
+    for i, (_, path) in enumerate(sources):
+        load_adapter(pipe, path, adapter_name=f"adapter{i}")
     size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = generate(pipe, ["base"] + [label for label, _ in sources], prompts, cfg, size, progress)
     del pipe

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,7 +167,9 @@ def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: f
     adapter = read_adapter(path)
     models = pipeline_models(pipe)
     check_fits(adapter, models)
-    pipe.load_lora_weights(str(adapter.path.parent), weight_name=adapter.path.name, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # PEFT warns for every named adapter after the first; several are normal here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        pipe.load_lora_weights(str(adapter.path.parent), weight_name=adapter.path.name, adapter_name=adapter_name)
     restored = []
     for prefix, model in models.items():
         for rest, value in adapter.part(prefix, model).items():  # names in this model's layout
