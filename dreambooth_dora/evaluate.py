@@ -87,8 +87,8 @@ class EvalConfig:
         for name in ("images_per_prompt", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ConfigError("resolution must be a multiple of 8")
+        if self.resolution is not None and (self.resolution < 16 or self.resolution % 8):
+            raise ConfigError("resolution must be a multiple of 8, at least 16 (SSIM's window is 11 pixels)")
         if not self.identifier.strip():
             raise ConfigError("identifier is empty")
         return self
@@ -319,8 +319,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     embedders += [clip] if clip else []
 
     # weight analysis on fp32 copies of the base (every adapter also checked against the base here)
+    from tqdm.auto import tqdm
+
     points = []
-    for label, path in sources:
+    for label, path in tqdm(sources, desc="weight analysis", disable=not progress):
         adapter = read_adapter(path)
         recorded = adapter.info.get("base_model")
         if recorded and recorded != cfg.base_model and resolve_model(recorded) != str(base_path):
