@@ -33,7 +33,7 @@ from .analysis import analyse, points_as_dicts, scatter_plot, summarise
 from .config import ConfigError
 from .export import apply_to_models, load_pipeline
 from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder, cosine, pixel_mse, ssim
-from .pipelines import load_adapter, pipeline_models, read_adapter
+from .pipelines import check_fits, load_adapter, pipeline_models, read_adapter
 from .tiny import resolve_model
 from .validation import image_grid
 
@@ -318,19 +318,25 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     clip = ClipEmbedder(cfg.clip_model, device) if cfg.clip_model else None
     embedders += [clip] if clip else []
 
-    # weight analysis on fp32 copies of the base (every adapter also checked against the base here)
+    # every adapter must fit the base before any long work starts
     from tqdm.auto import tqdm
 
-    points = []
-    for label, path in tqdm(sources, desc="weight analysis", disable=not progress):
-        adapter = read_adapter(path)
-        recorded = adapter.info.get("base_model")
+    models = pipeline_models(load_pipeline(cfg.base_model))
+    adapters = {}
+    for label, path in sources:
+        adapters[label] = read_adapter(path)
+        check_fits(adapters[label], models)
+        recorded = adapters[label].info.get("base_model")
         if recorded and recorded != cfg.base_model and resolve_model(recorded) != str(base_path):
             log.warning("%s was trained on %s, evaluated on %s", label, recorded, cfg.base_model)
-        models = pipeline_models(load_pipeline(cfg.base_model))
-        apply_to_models(adapter, models)
+
+    # weight analysis on fp32 copies of the base, one per adapter
+    points = []
+    for label, path in tqdm(sources, desc="weight analysis", disable=not progress):
+        models = models or pipeline_models(load_pipeline(cfg.base_model))
+        apply_to_models(adapters[label], models)
         points += analyse(models, label, path, cfg.analysis_modules)
-        del models
+        models = None
     summaries = {label: summarise([p for p in points if p.adapter == label]) for label, _ in sources}
 
     pipe = load_pipeline(cfg.base_model, torch_dtype=torch.float16 if device.type == "cuda" else torch.float32)
