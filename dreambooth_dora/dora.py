@@ -125,9 +125,9 @@ class AdaptedLayer(nn.Module):
         a = A.flatten(1).float()  # (r, in·k·k)
         b = B.flatten(1).float()  # (out, r)
         s = self.scaling
-        cross = (b * (w @ a.T)).sum(dim=1)  # <W0_i, (B A)_i>
-        lowrank = ((b @ (a @ a.T)) * b).sum(dim=1)  # ‖(B A)_i‖²
-        n2 = self._w0_cache[1] + (2 * s) * cross + (s * s) * lowrank
+        # Σ_k B_ik [2s (W0 Aᵀ)_ik + s² (B A Aᵀ)_ik] = 2s<W0_i, (B A)_i> + s²‖(B A)_i‖², one addmm
+        inner = torch.addmm(b @ (a @ a.T), w, a.T, beta=s * s, alpha=2 * s)  # (out, r)
+        n2 = self._w0_cache[1] + (b * inner).sum(dim=1)
         n = n2.clamp_min(0).sqrt().clamp_min(NORM_EPS)
         self._norm_cache = (key, n)
         return n
@@ -264,7 +264,7 @@ class _FusedAdapterLinear(torch.autograd.Function):
             if scale is not None:
                 gb = gb * scale[:, None]
         if need_a:
-            p = g2 @ b32.to(cdt)  # (T, r)
+            p = g2 @ b32.T.contiguous().to(cdt).T  # (T, r); the (r, out) layout is the fast one on CPU
             ga = s * (p.T @ xc.reshape(-1, xc.shape[-1])).float()
         if need_m and t is not None:
             gm = (g2 * t.reshape(-1, t.shape[-1])).sum(0, dtype=torch.float32) / norm
@@ -311,9 +311,10 @@ class AdaptedLinear(AdaptedLayer, nn.Linear):
         return F.linear(x, self.lora_A.weight)
 
     def _add_lowrank(self, base_out, h):
-        # base_out + s·h Bᵀ in one GEMM with accumulate; (…, out)
-        sb = (self.lora_B.weight * self.scaling).to(base_out.dtype)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]).to(base_out.dtype), sb.T)
+        # base_out + s·h Bᵀ in one GEMM with accumulate; (…, out). Bᵀ is made contiguous (r, out):
+        # the backward's G·(s·B) then runs 2-3x faster on CPU than with the transposed view
+        sbt = (self.lora_B.weight * self.scaling).to(base_out.dtype).T.contiguous()
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]).to(base_out.dtype), sbt)
         return out.view(base_out.shape)
 
     @staticmethod
