@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from .analysis import analyse, points_as_dicts, scatter_plot, summarise
 from .config import ConfigError
 from .export import apply_to_models, load_pipeline
 from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder, cosine, pixel_mse, ssim
+from .outputs import atomic_dir
 from .pipelines import check_fits, load_adapter, pipeline_models, read_adapter
 from .tiny import resolve_model
 from .validation import image_grid
@@ -353,16 +352,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     names = metric_names(embedders, clip)
 
     out = Path(cfg.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         write_report(tmp, cfg, prompts, images, instances, results, names, points, summaries)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out, {"metrics": results, "weight_analysis": summaries, "names": names}
 
 

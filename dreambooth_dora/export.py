@@ -23,15 +23,13 @@ which makes that branch compute our W' exactly (and LyCORIS-correct loaders wron
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .adapters import adapted_layers, add_adapters, load_adapter_state_dict, merge_adapters
-from .outputs import atomic_path, layout_prefix
+from .outputs import atomic_dir, atomic_path, layout_prefix
 from .pipelines import AdapterError, AdapterFile, check_fits, pipeline_models, read_adapter, without_safety_checker
 from .tiny import resolve_model
 
@@ -86,12 +84,8 @@ def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None 
     for model in models.values():
         merge_adapters(model)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp)
     return out_dir
 
 
