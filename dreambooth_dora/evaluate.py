@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .analysis import analyse, points_as_dicts, scatter_plot, summarise
 from .config import ConfigError
 from .export import apply_to_models, load_pipeline
 from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder, cosine, pixel_mse, ssim
 from .outputs import atomic_dir
-from .pipelines import check_fits, load_adapter, pipeline_models, read_adapter
+from .pipelines import AdapterFile, check_fits, load_adapter, pipeline_models, read_adapter
 from .tiny import resolve_model
 from .validation import image_grid
 
@@ -99,8 +100,8 @@ def load_eval_config(argv: list[str]) -> EvalConfig:
     return load_config(argv, EvalConfig)
 
 
-def parse_sources(entries: list[str]) -> list[tuple[str, Path]]:
-    """[(label, path)]: `label=path` or a path labelled by method and rank ('DoRA r8')."""
+def parse_sources(entries: list[str]) -> list[tuple[str, Path, AdapterFile]]:
+    """[(label, path, adapter)]: `label=path` or a path labelled by method and rank ('DoRA r8')."""
     out = []
     for entry in entries:
         label, eq, path = entry.partition("=")
@@ -110,10 +111,10 @@ def parse_sources(entries: list[str]) -> list[tuple[str, Path]]:
         if not label:
             prefix = "unet" if adapter.part("unet") else next(iter(sorted({k.split(".", 1)[0] for k in adapter.tensors})))
             label = f"{'DoRA' if adapter.use_dora else 'LoRA'} r{adapter.rank_alpha(prefix)[0]}"
-        out.append((label, Path(path)))
-    labels = [lbl for lbl, _ in out]
+        out.append((label, Path(path), adapter))
+    labels = [lbl for lbl, _, _ in out]
     # same method and rank twice: tell them apart by folder name
-    return [(f"{lbl} ({p.name})" if labels.count(lbl) > 1 else lbl, p) for lbl, p in out]
+    return [(f"{lbl} ({p.name})" if labels.count(lbl) > 1 else lbl, p, a) for lbl, p, a in out]
 
 
 def clip_text(prompt: str, identifier: str) -> str:
@@ -139,8 +140,6 @@ def generate(pipe, names: list[str], prompts: list[tuple[str, str]], cfg: EvalCo
              progress: bool = True) -> dict:
     """{model: {(prompt index, seed): [images]}}; model 'base' runs with every adapter disabled,
     adapter i alone as `adapter<i>`. Each (prompt, seed) starts from the same latents for all."""
-    from tqdm.auto import tqdm
-
     out = {}
     bar = tqdm(total=len(names) * len(prompts) * len(cfg.seeds), desc="generating", disable=not progress)
     for m, name in enumerate(names):
@@ -304,7 +303,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
 
     instances = [e.image for e in load_image_folder(cfg.instance_data_dir)]
     sources = parse_sources(cfg.adapters)
-    subject = cfg.subject_prompts or sorted({read_adapter(p).info.get("instance_prompt") for _, p in sources} - {None})
+    subject = cfg.subject_prompts or sorted({a.info.get("instance_prompt") for _, _, a in sources} - {None})
     if not subject:
         raise ConfigError("subject_prompts is not set and the adapters record no instance prompt")
     prompts = [("subject", p) for p in subject] + [("class", p) for p in cfg.class_prompts] + \
@@ -318,32 +317,28 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     embedders += [clip] if clip else []
 
     # every adapter must fit the base before any long work starts
-    from tqdm.auto import tqdm
-
     models = pipeline_models(load_pipeline(cfg.base_model))
-    adapters = {}
-    for label, path in sources:
-        adapters[label] = read_adapter(path)
-        check_fits(adapters[label], models)
-        recorded = adapters[label].info.get("base_model")
+    for label, _, adapter in sources:
+        check_fits(adapter, models)
+        recorded = adapter.info.get("base_model")
         if recorded and recorded != cfg.base_model and resolve_model(recorded) != str(base_path):
             log.warning("%s was trained on %s, evaluated on %s", label, recorded, cfg.base_model)
 
     # weight analysis on fp32 copies of the base, one per adapter
     points = []
-    for label, path in tqdm(sources, desc="weight analysis", disable=not progress):
+    for label, path, adapter in tqdm(sources, desc="weight analysis", disable=not progress):
         models = models or pipeline_models(load_pipeline(cfg.base_model))
-        apply_to_models(adapters[label], models)
+        apply_to_models(adapter, models)
         points += analyse(models, label, path, cfg.analysis_modules)
         models = None
-    summaries = {label: summarise([p for p in points if p.adapter == label]) for label, _ in sources}
+    summaries = {label: summarise([p for p in points if p.adapter == label]) for label, _, _ in sources}
 
     pipe = load_pipeline(cfg.base_model, torch_dtype=torch.float16 if device.type == "cuda" else torch.float32)
     pipe.to(device)
-    for i, (_, path) in enumerate(sources):
+    for i, (_, path, _) in enumerate(sources):
         load_adapter(pipe, path, adapter_name=f"adapter{i}")
     size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = generate(pipe, ["base"] + [label for label, _ in sources], prompts, cfg, size, progress)
+    images = generate(pipe, ["base"] + [label for label, _, _ in sources], prompts, cfg, size, progress)
     del pipe
 
     if (base_path / "classifier" / "model.safetensors").is_file():  # the embedded world's judge
