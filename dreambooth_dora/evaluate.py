@@ -166,14 +166,13 @@ def compute_metrics(images: dict, prompts: list[tuple[str, str]], instances: lis
     names = list(images)
     keys = [(j, s) for j in range(len(prompts)) for s in seeds]
     # features of every picture once per embedder: feats[embedder][model][key] -> (n, D)
+    order = [(m, k) for m in names for k in keys]
     feats = {}
     for emb in embedders:
-        flat = [(m, k, i) for m in names for k in keys for i in range(len(images[m][k]))]
-        f = emb.images([images[m][k][i] for m, k, i in flat])
-        feats[emb.name] = {m: {k: [] for k in keys} for m in names}
-        for (m, k, _), row in zip(flat, f):
-            feats[emb.name][m][k].append(row)
-        feats[emb.name] = {m: {k: torch.stack(v) for k, v in d.items()} for m, d in feats[emb.name].items()}
+        f = emb.images([im for m, k in order for im in images[m][k]])
+        feats[emb.name] = {m: {} for m in names}
+        for (m, k), rows in zip(order, torch.split(f, [len(images[m][k]) for m, k in order])):
+            feats[emb.name][m][k] = rows
     inst = {emb.name: emb.images(instances) for emb in embedders}
     texts = clip.texts([clip_text(p, identifier) for _, p in prompts]) if clip else None
     by_kind = {kind: [j for j, (k, _) in enumerate(prompts) if k == kind] for kind in KINDS}
