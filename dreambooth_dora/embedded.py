@@ -158,12 +158,9 @@ def subject_distance(pipe, classifier, instance_images, prompt: str, seeds=range
                      guidance: float = 5.0) -> float:
     """Mean cosine distance (classifier penultimate features) from images for `prompt` to the
     instance images seen at the model's resolution: lower is nearer the subject."""
-    from .toyworld import classify, degrade
+    from .metrics import ToyEmbedder, cosine
 
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    _, _, target = classify(classifier, [degrade(im, size) for im in instance_images])
+    judge = ToyEmbedder(classifier, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     images = [pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                    generator=torch.Generator().manual_seed(s)).images[0] for s in seeds]
-    _, _, feats = classify(classifier, images)
-    cos = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(target, dim=1).T
-    return float(1 - cos.mean())
+    return float(1 - cosine(judge.images(images), judge.images(instance_images)).mean())

@@ -145,11 +145,12 @@ class ToyEmbedder:
     """The embedded toy world's own judge: penultimate features of its classifier. Pictures are
     seen at the generating model's resolution (instance images are down- and up-sampled to it)."""
 
-    def __init__(self, classifier_dir: str | Path, resolution: int):
+    def __init__(self, classifier: str | Path | torch.nn.Module, resolution: int):
+        """`classifier`: the loaded judge or its folder."""
         from .toyworld import load_classifier
 
         self.name, self.resolution = "toy", resolution
-        self.model = load_classifier(classifier_dir)
+        self.model = classifier if isinstance(classifier, torch.nn.Module) else load_classifier(classifier)
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
