@@ -15,18 +15,19 @@ from __future__ import annotations
 import torch
 
 
+def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeddings (B, 77, D), pooled embeddings (B, P) for SDXL, else None)."""
     if len(text_encoders) == 1:
-        tok, enc = tokenizers[0], text_encoders[0]
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return enc(ids.to(enc.device))[0], None
+        enc = text_encoders[0]
+        return enc(_token_ids(tokenizers[0], prompts).to(enc.device))[0], None
     hidden, pooled = [], None
     for tok, enc in zip(tokenizers, text_encoders):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        out = enc(ids.to(enc.device), output_hidden_states=True)
+        out = enc(_token_ids(tok, prompts).to(enc.device), output_hidden_states=True)
         if out[0].ndim == 2:  # the projected, pooled output (CLIPTextModelWithProjection): the last one counts
             pooled = out[0]
         hidden.append(out.hidden_states[-2])
