@@ -344,21 +344,24 @@ def validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_enco
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         model.eval()
-        if prompt_cache is not None:
-            embeds = torch.stack([prompt_cache[p][0] for p in prompts])
-            negative = prompt_cache[""][0][None]
-            pooled = torch.stack([prompt_cache[p][1] for p in prompts]) if prompt_cache[""][1] is not None else None
-            negative_pooled = prompt_cache[""][1][None] if pooled is not None else None
-        else:
-            encoders = [accelerator.unwrap_model(te).eval() for te in text_encoders]
+        encoders = [accelerator.unwrap_model(te).eval() for te in text_encoders]
+
+        def encode(texts):  # (embeddings, pooled or None), from the cache when the encoders are frozen
+            if prompt_cache is not None:
+                pooled = [prompt_cache[t][1] for t in texts]
+                return (torch.stack([prompt_cache[t][0] for t in texts]),
+                        None if pooled[0] is None else torch.stack(pooled))
             with torch.no_grad():
-                embeds, pooled = encode_prompts(tokenizers, encoders, prompts)
-                negative, negative_pooled = encode_prompts(tokenizers, encoders, [""])
-            for te in encoders:
-                te.train()
-        if pooled is not None:  # SDXL pipelines use zeros for an empty negative prompt (force_zeros_for_empty_prompt)
-            negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
-            pooled, negative_pooled = pooled.to(model.dtype), negative_pooled.to(model.dtype)
+                return encode_prompts(tokenizers, encoders, texts)
+
+        embeds, pooled = encode(prompts)
+        if pooled is None:
+            negative, negative_pooled = encode([""])[0], None
+        else:  # SDXL pipelines use zeros for an empty negative prompt (force_zeros_for_empty_prompt)
+            negative, negative_pooled = torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]).to(model.dtype)
+            pooled = pooled.to(model.dtype)
+        for te in encoders:
+            te.train()
         with accelerator.autocast():
             rows = generate_validation(model, vae, noise_scheduler.config, embeds.to(model.dtype),
                                        negative.to(model.dtype), cfg.num_validation_images, cfg.seed,
