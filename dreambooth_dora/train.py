@@ -56,14 +56,13 @@ def load_models(path: str, revision: str | None = None, variant: str | None = No
             tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
             text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
                 path, subfolder="text_encoder_2", revision=revision, variant=variant))
-        if vae_path:
-            where = vae_path
-            vae = load_vae(vae_path)
-            where = path
-        else:
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        if vae_path:
+            where = vae_path  # last, so that an error names the VAE only when the VAE failed
+            vae = load_vae(vae_path)
+        else:
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise TrainingError(f"cannot load model {where!r}: {first}") from None
