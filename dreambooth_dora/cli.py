@@ -83,11 +83,11 @@ def export_main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    from .config import EVAL_USAGE, help_text
-    from .evaluate import EvalConfig, evaluate, load_eval_config, summary_lines
+    from .config import help_text
+    from .evaluate import USAGE, EvalConfig, evaluate, load_eval_config, summary_lines
 
     if argv and argv[0] in ("-h", "--help"):
-        print(help_text(EvalConfig, EVAL_USAGE))
+        print(help_text(EvalConfig, USAGE))
         return 0
     try:
         cfg = load_eval_config(argv)

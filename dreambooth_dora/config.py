@@ -25,7 +25,6 @@ class ConfigError(ValueError):
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
-EVAL_USAGE = "usage: dreambooth-dora evaluate [--config FILE.yaml] [--name value ...]"
 PROMPT_LISTS = {"validation_prompt", "subject_prompts", "class_prompts", "unrelated_prompts"}
 
 

@@ -39,6 +39,7 @@ from .validation import image_grid
 
 log = logging.getLogger(__name__)
 KINDS = ("subject", "class", "unrelated")
+USAGE = "usage: dreambooth-dora evaluate [--config FILE.yaml] [--name value ...]"
 
 
 @dataclass
