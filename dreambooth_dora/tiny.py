@@ -92,6 +92,24 @@ def build_tokenizer(folder: str | os.PathLike, max_length: int = 77, words=WORDS
     return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=max_length)
 
 
+def _tiny_vae(sample_size: int, **extra):
+    """2 levels, 16/32 channels: 2x the latent size in pixels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
+                         latent_channels=4, norm_num_groups=8, sample_size=sample_size * 2, **extra)
+
+
+def _tiny_text_config(tokenizer, hidden_size: int, **extra):
+    """A 2-layer CLIP text encoder config for the project's tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_dim: int = 32, sd2: bool = False):
     """A StableDiffusionPipeline in SD 1.x layout (or SD 2.x: linear proj_in/proj_out,
     v-prediction) with a few hundred thousand random parameters.
@@ -100,8 +118,8 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_di
     `to_q/to_k/to_v/to_out.0` projections; VAE: 2 levels (64 px images for `sample_size=32`);
     text encoder: a 2-layer CLIPTextModel with `q_proj/k_proj/v_proj/out_proj`.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(tmp)
@@ -121,30 +139,9 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_di
         upcast_attention=sd2,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
+    vae = _tiny_vae(sample_size)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, cross_attention_dim))
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1, prediction_type="v_prediction" if sd2 else "epsilon",
@@ -166,8 +163,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
     (CLIPTextModel and CLIPTextModelWithProjection, hidden states concatenated into the UNet's
     64-wide cross-attention), pooled text embeddings and time ids through the UNet's
     `text_time` addition embedding, linear proj_in/proj_out, Euler scheduler."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(tmp)
@@ -184,17 +181,10 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
         projection_class_embeddings_input_dim=6 * time_dim + projection,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), latent_channels=4,
-        norm_num_groups=8, sample_size=sample_size * 2, scaling_factor=0.13025,
-    )
+    vae = _tiny_vae(sample_size, scaling_factor=0.13025)
 
     def text_config():
-        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
-                              hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return _tiny_text_config(tokenizer, width, projection_dim=projection, hidden_act="gelu")
 
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(text_config())
