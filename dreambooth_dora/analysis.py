@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from .adapters import _matches, adapted_layers, load_adapter_state_dict
 from .checkpoints import checkpoint_step, list_checkpoints
 from .outputs import ADAPTER_FILE
-from .pipelines import read_adapter
+from .pipelines import AdapterFile, read_adapter
 
 
 @torch.no_grad()
@@ -57,11 +57,12 @@ class LayerPoint:
     dd: float
 
 
-def snapshots(path: str | Path) -> list[tuple[int, Path]]:
+def snapshots(path: str | Path, final: AdapterFile | None = None) -> list[tuple[int, Path]]:
     """(step, adapter file) for every finished checkpoint of a run folder, then its final adapter;
-    a single adapter file or folder without checkpoints gives one snapshot."""
+    a single adapter file or folder without checkpoints gives one snapshot. `final`: the folder's
+    adapter when the caller has already read it."""
     path = Path(path)
-    final = read_adapter(path)
+    final = final or read_adapter(path)
     found = []
     if path.is_dir():
         found = [(checkpoint_step(c), c / ADAPTER_FILE) for c in list_checkpoints(path) if (c / ADAPTER_FILE).is_file()]
@@ -72,13 +73,15 @@ def snapshots(path: str | Path) -> list[tuple[int, Path]]:
 
 @torch.no_grad()
 def analyse(models: dict[str, torch.nn.Module], label: str, path: str | Path,
-            modules: list[str] | None = None) -> list[LayerPoint]:
+            modules: list[str] | None = None, final: AdapterFile | None = None) -> list[LayerPoint]:
     """Points for every adapted layer whose name matches `modules` (PEFT suffix rule; None = all),
     at every snapshot of `path`. `models` must already carry this adapter's layers
-    (`export.apply_to_models`); each snapshot's tensors are loaded into them in turn."""
+    (`export.apply_to_models`); each snapshot's tensors are loaded into them in turn. `final`:
+    the adapter of `path`, when already read."""
+    final = final or read_adapter(path)
     points = []
-    for step, file in snapshots(path):
-        adapter = read_adapter(file)
+    for step, file in snapshots(path, final):
+        adapter = final if file == final.path else read_adapter(file)
         for prefix, model in models.items():
             part = adapter.part(prefix, model)
             if not part:

@@ -329,7 +329,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     for label, path, adapter in tqdm(sources, desc="weight analysis", disable=not progress):
         models = models or pipeline_models(load_pipeline(cfg.base_model))
         apply_to_models(adapter, models)
-        points += analyse(models, label, path, cfg.analysis_modules)
+        points += analyse(models, label, path, cfg.analysis_modules, final=adapter)
         models = None
     summaries = {label: summarise([p for p in points if p.adapter == label]) for label, _, _ in sources}
 
