@@ -1,29 +1,100 @@
 """Training checkpoints: accelerate's state (optimiser, LR schedule, RNG) plus the adapter
-tensors only (never the frozen base weights), written atomically and rotated.
+tensors only (never the frozen base weights), written atomically, verified and rotated.
 
     output_dir/checkpoint-<step>/pytorch_lora_weights.safetensors   the adapters at that step
     output_dir/checkpoint-<step>/optimizer.bin, scheduler.bin, random_states_<rank>.pkl ...
+    output_dir/checkpoint-<step>/checkpoint.json    run id, step, settings; size + SHA-256 per file
+
+A checkpoint is built in `checkpoint-<step>.tmp` and renamed when complete, so a folder named
+`checkpoint-<step>` is whole when written; the manifest tells one damaged later (a truncated copy,
+a disk error) before a resume trusts it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 from .adapters import load_adapter_state_dict
-from .outputs import ADAPTER_FILE, layout_prefix, save_adapter
+from .outputs import ADAPTER_FILE, atomic_path, layout_prefix, make_readable, save_adapter
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "checkpoint.json"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints, oldest first (half-written `.tmp` folders are ignored)."""
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, run_id: str, step: int, settings: dict) -> None:
+    """checkpoint.json: what a complete checkpoint holds, to tell a damaged one on resume."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    with atomic_path(folder / MANIFEST) as tmp:
+        tmp.write_text(json.dumps({"run_id": run_id, "step": step, "settings": settings, "files": files},
+                                  indent=1), encoding="utf-8")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint cannot be resumed from (a missing, truncated or changed file), or None."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if (folder / MANIFEST).exists():
+            return f"{MANIFEST} is unreadable"
+        # from before manifests: at least the adapter file must read completely
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(folder / ADAPTER_FILE), "pt") as f:
+                for k in f.keys():
+                    f.get_tensor(k)
+        except Exception as err:  # safetensors raises several types for a damaged file
+            return f"{ADAPTER_FILE} does not load ({type(err).__name__})"
+        return None
+    for name, want in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} is {path.stat().st_size} bytes, {want['size']} when saved (truncated?)"
+        if file_digest(path) != want["sha256"]:
+            return f"{name} differs from what was saved"
+    return None
+
+
+def list_checkpoints(output_dir: str | Path, run_id: str | None = None, up_to: int | None = None) -> list[Path]:
+    """Finished checkpoints, oldest first (`.tmp` folders are half-written and ignored); with
+    `run_id`, only those this run wrote (their manifest says so), and with `up_to`, only those at
+    or before that step (a resume from an earlier checkpoint leaves the later ones alone)."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    found = []
+    for p in folder.iterdir():
+        m = CHECKPOINT.match(p.name)
+        if not (m and p.is_dir()):
+            continue
+        step = int(m.group(1))
+        if up_to is not None and step > up_to:
+            continue
+        if run_id is not None and (read_manifest(p) or {}).get("run_id") != run_id:
+            continue
+        found.append((step, p))
     return [p for _, p in sorted(found)]
 
 
@@ -67,36 +138,33 @@ def register_adapter_hooks(accelerator, models: dict) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """Save into `checkpoint-<step>.tmp`, rename when complete, then drop the oldest beyond the limit."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None,
+                    run_id: str, settings: dict) -> Path:
+    """Save into `checkpoint-<step>.tmp` with its manifest, rename when complete, then drop this
+    run's oldest checkpoints beyond the limit (never another run's, never later steps).
+
+    A failed write (a full disk) removes the half-written folder and raises OSError."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp, run_id, step, settings)
+            make_readable(tmp)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if final.exists():
+        if final.exists():  # this run's own checkpoint of the same step, from before a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
         if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            for old in list_checkpoints(output_dir, run_id=run_id, up_to=step)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
-    """'latest' -> newest finished checkpoint (None when there is none yet); a path -> that path."""
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir():
-        path = Path(output_dir) / resume_from_checkpoint
-    if not (path / ADAPTER_FILE).is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint {resume_from_checkpoint!r} is not a finished checkpoint")
-    return path

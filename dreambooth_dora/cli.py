@@ -26,10 +26,19 @@ def _user_errors():
     from .config import ConfigError
     from .data import DataError
     from .metrics import MetricModelError
+    from .outputs import OutputError
     from .pipelines import AdapterError
     from .train import TrainingError
 
-    return (ConfigError, DataError, TrainingError, AdapterError, MetricModelError, FileNotFoundError)
+    return (ConfigError, DataError, TrainingError, AdapterError, MetricModelError, OutputError, OSError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error; an OSError as 'what: path' (a full disk, a missing folder)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename!r}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -45,7 +54,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         path = train(cfg)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
         flag = "--dora" if cfg.use_dora else "--lora"
@@ -62,6 +71,8 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=["fused", "kohya"], required=True)
     parser.add_argument("--out", required=True, help="folder (fused) or .safetensors file (kohya)")
     parser.add_argument("--base", help="base model; default: the one recorded in the adapter")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export of the same format at --out (never anything else)")
     parser.add_argument("--comfyui", action="store_true",
                         help="kohya: write dora_scale for ComfyUI's loader (exact there, wrong in LyCORIS/A1111)")
     args = parser.parse_args(argv)
@@ -69,14 +80,15 @@ def export_main(argv: list[str]) -> int:
 
     try:
         if args.format == "fused":
-            out = export_fused(args.adapter, args.out, base=args.base)
+            out = export_fused(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
         else:
             if not args.out.endswith(".safetensors"):
                 print("error: --out must be a .safetensors file for --format kohya", file=sys.stderr)
                 return 2
-            out = export_kohya(args.adapter, args.out, base=args.base, comfyui_compatible=args.comfyui)
+            out = export_kohya(args.adapter, args.out, base=args.base, comfyui_compatible=args.comfyui,
+                               overwrite=args.overwrite)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
@@ -93,7 +105,7 @@ def evaluate_main(argv: list[str]) -> int:
         cfg = load_eval_config(argv)
         out, result = evaluate(cfg)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(result)))
     print(f"report: {out / 'report.md'}")
@@ -113,7 +125,7 @@ def info_main(argv: list[str]) -> int:
     try:
         d = describe(args.adapter)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(d, indent=2))

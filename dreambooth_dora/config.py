@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,10 +123,15 @@ class TrainConfig:
     seed: int = 0
     # ---- checkpoints, validation, output
     output_dir: str = "outputs/run"
+    """One run per folder: new or empty, or this same run with resume_from_checkpoint."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another training run: that run's files are removed
+    first (only if everything there belongs to a training run)."""
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
-    """'latest' or a checkpoint folder."""
+    """'latest' or a checkpoint folder: continue this run (its settings must match, except those
+    the README lists as changeable); a damaged newest checkpoint falls back to an earlier one."""
     validation_prompt: list[str] | None = None
     """One or more prompts (a YAML list, or separated by '|' on the command line)."""
     num_validation_images: int = 4
@@ -160,10 +167,22 @@ class TrainConfig:
             raise ConfigError("checkpoints_total_limit must be >= 1")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.learning_rate <= 0:
-            raise ConfigError("learning_rate must be > 0")
+        check_ranges(self, {
+            "seed": (">=", 0), "lr_warmup_steps": (">=", 0), "num_class_images": (">=", 0),
+            "lr_num_cycles": (">=", 1), "learning_rate": (">", 0), "text_encoder_lr": (">", 0),
+            "lora_alpha": (">", 0), "lora_dropout": ("[0,1)", None), "adam_beta1": ("[0,1)", None),
+            "adam_beta2": ("[0,1)", None), "prodigy_beta3": ("[0,1)", None), "adam_epsilon": (">", 0),
+            "adam_weight_decay": (">=", 0), "adam_weight_decay_text_encoder": (">=", 0),
+            "prior_loss_weight": (">=", 0), "max_grad_norm": (">=", 0), "snr_gamma": (">", 0),
+            "noise_offset": (">=", 0), "lr_power": (">", 0),
+        })
+        from .tiny import check_embedded_name
+
+        for name in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
+            try:
+                check_embedded_name(getattr(self, name) or "")
+            except ValueError as err:
+                raise ConfigError(f"{name}: {err}") from None
         choices = {"mixed_precision": ("no", "fp16", "bf16"), "lr_scheduler": LR_SCHEDULERS,
                    "optimizer": OPTIMIZERS, "report_to": ("tensorboard", "none"),
                    "prediction_type": (None, "epsilon", "v_prediction"),
@@ -174,9 +193,24 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {shown}; got {getattr(self, name)!r}")
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise ConfigError("use_8bit_adam applies to optimizer 'adamw' only")
-        if self.noise_offset < 0:
-            raise ConfigError("noise_offset must be >= 0")
         return self
+
+
+def check_ranges(cfg, rules: dict) -> None:
+    """Every float setting finite; then each rule: ('>', x), ('>=', x) or ('[0,1)', None), for
+    values that are set (None means 'not used' / 'the default')."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+    for name, (op, bound) in rules.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        ok = {">": lambda: value > bound, ">=": lambda: value >= bound, "[0,1)": lambda: 0 <= value < 1}[op]()
+        if not ok:
+            wanted = "in [0, 1)" if op == "[0,1)" else f"{op} {bound}"
+            raise ConfigError(f"{name} must be {wanted}, got {value}")
 
 
 def _field_types(cls=None) -> dict[str, type]:
@@ -210,12 +244,42 @@ def _convert(key: str, value, typ):
     if typing.get_origin(typ) is list:
         # prompts contain commas ("a sks dog, in a bucket"): several prompts are split on "|"
         sep = "|" if key in PROMPT_LISTS else ","
+        if isinstance(value, (dict, bool)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
         items = value if isinstance(value, list) else [v for v in str(value).split(sep) if v.strip()]
         elem = (typing.get_args(typ) or (str,))[0]
         try:
-            return [elem(v.strip() if isinstance(v, str) else v) for v in items]
-        except (TypeError, ValueError):
+            return [_scalar(key, v.strip() if isinstance(v, str) else v, elem) for v in items]
+        except ConfigError:
             raise ConfigError(f"{key} must be a list of {elem.__name__}, got {value!r}") from None
+    return _scalar(key, value, typ)
+
+
+def _scalar(key: str, value, typ):
+    """int, float or str, strictly: 4.7 is not an int, true is not a number, a list is not a string."""
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a revision or a prompt that YAML read as a number
+        raise ConfigError(f"{key} must be a text value, got {value!r}")
     try:
         return typ(value)
     except (TypeError, ValueError):
@@ -259,9 +323,14 @@ def load_config(argv: list[str], cls=None):
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings")
     values.update(flags)

@@ -68,6 +68,9 @@ def _decode_rows(rows, image_column: str, caption_column: str | None, default_ca
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             bad.append(f"{name} ({type(err).__name__})")
             continue
+        except Image.DecompressionBombError:  # more pixels than the image library agrees to decode
+            bad.append(f"{name} (too large to decode: over {Image.MAX_IMAGE_PIXELS * 2:,} pixels)")
+            continue
         if min(image.size) < MIN_SIDE:
             bad.append(f"{name} (only {image.size[0]}x{image.size[1]} px)")
             continue

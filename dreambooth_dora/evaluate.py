@@ -32,7 +32,7 @@ from .analysis import analyse, points_as_dicts, scatter_plot, summarise
 from .config import ConfigError
 from .export import apply_to_models, load_pipeline
 from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder, cosine, pixel_mse, ssim
-from .outputs import atomic_dir
+from .outputs import atomic_dir, check_output_target
 from .pipelines import AdapterFile, check_fits, load_adapter, pipeline_models, read_adapter
 from .tiny import resolve_model
 from .validation import image_grid
@@ -75,6 +75,9 @@ class EvalConfig:
     """Layers in the weight analysis (name or name suffix); the paper plots the query projections.
     'none': every adapted layer."""
     output_dir: str = "outputs/evaluation"
+    """The report folder: new or empty, or an earlier report (with `overwrite`)."""
+    overwrite: bool = False
+    """Replace an earlier evaluation report at output_dir (never anything else)."""
     device: str | None = None
     """'cuda', 'cpu', ...; default: cuda when available."""
 
@@ -92,6 +95,16 @@ class EvalConfig:
             raise ConfigError("resolution must be a multiple of 8, at least 16 (SSIM's window is 11 pixels)")
         if not self.identifier.strip():
             raise ConfigError("identifier is empty")
+        if any(seed < 0 for seed in self.seeds):
+            raise ConfigError(f"seeds must be >= 0, got {self.seeds}")
+        from .config import check_ranges
+        from .tiny import check_embedded_name
+
+        check_ranges(self, {"guidance_scale": (">=", 0)})
+        try:
+            check_embedded_name(self.base_model)
+        except ValueError as err:
+            raise ConfigError(f"base_model: {err}") from None
         return self
 
 
@@ -303,6 +316,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
 
     instances = [e.image for e in load_image_folder(cfg.instance_data_dir)]
     sources = parse_sources(cfg.adapters)
+    out = check_output_target(cfg.output_dir, "evaluation-report", overwrite=cfg.overwrite, what="output_dir",
+                              flag="--overwrite", sources=(cfg.instance_data_dir, *(a.path.parent for _, _, a in sources)))
     subject = cfg.subject_prompts or sorted({a.info.get("instance_prompt") for _, _, a in sources} - {None})
     if not subject:
         raise ConfigError("subject_prompts is not set and the adapters record no instance prompt")
@@ -346,8 +361,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     results = compute_metrics(images, prompts, instances, embedders, clip, cfg.seeds, cfg.identifier)
     names = metric_names(embedders, clip)
 
-    out = Path(cfg.output_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "evaluation-report") as tmp:
         write_report(tmp, cfg, prompts, images, instances, results, names, points, summaries)
     return out, {"metrics": results, "weight_analysis": summaries, "names": names}
 

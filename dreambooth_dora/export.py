@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import adapted_layers, add_adapters, load_adapter_state_dict, merge_adapters
-from .outputs import atomic_dir, atomic_path, layout_prefix
+from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target, layout_prefix
 from .pipelines import AdapterError, AdapterFile, check_fits, pipeline_models, read_adapter, without_safety_checker
 from .tiny import resolve_model
 
@@ -75,16 +75,18 @@ def load_pipeline(base: str, revision: str | None = None, torch_dtype=torch.floa
     return pipe
 
 
-def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
-    """A complete diffusers pipeline with the adapter merged into its weights (plain layers)."""
+def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """A complete diffusers pipeline with the adapter merged into its weights (plain layers).
+    `out_dir` must be new or empty, or (with `overwrite`) an earlier fused export."""
     adapter = read_adapter(adapter_dir)
+    out_dir = check_output_target(out_dir, "fused-pipeline", overwrite=overwrite, sources=(adapter.path.parent,))
     pipe = load_pipeline(base_model_of(adapter, base))
     models = pipeline_models(pipe)
     apply_to_models(adapter, models)
     for model in models.values():
         merge_adapters(model)
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "fused-pipeline") as tmp:
         pipe.save_pretrained(tmp)
     return out_dir
 
@@ -97,9 +99,12 @@ def kohya_key(prefix: str, module_name: str, sdxl: bool = False) -> str:
 
 @torch.no_grad()
 def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None = None,
-                 comfyui_compatible: bool = False) -> Path:
-    """The kohya/LyCORIS single file (see the module docstring for the layout and rule)."""
+                 comfyui_compatible: bool = False, overwrite: bool = False) -> Path:
+    """The kohya/LyCORIS single file (see the module docstring for the layout and rule).
+    `out_file` must be new, or (with `overwrite`) an earlier kohya export."""
     adapter = read_adapter(adapter_dir)
+    out_file = check_output_target(out_file, "kohya", overwrite=overwrite, is_file=True,
+                                   sources=(adapter.path.parent,))
     pipe = load_pipeline(base_model_of(adapter, base))
     models = pipeline_models(pipe)
     apply_to_models(adapter, models)
@@ -129,6 +134,7 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
                                                                 else "sd_v1"),
         "ss_output_name": Path(out_file).stem,
         "dreambooth_dora_dora_scale": "comfyui-compensated" if comfyui_compatible else "lycoris-exact",
+        EXPORT_KEY: "kohya",  # lets a later `--overwrite` recognise the file as ours
     }
     out = Path(out_file)
     with atomic_path(out) as tmp:

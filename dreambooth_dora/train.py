@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import adapter_parameters, add_adapters
-from .checkpoints import register_adapter_hooks, resolve_resume, save_checkpoint, checkpoint_step
+from .checkpoints import checkpoint_step, register_adapter_hooks, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .conditioning import encode_prompts, time_ids, unet_kwargs
 from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, training_view
@@ -31,12 +32,25 @@ from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
 from .outputs import save_adapter, write_text
 from .pipelines import load_vae
 from .prior import ensure_class_images
+from .runs import fingerprint_examples, plan_run, start_run
 from .tiny import resolve_model
 from .validation import generate_validation, save_grid
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+@contextmanager
+def saving(what: str, last_checkpoint: Path | None):
+    """A failed write (a full disk, a lost mount) as one line; the atomic writers have already
+    removed their half-written files, so only complete files are ever left behind."""
+    try:
+        yield
+    except OSError as err:
+        where = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+        raise TrainingError(f"could not write {what}: {err.strerror or err}; nothing half-written was left, "
+                            f"{where}") from None
 
 
 def load_models(path: str, revision: str | None = None, variant: str | None = None, vae_path: str | None = None):
@@ -137,6 +151,8 @@ def train(cfg: TrainConfig) -> Path:
     # ---- data (fails before any model loads)
     examples = load_examples(cfg.instance_data_dir, cfg.dataset_name, cfg.image_column, cfg.caption_column,
                              default_caption=cfg.instance_prompt)
+    # ---- the run folder: a new run, this run resumed, or another run replaced (asked for); else stop
+    plan = plan_run(cfg, fingerprint_examples(examples))
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     class_examples: list[Example] = []
     if cfg.with_prior_preservation:
@@ -224,18 +240,29 @@ def train(cfg: TrainConfig) -> Path:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_adapter_hooks(accelerator, adapted)
 
-    step = 0
-    resume = resolve_resume(out_dir, cfg.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        step = checkpoint_step(resume)
-        accelerator.print(f"resumed from {resume} at step {step}")
-    accelerator.print(f"processes: {accelerator.num_processes}, distributed: {accelerator.distributed_type}")
+    # ---- the run folder's first write comes after the models loaded
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
-        if cfg.report_to != "none":
-            accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
+        with saving(f"the run record in {out_dir}", None):
+            start_run(plan)
+        for message in plan.messages:
+            accelerator.print(message)
+    accelerator.wait_for_everyone()
+    step, resume = 0, None
+    for candidate in plan.resume:  # verified newest first; a load that still fails falls back
+        try:
+            accelerator.load_state(str(candidate))
+        except Exception as err:  # torch / safetensors / pickle raise many types for a bad file
+            warnings.warn(f"checkpoint {candidate} does not load ({type(err).__name__}); trying an earlier one",
+                          stacklevel=2)
+            continue
+        resume, step = candidate, checkpoint_step(candidate)
+        accelerator.print(f"resumed from {resume} at step {step}")
+        break
+    if plan.resume and resume is None:
+        raise TrainingError(f"no checkpoint in {out_dir} loads completely; use --overwrite_output_dir to start afresh")
+    accelerator.print(f"processes: {accelerator.num_processes}, distributed: {accelerator.distributed_type}")
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
 
     def make_batch(micro_step: int):
         """This process's slice of global micro-batch `micro_step`: model input, target, #prior."""
@@ -314,10 +341,13 @@ def train(cfg: TrainConfig) -> Path:
         progress.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=step)
         if step % cfg.checkpointing_steps == 0 and step < max_steps:
-            last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit)
+            with saving(f"checkpoint-{step}", last_checkpoint):
+                last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit,
+                                                  plan.run_id, plan.record["settings"])
         if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
-            validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache,
-                     validation_prompts, step, out_dir)
+            with saving(f"the validation grid of step {step}", last_checkpoint):
+                validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache,
+                         validation_prompts, step, out_dir)
     progress.close()
 
     # ---- output
@@ -329,9 +359,15 @@ def train(cfg: TrainConfig) -> Path:
                 "steps": step, "method": "dora" if cfg.use_dora else "lora", "rank": cfg.rank,
                 "lora_alpha": cfg.lora_alpha or cfg.rank, "train_text_encoder": cfg.train_text_encoder,
                 "architecture": "sdxl" if sdxl else "sd",
-                "final_loss": logs.get("loss")}
-        path = save_adapter(out_dir, adapted, info)
-        write_text(out_dir / "README.md", model_card(cfg, info))
+                "final_loss": logs.get("loss"), "run_id": plan.run_id}
+        with saving(f"the adapter in {out_dir}", last_checkpoint):
+            # the settings beside the adapter must be the ones that made it: the old ones go first,
+            # the new ones come after the adapter (a kill in between leaves none, never wrong ones)
+            for name in ("train_config.json", "README.md"):
+                (out_dir / name).unlink(missing_ok=True)
+            path = save_adapter(out_dir, adapted, info)
+            write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
+            write_text(out_dir / "README.md", model_card(cfg, info))
     accelerator.end_training()
     return path
 

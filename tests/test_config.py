@@ -23,7 +23,7 @@ def test_flags_override_yaml_and_bools_work_bare_or_with_value(tmp_path, base_ar
 @pytest.mark.parametrize("argv, message", [
     (["--rnak", "4"], "did you mean rank"),
     (["--use_dora", "maybe"], "use_dora must be true or false"),
-    (["--rank", "four"], "rank must be a int"),
+    (["--rank", "four"], "rank must be a whole number"),
     (["--rank", "0"], "rank must be >= 1"),
     (["--resolution", "100"], "multiple of 8"),
     (["--learning_rate"], "--learning_rate needs a value"),
