@@ -8,6 +8,7 @@ model: its learned magnitudes still apply).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -32,8 +33,23 @@ SCHEDULERS = {
 }
 
 
+# The most work one request may ask for: width x height x steps x images x columns. On 2 CPU
+# cores an SD 1.5-size UNet step with guidance costs 39 us per pixel and the VAE decode 17 s per
+# 512 px image (`python benchmarks/app_work.py`): a minute buys about 1.4 M units (512 x 512 x
+# 5 steps, one image, one column). A GPU gets 200x (an estimate: no GPU measured it yet).
+DEFAULT_MAX_WORK = {"cpu": 1_400_000, "gpu": 280_000_000}
+
+
 class AppError(ValueError):
     """Shown to the user as a message; the app keeps running."""
+
+
+class Stopped(Exception):
+    """Raised inside a generation when Stop was pressed."""
+
+
+def request_work(width: int, height: int, steps: int, images: int, columns: int) -> int:
+    return int(width) * int(height) * int(steps) * int(images) * int(columns)
 
 
 def resolve_under_root(root: Path | None, user_path: str) -> Path:
@@ -76,16 +92,21 @@ class Comparison:
     """One pipeline with the adapters loaded under the names 'lora' and 'dora', plus separate
     pipelines for merged (fused) folders."""
 
-    def __init__(self, base: str, adapters_root: str | Path | None = None, device: str | None = None):
+    def __init__(self, base: str, adapters_root: str | Path | None = None, device: str | None = None,
+                 max_work: int | None = None):
         self.base_name = base
         self.base_path = resolve_model(base)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(base, torch_dtype=self.dtype).to(self.device)
         self.root = Path(adapters_root).resolve() if adapters_root else None
+        self.max_work = int(max_work or DEFAULT_MAX_WORK["cpu" if self.device.type == "cpu" else "gpu"])
         self.sources: dict[str, Source] = {}
         self.merged: dict[str, object] = {}
+        self.names: dict[str, str] = {}  # column -> the PEFT adapter name it uses now
+        self._serial = itertools.count(1)
         self.lock = threading.Lock()  # one generation at a time: columns never mix
+        self.stop = threading.Event()  # set by the Stop button; checked after every sampling step
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -107,12 +128,21 @@ class Comparison:
             adapter = read_adapter(folder)
         except AdapterError as err:
             raise AppError(str(err)) from None
-        if slot in self._loaded_adapters():
-            self.pipe.delete_adapters(slot)
+        # under a new name: the column keeps its adapter until the new one has loaded completely
+        name = f"{slot}_{next(self._serial)}"
         try:
-            load_adapter(self.pipe, folder, adapter_name=slot)
-        except AdapterError as err:
-            raise AppError(str(err)) from None
+            load_adapter(self.pipe, folder, adapter_name=name)
+        except Exception as err:
+            if name in self._loaded_adapters():
+                self.pipe.delete_adapters(name)
+            if isinstance(err, AdapterError):
+                raise AppError(str(err)) from None
+            raise AppError(f"could not load {folder.name!r}: {type(err).__name__}: "
+                           f"{(str(err).splitlines() or [''])[0]}") from None
+        old = self.names.get(slot)
+        if old in self._loaded_adapters():
+            self.pipe.delete_adapters(old)
+        self.names[slot] = name
         part = info["parts"].get("unet") or next(iter(info["parts"].values()))
         warn = ""
         recorded = adapter.info.get("base_model")
@@ -144,8 +174,9 @@ class Comparison:
         pipe.set_progress_bar_config(disable=True)
         self.merged[slot] = pipe.to(self.device)
         self.sources[slot] = Source(folder, True, f"merged pipeline · {folder.name}")
-        if slot in self._loaded_adapters():
-            self.pipe.delete_adapters(slot)
+        old = self.names.pop(slot, None)
+        if old in self._loaded_adapters():
+            self.pipe.delete_adapters(old)
         return f"loaded merged pipeline {folder.name} as {slot}"
 
     def _loaded_adapters(self) -> list[str]:
@@ -153,6 +184,10 @@ class Comparison:
             return list(self.pipe.get_list_adapters().get("unet", []))
         except (AttributeError, ValueError):
             return []
+
+    def request_stop(self) -> None:
+        """Stop the running generation after its current sampling step (the queue moves on)."""
+        self.stop.set()
 
     def captions(self) -> dict[str, str]:
         out = {"base": f"base · {self.base_name}"}
@@ -176,9 +211,21 @@ class Comparison:
         width, height = int(width or size), int(height or size)
         if width % 8 or height % 8:
             raise AppError("width and height must be multiples of 8")
+        shown = [c for c in columns if c == "base" or c in self.sources]
+        work = request_work(width, height, steps, num_images, len(shown))
+        if work > self.max_work:
+            raise AppError(f"this request is too large: {width}x{height} px x {int(steps)} steps x {int(num_images)} "
+                           f"image(s) x {len(shown)} column(s) = {work:,} > the limit {self.max_work:,}; use fewer "
+                           "pixels, steps, images or columns (the server's --max-work raises the limit)")
         import diffusers
 
+        def check_stop(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end
+            if self.stop.is_set():
+                raise Stopped
+            return kwargs
+
         with self.lock:
+            self.stop.clear()
             gen = torch.Generator("cpu").manual_seed(int(seed))
             latents = torch.randn((int(num_images), self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor,
                                    width // self.pipe.vae_scale_factor), generator=gen, dtype=torch.float32)
@@ -193,14 +240,19 @@ class Comparison:
                             self.pipe.disable_lora()
                     else:
                         self.pipe.enable_lora()
-                        self.pipe.set_adapters([col], adapter_weights=[float(scale)])
+                        self.pipe.set_adapters([self.names[col]], adapter_weights=[float(scale)])
                 pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
                 t0 = time.perf_counter()
-                images = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
-                              guidance_scale=float(guidance), width=width, height=height,
-                              latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
-                              num_images_per_prompt=int(num_images),
-                              generator=torch.Generator("cpu").manual_seed(int(seed))).images
+                try:
+                    images = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
+                                  guidance_scale=float(guidance), width=width, height=height,
+                                  latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
+                                  num_images_per_prompt=int(num_images), callback_on_step_end=check_stop,
+                                  generator=torch.Generator("cpu").manual_seed(int(seed))).images
+                except Stopped:
+                    if self._loaded_adapters():
+                        self.pipe.enable_lora()
+                    raise AppError(f"stopped at the {col} column; nothing was kept from this request") from None
                 seconds = (time.perf_counter() - t0) / max(len(images), 1)
                 out[col] = [(im, seconds) for im in images]
             if self._loaded_adapters():

@@ -1,6 +1,7 @@
 """`python -m app` / `dreambooth-dora app`: start the comparison app.
 
     python -m app --base MODEL --dora DIR --lora DIR [--port N] [--host 127.0.0.1] [--adapters-root DIR]
+                  [--max-work N]
 
 With no arguments: the embedded default model and the quick start's outputs when they exist.
 Safe by default: listens on 127.0.0.1, no public share link unless --share, reads only
@@ -26,7 +27,30 @@ def parse(argv):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="open a public Gradio share link (off by default)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--max-work", type=int, default=None,
+                        help="the most work one request may ask for, width x height x steps x images x columns "
+                             "(default: about a minute of SD 1.5 on 2 CPU cores; 100x that on a GPU)")
     return parser.parse_args(argv)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (in use, not allowed), checked before any model loads."""
+    import socket
+
+    if not 0 < port < 65536:
+        return f"--port must be between 1 and 65535, got {port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"--host {host!r} is not an address of this machine: {err.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            s.bind(address)
+        except OSError as err:
+            return f"cannot listen on {host}:{port}: {err.strerror} (another server there? pick one with --port)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,12 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     args = parse(sys.argv[1:] if argv is None else argv)
+    problem = port_problem(args.host, args.port)
+    if problem is None and args.max_work is not None and args.max_work < 1:
+        problem = f"--max-work must be >= 1, got {args.max_work}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from .core import AppError, Comparison
     from .ui import build_ui
 
     root = args.adapters_root or ("outputs" if Path("outputs").is_dir() else None)
     try:
-        comp = Comparison(args.base, adapters_root=root, device=args.device)
+        comp = Comparison(args.base, adapters_root=root, device=args.device, max_work=args.max_work)
         for slot in ("lora", "dora"):
             path = getattr(args, slot) or (QUICKSTART[slot] if QUICKSTART[slot].is_dir() else None)
             if path:

@@ -33,7 +33,11 @@ def build_ui(comp: Comparison) -> gr.Blocks:
             scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", info=SCALE_HELP)
             count = gr.Slider(1, 8, value=1, step=1, label="Images per column")
             shown = gr.CheckboxGroup([TITLES[s] for s in SLOTS], value=[TITLES[s] for s in SLOTS], label="Columns")
-        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
+            stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+        gr.Markdown(f"One request may ask for at most {comp.max_work:,} units of work (width x height x steps x "
+                    "images x columns); the server's `--max-work` raises it.", elem_id="work-limit")
         status = gr.Markdown("", elem_id="status")
         galleries, times = {}, {}
         with gr.Row():
@@ -101,7 +105,13 @@ def build_ui(comp: Comparison) -> gr.Blocks:
                 return f"Error: could not load {target!r}: {type(err).__name__}", gr.update(), gr.update()
             return f"OK: {msg}", gr.update(label=comp.captions()["lora"]), gr.update(label=comp.captions()["dora"])
 
+        def on_stop():
+            comp.request_stop()
+            return "Stopping after the current sampling step…"
+
         random_seed.click(on_random, outputs=seed)
+        # outside the queue, so that it runs while a generation holds the queue
+        stop.click(on_stop, outputs=status, queue=False)
         generate.click(on_generate,
                        inputs=[prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count, shown],
                        outputs=[status, last, *[galleries[s] for s in SLOTS], *[times[s] for s in SLOTS]])

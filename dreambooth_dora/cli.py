@@ -145,6 +145,8 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # a warning is one line for the user, not the source line that raised it
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
@@ -155,6 +157,13 @@ def quiet_libraries() -> None:
         tlog.set_verbosity_error()
         dlog.disable_progress_bar()
         tlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:  # "Generating train split" bars of a local image folder
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
     except ImportError:
         pass
 

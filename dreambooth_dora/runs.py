@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT, checkpoint_problem, list_checkpoints, read_manifest
+from .checkpoints import CHECKPOINT, checkpoint_problem, checkpoint_step, list_checkpoints, read_manifest
 from .config import ConfigError
 from .outputs import ADAPTER_FILE, RUN_FILE, OutputError, atomic_path, check_not_degenerate, check_writable_place
 
@@ -177,18 +177,26 @@ def plan_run(cfg, data_fingerprint: str) -> RunPlan:
         raise ConfigError(f"output_dir {raw!r} holds checkpoints but no record of their settings ({RUN_FILE}); "
                           "cannot tell whether they belong to this run: use --overwrite_output_dir or another folder")
     if cfg.resume_from_checkpoint == "latest":
-        candidates = list(reversed(list_checkpoints(out)))
+        every = list_checkpoints(out)
+        own = record.get("run_id") if record else None
+        candidates = list(reversed(list_checkpoints(out, run_id=own) if own else every))
+        others = [p.name for p in every if own and p not in candidates]
+        if others:
+            plan.messages.append(f"not resuming from {', '.join(others)}: written by another run")
         damaged = []
         for ckpt in candidates:
             problem = checkpoint_problem(ckpt)
             if problem:
-                damaged.append(ckpt)
-                warnings.warn(f"checkpoint {ckpt} is damaged ({problem}); trying an earlier one", stacklevel=2)
+                damaged.append((ckpt, problem))
             else:
                 plan.resume.append(ckpt)
         if damaged and not plan.resume:
-            raise ConfigError(f"no checkpoint in {raw!r} loads completely ({', '.join(p.name for p in damaged)} are "
+            raise ConfigError(f"no checkpoint in {raw!r} loads completely ({', '.join(p.name for p, _ in damaged)}: "
                               "damaged); use --overwrite_output_dir to start afresh")
+        for ckpt, problem in damaged:
+            if checkpoint_step(ckpt) > checkpoint_step(plan.resume[0]):  # older damaged ones are never used
+                warnings.warn(f"checkpoint {ckpt} is damaged ({problem}); resuming from {plan.resume[0].name}",
+                              stacklevel=2)
         if not candidates:
             plan.messages.append(f"no checkpoint in {raw} yet: starting from scratch")
         return plan

@@ -298,57 +298,57 @@ def train(cfg: TrainConfig) -> Path:
         return latents, noise, t, captions, torch.stack(sizes), len(slots) if class_examples else 0
 
     # ---- the loop
-    progress = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-    unet.train()
-    for te in text_encoders if cfg.train_text_encoder else []:
-        te.train()
-    last_checkpoint = resume
-    logs = {}
-    while step < max_steps:
-        for micro in range(cfg.gradient_accumulation_steps):
-            micro_step = step * cfg.gradient_accumulation_steps + micro
-            torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
-            with accelerator.accumulate(unet):
-                latents, noise, timesteps, captions, sizes, num_prior = make_batch(micro_step)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                if prompt_cache is not None:
-                    cond = torch.stack([prompt_cache[c][0] for c in captions]).to(device, weight_dtype)
-                    pooled = torch.stack([prompt_cache[c][1] for c in captions]).to(device, weight_dtype) if sdxl else None
-                else:
-                    cond, pooled = encode_prompts(tokenizers, text_encoders, captions)
-                model_pred = unet(noisy, timesteps, cond, **unet_kwargs(pooled, sizes)).sample
-                target = diffusion_target(noise, latents, timesteps, noise_scheduler, prediction_type)
-                weights = (snr_weights(timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma, prediction_type)
-                           if cfg.snr_gamma else None)
-                loss, parts = diffusion_loss(model_pred, target, num_prior=num_prior,
-                                             prior_loss_weight=cfg.prior_loss_weight, weights=weights)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-                    if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
-                        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
-                            "no checkpoint was saved yet"
-                        raise TrainingError(f"loss or gradients became NaN/inf at step {step + 1}; stopped, "
-                                            f"{where}; lower learning_rate or try mixed_precision 'no'")
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(1)
-        logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                **{k: float(v) for k, v in parts.items()}}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=step)
-        if step % cfg.checkpointing_steps == 0 and step < max_steps:
-            with saving(f"checkpoint-{step}", last_checkpoint):
-                last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit,
-                                                  plan.run_id, plan.record["settings"])
-        if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
-            with saving(f"the validation grid of step {step}", last_checkpoint):
-                validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache,
-                         validation_prompts, step, out_dir)
-    progress.close()
+    # the bar closes before an error is printed, so the error stands on its own line
+    with tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process) as progress:
+        unet.train()
+        for te in text_encoders if cfg.train_text_encoder else []:
+            te.train()
+        last_checkpoint = resume
+        logs = {}
+        while step < max_steps:
+            for micro in range(cfg.gradient_accumulation_steps):
+                micro_step = step * cfg.gradient_accumulation_steps + micro
+                torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
+                with accelerator.accumulate(unet):
+                    latents, noise, timesteps, captions, sizes, num_prior = make_batch(micro_step)
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    if prompt_cache is not None:
+                        cond = torch.stack([prompt_cache[c][0] for c in captions]).to(device, weight_dtype)
+                        pooled = torch.stack([prompt_cache[c][1] for c in captions]).to(device, weight_dtype) if sdxl else None
+                    else:
+                        cond, pooled = encode_prompts(tokenizers, text_encoders, captions)
+                    model_pred = unet(noisy, timesteps, cond, **unet_kwargs(pooled, sizes)).sample
+                    target = diffusion_target(noise, latents, timesteps, noise_scheduler, prediction_type)
+                    weights = (snr_weights(timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma, prediction_type)
+                               if cfg.snr_gamma else None)
+                    loss, parts = diffusion_loss(model_pred, target, num_prior=num_prior,
+                                                 prior_loss_weight=cfg.prior_loss_weight, weights=weights)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                        grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+                        if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
+                            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
+                                "no checkpoint was saved yet"
+                            raise TrainingError(f"loss or gradients became NaN/inf at step {step + 1}; stopped, "
+                                                f"{where}; lower learning_rate or try mixed_precision 'no'")
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    **{k: float(v) for k, v in parts.items()}}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=step)
+            if step % cfg.checkpointing_steps == 0 and step < max_steps:
+                with saving(f"checkpoint-{step}", last_checkpoint):
+                    last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit,
+                                                      plan.run_id, plan.record["settings"])
+            if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
+                with saving(f"the validation grid of step {step}", last_checkpoint):
+                    validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache,
+                             validation_prompts, step, out_dir)
 
     # ---- output
     accelerator.wait_for_everyone()
@@ -359,7 +359,8 @@ def train(cfg: TrainConfig) -> Path:
                 "steps": step, "method": "dora" if cfg.use_dora else "lora", "rank": cfg.rank,
                 "lora_alpha": cfg.lora_alpha or cfg.rank, "train_text_encoder": cfg.train_text_encoder,
                 "architecture": "sdxl" if sdxl else "sd",
-                "final_loss": logs.get("loss"), "run_id": plan.run_id}
+                "final_loss": logs.get("loss"), "run_id": plan.run_id,
+                "settings": asdict(cfg)}  # the settings travel inside the adapter file, atomically with it
         with saving(f"the adapter in {out_dir}", last_checkpoint):
             # the settings beside the adapter must be the ones that made it: the old ones go first,
             # the new ones come after the adapter (a kill in between leaves none, never wrong ones)
