@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,9 @@ class Comparison:
                            f"{(str(err).splitlines() or [''])[0]}") from None
         old = self.names.get(slot)
         if old in self._loaded_adapters():
-            self.pipe.delete_adapters(old)
+            with warnings.catch_warnings():  # "adapter ... was active which is now deleted": as intended
+                warnings.simplefilter("ignore", UserWarning)
+                self.pipe.delete_adapters(old)
         self.names[slot] = name
         part = info["parts"].get("unet") or next(iter(info["parts"].values()))
         warn = ""
@@ -221,7 +224,7 @@ class Comparison:
 
         def check_stop(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end
             if self.stop.is_set():
-                raise Stopped
+                raise Stopped(step + 1)
             return kwargs
 
         with self.lock:
@@ -249,10 +252,11 @@ class Comparison:
                                   latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
                                   num_images_per_prompt=int(num_images), callback_on_step_end=check_stop,
                                   generator=torch.Generator("cpu").manual_seed(int(seed))).images
-                except Stopped:
+                except Stopped as stopped:
                     if self._loaded_adapters():
                         self.pipe.enable_lora()
-                    raise AppError(f"stopped at the {col} column; nothing was kept from this request") from None
+                    raise AppError(f"stopped after step {stopped.args[0]} of {int(steps)} of the {col} column; "
+                                   "nothing was kept from this request") from None
                 seconds = (time.perf_counter() - t0) / max(len(images), 1)
                 out[col] = [(im, seconds) for im in images]
             if self._loaded_adapters():

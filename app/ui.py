@@ -24,7 +24,7 @@ def build_ui(comp: Comparison) -> gr.Blocks:
         with gr.Row():
             seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
             random_seed = gr.Button("Random seed", elem_id="random-seed")
-            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
             guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
             scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M", label="Scheduler")
         with gr.Row():

@@ -191,12 +191,16 @@ def check_output_target(target: str | os.PathLike, kind: str, *, overwrite: bool
         source = Path(source).resolve()
         folder = source if source.is_dir() else source.parent
         if path == source or path == folder or path.is_relative_to(folder) or folder.is_relative_to(path):
-            raise OutputError(f"{what} {raw!r} would write {'into' if path.is_relative_to(folder) else 'over'} "
+            how = "into" if path != folder and path.is_relative_to(folder) else "over"
+            raise OutputError(f"{what} {raw!r} would write {how} "
                               f"the source {str(folder)!r}; write it somewhere else")
     for place in (path, *path.parents):
         if holds_training_run(place):
             raise OutputError(f"{what} {raw!r} {'is' if place == path else 'is inside'} the training run / adapter "
                               f"folder {str(place)!r}; exports and reports go somewhere else")
+        if place != path and (place / OUTPUT_MARKER).is_file():  # a later --overwrite of it would take this along
+            raise OutputError(f"{what} {raw!r} is inside {str(place)!r}, an output of its own "
+                              f"({output_kind(place)}); write beside it, not into it")
     if path.exists():
         if is_file and path.is_dir():
             raise OutputError(f"{what} {raw!r} is a folder; give a .safetensors file path")

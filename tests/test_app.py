@@ -222,6 +222,104 @@ def test_page_in_a_real_browser(served_app, tmp_path):
         again = {slot: gallery_images(second, slot) for slot in ("base", "lora", "dora")}
         for slot in again:  # the second browser, seed 0: the same pictures as the first run
             assert np.abs(arr(again[slot][0]) - arr(shown[slot][0])).max() <= 1, slot
+
+        # Stop ends a long request part-way (outside the queue), and the next request runs
+        page.locator("#steps input[type=number]").fill("100")
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#generate").click()
+        time.sleep(1.0)
+        page.locator("#stop").click()
+        page.wait_for_function("document.querySelector('#status').innerText.includes('stopped after step')",
+                               timeout=120_000)
+        assert "of 100" in page.locator("#status").inner_text()
+        page.locator("#steps input[type=number]").fill("2")
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelector('#status').innerText.includes('2 steps')", timeout=120_000)
         browser.close()
     if os.environ.get("APP_SCREENSHOT"):  # how docs/app.png in the README is made
         shutil.copy(tmp_path / "app.png", os.environ["APP_SCREENSHOT"])
+
+
+# ---- nothing lost, nothing stuck ------------------------------------------------------------
+
+def test_a_failed_load_keeps_the_columns_adapter(comp, adapters, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import torch
+
+    before = comp.generate("a sks icon", seed=11, steps=2)
+    broken = comp.root / "broken"
+    broken.mkdir(exist_ok=True)
+    src = adapters["dora"] / "pytorch_lora_weights.safetensors"
+    with safe_open(str(src), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = next(k for k in tensors if k.startswith("unet.") and k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 8)  # made for a wider model
+    save_file(tensors, str(broken / "pytorch_lora_weights.safetensors"), metadata=meta)
+    with pytest.raises(AppError, match="does not fit this base model"):
+        comp.load("dora", "broken", from_ui=True)
+    names = comp._loaded_adapters()
+
+    def fails_half_way(*args, **kwargs):  # the stock loader dies part-way through
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(comp.pipe, "load_lora_weights", fails_half_way)
+    with pytest.raises(AppError, match="could not load 'lora'.*out of memory"):
+        comp.load("dora", adapters["lora"])
+    monkeypatch.undo()
+    assert comp._loaded_adapters() == names and "DoRA" in comp.captions()["dora"]
+    after = comp.generate("a sks icon", seed=11, steps=2)
+    for col in before:  # every column still draws exactly what it drew before
+        assert np.array_equal(arr(before[col][0][0]), arr(after[col][0][0])), col
+
+
+def test_requests_have_a_work_limit_and_stop_works(comp):
+    import threading
+
+    with pytest.raises(AppError, match=r"too large: 2048x2048 px x 20 steps x 1 image\(s\) x 3 column\(s\) = "
+                                       r"251,658,240 > the limit 1,400,000.*--max-work"):
+        comp.generate("a sks icon", width=2048, height=2048, steps=20)
+    small = Comparison.__new__(Comparison)
+    small.__dict__.update(comp.__dict__)
+    small.max_work = 64 * 64 * 3 * 1 * 2 - 1  # one column too many
+    with pytest.raises(AppError, match="the limit"):
+        small.generate("a sks icon", steps=3, columns=("base", "dora"))
+    assert set(small.generate("a sks icon", steps=3, columns=("dora",))) == {"dora"}
+
+    result = {}
+
+    def long_request():
+        try:
+            comp.generate("a sks icon", steps=300, columns=("base",))
+        except AppError as err:
+            result["error"] = str(err)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(0.5)
+    comp.request_stop()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    stopped_at = int(result["error"].split("stopped after step ")[1].split(" ")[0])
+    assert 0 < stopped_at < 300 and "of 300 of the base column" in result["error"]
+    assert set(comp.generate("a sks icon", steps=2)) == {"base", "lora", "dora"}  # the next request runs
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(capsys, monkeypatch):
+    import app.core
+    from app.main import main, parse
+
+    monkeypatch.setattr(app.core, "Comparison", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (another server there? pick one with --port)"
+    assert main(["--port", "70000"]) == 2 and "between 1 and 65535" in capsys.readouterr().err
+    assert main(["--max-work", "0", "--port", str(free_port())]) == 2
+    assert "--max-work must be >= 1" in capsys.readouterr().err
+    assert parse(["--max-work", "5000000"]).max_work == 5_000_000

@@ -78,3 +78,77 @@ def test_a_diffusers_command_line_works_unchanged(icon_dir, tmp_path):
     assert cfg.validation_prompt == ["A photo of sks dog, in a bucket"]  # commas stay inside one prompt
     assert cfg.use_dora and cfg.train_text_encoder and cfg.with_prior_preservation and cfg.num_class_images == 50
     assert load_config([*args, "--validation_prompt", "a|b"]).validation_prompt == ["a", "b"]
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("rank: 4.7\n", "rank must be a whole number, got 4.7"),
+    ("rank: true\n", "rank must be a whole number, got True"),
+    ("learning_rate: .nan\n", "learning_rate must be a finite number"),
+    ("learning_rate: .inf\n", "learning_rate must be a finite number"),
+    ("learning_rate: -1e-4\n", "learning_rate must be > 0"),
+    ("text_encoder_lr: 0\n", "text_encoder_lr must be > 0"),
+    ("adam_beta1: 1.0\n", r"adam_beta1 must be in \[0, 1\)"),
+    ("adam_beta2: -0.1\n", r"adam_beta2 must be in \[0, 1\)"),
+    ("adam_epsilon: 0\n", "adam_epsilon must be > 0"),
+    ("adam_weight_decay: -1\n", "adam_weight_decay must be >= 0"),
+    ("seed: -1\n", "seed must be >= 0"),
+    ("lr_warmup_steps: -5\n", "lr_warmup_steps must be >= 0"),
+    ("lora_alpha: 0\n", "lora_alpha must be > 0"),
+    ("max_grad_norm: .nan\n", "max_grad_norm must be a finite number"),
+    ("prior_loss_weight: -1\n", "prior_loss_weight must be >= 0"),
+    ("snr_gamma: 0\n", "snr_gamma must be > 0"),
+    ("instance_prompt: [a, b]\n", "instance_prompt must be a text value"),
+    ("learning_rate: fast\n", "learning_rate must be a number, got 'fast'"),
+    ("unet_target_modules: {to_q: 1}\n", "unet_target_modules must be a list"),
+    ("pretrained_model_name_or_path: 'embedded:toy-wrld'\n",
+     "unknown embedded model 'toy-wrld'; known: 'embedded:toy-world', 'embedded:tiny-random'"),
+])
+def test_every_setting_is_checked_for_type_and_range(tmp_path, icon_dir, yaml_text, message):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"instance_data_dir: {icon_dir}\n" + yaml_text.replace("instance_prompt: [a, b]\n", "")
+                        + ("instance_prompt: [a, b]\n" if "instance_prompt" in yaml_text else "instance_prompt: x\n"))
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rank: [4\n", "not valid YAML at line 2, column 1: expected ',' or ']'"),
+    ("a: 1\nb: 2\nrank: : 4\n", "not valid YAML at line 3, column 7: mapping values are not allowed here"),
+    ("rank: 4\n\tlr: 1\n", "not valid YAML at line 2, column 1: found character '\\\\t'"),
+])
+def test_invalid_yaml_names_line_and_column(tmp_path, text, message):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(cfg_file)])
+
+
+def test_integral_floats_and_flag_strings_are_integers(base_args):
+    cfg = load_config([*base_args, "--rank", "8", "--seed", "0", "--num_class_images", "3"])
+    assert cfg.rank == 8 and isinstance(cfg.rank, int)
+    with pytest.raises(ConfigError, match="rank must be a whole number, got '4.7'"):
+        load_config([*base_args, "--rank", "4.7"])
+
+
+def test_yaml_that_is_not_utf8_and_output_dirs_that_cannot_be(tmp_path, base_args):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("instance_prompt: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(["--config", str(bad)])
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    from dreambooth_dora.runs import check_output_dir
+
+    for out, message in [(a_file, "is a file"), (a_file / "sub", "cannot be created"), (".", "current folder"),
+                         ("/", "file-system root")]:
+        with pytest.raises(ConfigError, match=message):
+            check_output_dir(load_config([*base_args, "--output_dir", str(out)]))
+    try:  # a read-only place (root ignores permission bits, so use a read-only mount when there is one)
+        probe = "/sys/dreambooth-dora-probe"
+        import os
+
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError:
+        with pytest.raises(ConfigError, match="cannot be written"):
+            check_output_dir(load_config([*base_args, "--output_dir", "/sys/dreambooth_dora_run"]))

@@ -47,6 +47,33 @@ def test_folder_with_bad_files_warns_by_name_and_keeps_the_rest(tmp_path):
     assert len(examples) == 6 and all(ex.image.mode == "RGB" and ex.caption == "a sks thing" for ex in examples)
 
 
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (the image data is a 1x1 picture's): what
+    the image library refuses to decode as a possible decompression bomb."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8  # after the signature: length (4), b"IHDR" (4), width, height, ...
+    data[ihdr + 8:ihdr + 16] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr + 4:ihdr + 8 + 13]))
+    data[ihdr + 8 + 13:ihdr + 8 + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_images_too_large_to_decode_are_skipped_by_name(tmp_path):
+    folder = save_odd_images(tmp_path / "imgs")
+    (folder / "bomb.png").write_bytes(huge_png_header(30000, 30000))  # 900 M pixels
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(folder / "bomb.png")
+    with pytest.warns(UserWarning, match=r"skipped 1 .*bomb.png \(too large to decode"):
+        examples = load_examples(str(folder), default_caption="x")
+    assert len(examples) == 6
+
+
 def test_folders_with_nothing_usable_fail_clearly(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_examples(str(tmp_path / "missing"))
