@@ -134,17 +134,12 @@ class Comparison:
         try:
             load_adapter(self.pipe, folder, adapter_name=name)
         except Exception as err:
-            if name in self._loaded_adapters():
-                self.pipe.delete_adapters(name)
+            self._drop(name)
             if isinstance(err, AdapterError):
                 raise AppError(str(err)) from None
             raise AppError(f"could not load {folder.name!r}: {type(err).__name__}: "
                            f"{(str(err).splitlines() or [''])[0]}") from None
-        old = self.names.get(slot)
-        if old in self._loaded_adapters():
-            with warnings.catch_warnings():  # "adapter ... was active which is now deleted": as intended
-                warnings.simplefilter("ignore", UserWarning)
-                self.pipe.delete_adapters(old)
+        self._drop(self.names.get(slot))
         self.names[slot] = name
         part = info["parts"].get("unet") or next(iter(info["parts"].values()))
         warn = ""
@@ -177,10 +172,14 @@ class Comparison:
         pipe.set_progress_bar_config(disable=True)
         self.merged[slot] = pipe.to(self.device)
         self.sources[slot] = Source(folder, True, f"merged pipeline · {folder.name}")
-        old = self.names.pop(slot, None)
-        if old in self._loaded_adapters():
-            self.pipe.delete_adapters(old)
+        self._drop(self.names.pop(slot, None))
         return f"loaded merged pipeline {folder.name} as {slot}"
+
+    def _drop(self, name: str | None) -> None:
+        if name in self._loaded_adapters():
+            with warnings.catch_warnings():  # "adapter ... was active which is now deleted": as intended
+                warnings.simplefilter("ignore", UserWarning)
+                self.pipe.delete_adapters(name)
 
     def _loaded_adapters(self) -> list[str]:
         try:
@@ -188,9 +187,13 @@ class Comparison:
         except (AttributeError, ValueError):
             return []
 
-    def request_stop(self) -> None:
-        """Stop the running generation after its current sampling step (the queue moves on)."""
+    def request_stop(self) -> bool:
+        """Stop the running generation after its current sampling step (the queue moves on);
+        False when none is running (a request that starts later is not affected)."""
+        if not self.lock.locked():
+            return False
         self.stop.set()
+        return True
 
     def captions(self) -> dict[str, str]:
         out = {"base": f"base · {self.base_name}"}

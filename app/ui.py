@@ -39,6 +39,7 @@ def build_ui(comp: Comparison) -> gr.Blocks:
         gr.Markdown(f"One request may ask for at most {comp.max_work:,} units of work (width x height x steps x "
                     "images x columns); the server's `--max-work` raises it.", elem_id="work-limit")
         status = gr.Markdown("", elem_id="status")
+        stop_status = gr.Markdown("", elem_id="stop-status")
         galleries, times = {}, {}
         with gr.Row():
             for slot in SLOTS:
@@ -106,15 +107,17 @@ def build_ui(comp: Comparison) -> gr.Blocks:
             return f"OK: {msg}", gr.update(label=comp.captions()["lora"]), gr.update(label=comp.captions()["dora"])
 
         def on_stop():
-            comp.request_stop()
-            return "Stopping after the current sampling step…"
+            running = comp.request_stop()
+            return ("Stopped: the running request ends after its current sampling step; nothing of it is shown"
+                    if running else "Stopped: nothing was running")
 
         random_seed.click(on_random, outputs=seed)
-        # outside the queue, so that it runs while a generation holds the queue
-        stop.click(on_stop, outputs=status, queue=False)
-        generate.click(on_generate,
+        run = generate.click(on_generate,
                        inputs=[prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count, shown],
                        outputs=[status, last, *[galleries[s] for s in SLOTS], *[times[s] for s in SLOTS]])
+        # outside the queue, so that it runs while a generation holds the queue; a request still
+        # waiting in the queue is cancelled there, a running one stops at its next sampling step
+        stop.click(on_stop, outputs=stop_status, queue=False, cancels=[run])
         diff_button.click(on_diff, inputs=last, outputs=[diff_image, status])
         refresh.click(lambda: gr.update(choices=find_adapters(comp.root)), outputs=found)
         load.click(on_load, inputs=[found, path, slot_choice], outputs=[load_status, galleries["lora"], galleries["dora"]])

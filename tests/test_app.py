@@ -229,9 +229,9 @@ def test_page_in_a_real_browser(served_app, tmp_path):
         page.locator("#generate").click()
         time.sleep(1.0)
         page.locator("#stop").click()
-        page.wait_for_function("document.querySelector('#status').innerText.includes('stopped after step')",
-                               timeout=120_000)
-        assert "of 100" in page.locator("#status").inner_text()
+        page.wait_for_function("document.querySelector('#stop-status').innerText.includes('Stopped')",
+                               timeout=60_000)
+        assert "running request ends" in page.locator("#stop-status").inner_text()
         page.locator("#steps input[type=number]").fill("2")
         page.locator("#steps input[type=number]").press("Enter")
         page.locator("#generate").click()
@@ -296,10 +296,11 @@ def test_requests_have_a_work_limit_and_stop_works(comp):
         except AppError as err:
             result["error"] = str(err)
 
+    assert comp.request_stop() is False  # nothing running: nothing to stop, the next request is unaffected
     worker = threading.Thread(target=long_request)
     worker.start()
     time.sleep(0.5)
-    comp.request_stop()
+    assert comp.request_stop() is True
     worker.join(timeout=60)
     assert not worker.is_alive()
     stopped_at = int(result["error"].split("stopped after step ")[1].split(" ")[0])
