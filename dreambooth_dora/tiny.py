@@ -204,6 +204,9 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     (build_tiny_sdxl_pipeline(seed=seed) if sdxl else build_tiny_pipeline(seed=seed, sd2=sd2)).save_pretrained(tmp)
+    from .outputs import make_readable
+
+    make_readable(tmp)  # a shared cache: safetensors alone leaves its files 0600
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished first

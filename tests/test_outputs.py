@@ -57,6 +57,11 @@ def test_exports_refuse_the_source_a_run_and_foreign_files(run_copy, tmp_path, c
     err = refused(capsys, "export", run, "--format", "fused", "--out", other / "fused", "--overwrite")
     assert "is inside the training run / adapter folder" in err
 
+    link = tmp_path / "link"  # a symlink to the run is the run
+    link.symlink_to(run, target_is_directory=True)
+    assert "over the source" in refused(capsys, "export", run, "--format", "fused", "--out", link, "--overwrite")
+    assert run.is_dir() and link.is_symlink()
+
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "photo.png").write_bytes(b"precious")
