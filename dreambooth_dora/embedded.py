@@ -121,13 +121,24 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--classifier-steps", type=int, default=1500,
                         help="train the judge too, into OUT/classifier (0: skip)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier model this command wrote at OUT")
     args = parser.parse_args(argv)
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    out = pretrain(args.out, args.resolution, args.vae_steps, args.unet_steps, args.batch, log=log)
-    if args.classifier_steps:
-        from .toyworld import save_classifier, train_classifier
+    from .outputs import OutputError, atomic_dir, check_output_target
 
-        save_classifier(train_classifier(args.classifier_steps, resolution=args.resolution, log=log), out / "classifier")
+    try:  # a new folder, or (asked for) one this command wrote before; never the shipped model by accident
+        out = check_output_target(args.out, "embedded-model", overwrite=args.overwrite, what="OUT")
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    with atomic_dir(out, "embedded-model") as tmp:  # complete or not at all, however long it takes
+        pretrain(tmp, args.resolution, args.vae_steps, args.unet_steps, args.batch, log=log)
+        if args.classifier_steps:
+            from .toyworld import save_classifier, train_classifier
+
+            save_classifier(train_classifier(args.classifier_steps, resolution=args.resolution, log=log),
+                            tmp / "classifier")
+    log(f"saved {out}")
     return 0
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from .checkpoints import CHECKPOINT, checkpoint_problem, checkpoint_step, list_checkpoints, read_manifest
 from .config import ConfigError
-from .outputs import ADAPTER_FILE, RUN_FILE, OutputError, atomic_path, check_not_degenerate, check_writable_place
+from .outputs import (ADAPTER_FILE, OUTPUT_MARKER, RUN_FILE, OutputError, atomic_path, check_not_degenerate,
+                      check_writable_place, holds_training_run)
 
 TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_path's leftovers: .<name>.<random>.tmp
 
@@ -112,6 +113,11 @@ def check_output_dir(cfg) -> Path:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output_dir {raw!r} is a file; give a folder")
         check_writable_place(out / "x", "output_dir")
+        for parent in out.parents:  # a run inside another run's (or an export's) folder would blend with it
+            if holds_training_run(parent) or (parent / OUTPUT_MARKER).is_file():
+                raise OutputError(f"output_dir {raw!r} is inside {str(parent)!r}, which holds "
+                                  f"{'a training run' if holds_training_run(parent) else 'an export or report'}; "
+                                  "choose a folder outside it")
     except OutputError as err:
         raise ConfigError(str(err)) from None
     for name in ("instance_data_dir", "class_data_dir"):

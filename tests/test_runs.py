@@ -276,6 +276,8 @@ def test_explicit_damaged_checkpoint_and_bad_paths_are_one_line(finished, tiny_s
     assert "is not a finished checkpoint" in err
     with pytest.raises(ConfigError, match="either resume_from_checkpoint"):
         run(*flags(tiny_sd_path, icon_dir, out, "--resume_from_checkpoint", "latest", "--overwrite_output_dir"))
+    assert "is inside" in one_line_error(capsys, flags(tiny_sd_path, icon_dir, out / "nested"))
+    assert not (out / "nested").exists()
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert "is a file" in one_line_error(capsys, flags(tiny_sd_path, icon_dir, a_file))

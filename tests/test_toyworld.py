@@ -1,6 +1,7 @@
 """The toy world's generator and judge (groundwork for the embedded base model)."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -53,6 +54,23 @@ def test_pretraining_script_saves_a_loadable_pipeline(tmp_path):
     assert image.shape == (1, 32, 32, 3)
     ids = pipe.tokenizer("a red ball on a beige background").input_ids
     assert len(ids) == 2 + 7  # every toy-world word is one token
+
+
+def test_pretraining_command_never_writes_over_a_model_it_did_not_make(tmp_path, capsys):
+    from dreambooth_dora.embedded import main
+    from dreambooth_dora.tiny import resolve_model
+
+    shipped = Path(resolve_model("embedded:toy-world"))
+    before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*") if p.is_file()}
+    steps = ["--vae-steps", "1", "--unet-steps", "1", "--batch", "2", "--classifier-steps", "1"]
+    assert main([str(shipped), *steps, "--overwrite"]) == 2
+    assert "was not written by dreambooth-dora" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*") if p.is_file()} == before
+    out = tmp_path / "emb"
+    assert main([str(out), *steps]) == 0 and (out / "classifier" / "model.safetensors").is_file()
+    assert main([str(out), *steps]) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert main([str(out), *steps, "--overwrite"]) == 0 and (out / "unet").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
 
 
 def test_the_embedded_model_draws_its_world():
