@@ -28,6 +28,9 @@ invisible to it, so code that does that must call `clear_cache()`.
 
 The output combines the base output and the low-rank path with one fused `addmm` and one
 `addcmul`, so DoRA saves a single extra output-sized tensor (`t`) for backward beyond LoRA.
+This module is the reference: the layers' math as written above. `dora_fused.py` holds the fast
+path a Linear layer takes with many tokens (one GEMM with the merged weight and a hand-written
+backward); it computes the same numbers (tests/test_dora.py checks both against PEFT).
 
 With dropout in training, PEFT applies the magnitude rescaling to the dropped-out input's base
 output; we do the same so that a run matches PEFT step for step:
@@ -42,7 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dora_fused import fused_linear
+
 NORM_EPS = 1e-12  # an all-zero row (n = 0, m = 0) gives scale 0, never NaN
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023): the one place it is computed."""
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
 def _per_row(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -68,14 +78,14 @@ class AdaptedLayer(nn.Module):
     def _init_adapter(self, rank, alpha, use_dora, dropout, use_rslora, init_lora_weights):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.rank, self.alpha, self.use_dora, self.use_rslora = int(rank), float(alpha), bool(use_dora), bool(use_rslora)
-        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.rank, self.use_dora, self.use_rslora = int(rank), bool(use_dora), bool(use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.adapter_enabled = True
         self._norm_cache = None  # (key, n)
         self._w0_cache = None  # (key, ‖W0_i‖²)
         self._merge_norm = None
+        self.set_alpha(alpha)
         self.reset_adapter_parameters(init_lora_weights)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -100,6 +110,12 @@ class AdaptedLayer(nn.Module):
             else:
                 self.lora_magnitude_vector.copy_(norm.reshape(shape))
         self.clear_cache()
+
+    def set_alpha(self, alpha: float) -> None:
+        """Alpha and the scale it implies (a file's per-module `alpha_pattern` sets it after init)."""
+        self.alpha = float(alpha)
+        self.scaling = lora_scaling(self.alpha, self.rank, self.use_rslora)
+        self.clear_cache()  # the cached norm depends on s
 
     def clear_cache(self) -> None:
         self._norm_cache = None
@@ -209,70 +225,6 @@ class AdaptedLayer(nn.Module):
         return f"{super().extra_repr()}, {kind}: rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
-class _FusedAdapterLinear(torch.autograd.Function):
-    """y = x W'ᵀ + bias with W' = diag(m/n)(W0 + s·B A) (DoRA) or W0 + s·B A (LoRA), in ONE GEMM.
-
-    The frozen W0 never needs its weight gradient (Gᵀx, the costly out×T×in GEMM), so the backward
-    computes only what the adapter needs, with G = dL/dy (T, out), h = x Aᵀ (T, r)::
-
-        dL/dx = G W'                                  one GEMM, as for the base layer
-        dL/dB = s · diag(m/n) Gᵀ h                    (out, r)
-        dL/dA = s · (G diag(m/n) B)ᵀ x                (r, in)
-        dL/dm = Σ_T (G ⊙ t) / n,  t = x (W0 + s·B A)ᵀ   (DoRA; n is a constant, paper §4.3)
-
-    Saved for backward: x, h (T×r) and, for DoRA, t: one output-sized tensor. W' is rebuilt in
-    backward (out·in·r flops) rather than kept.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scaling, norm):
-        device_type = x.device.type
-        cdt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        with torch.autocast(device_type, enabled=False):
-            xc = x.to(cdt)
-            w_eff = weight.float() + scaling * (lora_b.float() @ lora_a.float())  # (out, in) fp32
-            h = F.linear(xc, lora_a.to(cdt))  # (…, r)
-            b = None if bias is None else bias.to(cdt)
-            if magnitude is None:
-                y, t, scale = F.linear(xc, w_eff.to(cdt), b), None, None
-            else:
-                scale = magnitude.float() / norm  # (out,)
-                t = F.linear(xc, w_eff.to(cdt))  # (…, out): the direction's output
-                y = t * scale.to(cdt) if b is None else torch.addcmul(b, t, scale.to(cdt))
-        ctx.save_for_backward(xc, h, weight, lora_a, lora_b, t, scale, norm)
-        ctx.scaling, ctx.cdt, ctx.x_dtype, ctx.has_bias = scaling, cdt, x.dtype, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        xc, h, weight, lora_a, lora_b, t, scale, norm = ctx.saved_tensors
-        s, cdt = ctx.scaling, ctx.cdt
-        need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-        g = grad.to(cdt)
-        g2 = g.reshape(-1, g.shape[-1])  # (T, out)
-        b32 = lora_b.float() if scale is None else lora_b.float() * scale[:, None]  # diag(m/n) B
-        gx = ga = gb = gm = gbias = None
-        if need_x:
-            w_prime = weight.float() + s * (lora_b.float() @ lora_a.float())
-            if scale is not None:
-                w_prime = w_prime * scale[:, None]
-            gx = (g @ w_prime.to(cdt)).to(ctx.x_dtype)
-        if need_b:
-            # (hᵀ G)ᵀ, not Gᵀ h: the same numbers, but a GEMM with r output rows streams G once and
-            # runs 3-6x faster on CPU than one with r output columns (benchmarks/bench_layers.py)
-            gb = s * (h.reshape(-1, h.shape[-1]).T @ g2).T.float()
-            if scale is not None:
-                gb = gb * scale[:, None]
-        if need_a:
-            p = g2 @ b32.T.contiguous().to(cdt).T  # (T, r); the (r, out) layout is the fast one on CPU
-            ga = s * (p.T @ xc.reshape(-1, xc.shape[-1])).float()
-        if need_m and t is not None:
-            gm = (g2 * t.reshape(-1, t.shape[-1])).sum(0, dtype=torch.float32) / norm
-        if need_bias and ctx.has_bias:
-            gbias = g2.sum(0)
-        return gx, None, gbias, ga, gb, gm, None, None
-
-
 class AdaptedLinear(AdaptedLayer, nn.Linear):
     """`nn.Linear` with a DoRA (`use_dora=True`) or LoRA adapter. Shapes: x (…, in) -> (…, out);
     A (r, in), B (out, r), magnitude (out,)."""
@@ -288,8 +240,8 @@ class AdaptedLinear(AdaptedLayer, nn.Linear):
         self._init_adapter(rank, alpha, use_dora, dropout, use_rslora, init_lora_weights)
 
     # Fused (one GEMM with W', extra work ~ out·in) pays when there are more tokens than input
-    # features; below that the composed form (extra work ~ tokens·out) is cheaper. Measured in
-    # benchmarks/bench_layers.py.
+    # features; below that the composed form above (extra work ~ tokens·out) is cheaper. Measured
+    # in benchmarks/bench_layers.py. The fused path computes the same numbers (dora_fused.py).
     fuse_min_tokens_per_feature: float = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,12 +249,10 @@ class AdaptedLinear(AdaptedLayer, nn.Linear):
         tokens = x.numel() // max(x.shape[-1], 1)
         if (self.merged or not self.adapter_enabled or dropout_active
                 or tokens < self.fuse_min_tokens_per_feature * self.in_features):
-            return super().forward(x)
-        if self.use_dora:
-            return _FusedAdapterLinear.apply(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
-                                             self.lora_magnitude_vector, self.scaling, self.weight_norm())
-        return _FusedAdapterLinear.apply(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
-                                         None, self.scaling, None)
+            return super().forward(x)  # the reference path: AdaptedLayer.forward
+        magnitude = self.lora_magnitude_vector if self.use_dora else None
+        return fused_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, magnitude,
+                            self.scaling, self.weight_norm() if self.use_dora else None)
 
     def _base(self, x, bias):
         return F.linear(x, self.weight, bias)
