@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth_dora.export import describe, load_pipeline
+from dreambooth_dora.export import describe
+from dreambooth_dora.models import load_pipeline, resolve_model
 from dreambooth_dora.outputs import ADAPTER_FILE
-from dreambooth_dora.pipelines import AdapterError, load_adapter, read_adapter, without_safety_checker
-from dreambooth_dora.tiny import resolve_model
+from dreambooth_dora.pipelines import AdapterError, load_adapter, read_adapter
 
 SLOTS = ("base", "lora", "dora")
 SCHEDULERS = {
@@ -153,11 +153,8 @@ class Comparison:
         return f"loaded {caption} as {slot}"
 
     def _load_merged(self, slot: str, folder: Path) -> str:
-        from diffusers import DiffusionPipeline
-
         try:
-            pipe = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, use_safetensors=True,
-                                                     **without_safety_checker(str(folder)))
+            pipe = load_pipeline(str(folder), torch_dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError) as err:
             raise AppError(f"cannot load merged pipeline {folder.name!r}: {str(err).splitlines()[0]}") from None
         # the shared pipeline may hold PEFT-wrapped layers: compare under the plain names
@@ -169,7 +166,6 @@ class Comparison:
                 if tuple(shape) != tuple(v.shape):
                     raise AppError(f"merged pipeline {folder.name!r} is for another base model: unet {k} "
                                    f"is {tuple(v.shape)}, here {tuple(shape)}")
-        pipe.set_progress_bar_config(disable=True)
         self.merged[slot] = pipe.to(self.device)
         self.sources[slot] = Source(folder, True, f"merged pipeline · {folder.name}")
         self._drop(self.names.pop(slot, None))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .models import quiet_libraries
+
 USAGE = """usage: dreambooth-dora <command> [options]
 
 commands:
@@ -26,11 +28,12 @@ def _user_errors():
     from .config import ConfigError
     from .data import DataError
     from .metrics import MetricModelError
+    from .models import ModelLoadError
     from .outputs import OutputError
     from .pipelines import AdapterError
     from .train import TrainingError
 
-    return (ConfigError, DataError, TrainingError, AdapterError, MetricModelError, OutputError, OSError)
+    return (ConfigError, DataError, TrainingError, ModelLoadError, AdapterError, MetricModelError, OutputError, OSError)
 
 
 def _one_line(err: BaseException) -> str:
@@ -136,36 +139,6 @@ def info_main(argv: list[str]) -> int:
         print(f"  {prefix}: rank {p['rank']}, alpha {p['alpha']:g}, {p['modules']} modules "
               f"({', '.join(p['targets'])}), {p['parameters']:,} parameters")
     return 0
-
-
-def quiet_libraries() -> None:
-    """Our own progress bars and messages only: library load bars, info logs and deprecation
-    notices would bury the one line a user needs."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    # a warning is one line for the user, not the source line that raised it
-    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.set_verbosity_error()
-        tlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
-    try:  # "Generating train split" bars of a local image folder
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

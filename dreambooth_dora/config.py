@@ -176,7 +176,7 @@ class TrainConfig:
             "prior_loss_weight": (">=", 0), "max_grad_norm": (">=", 0), "snr_gamma": (">", 0),
             "noise_offset": (">=", 0), "lr_power": (">", 0),
         })
-        from .tiny import check_embedded_name
+        from .models import check_embedded_name
 
         for name in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
             try:

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from .analysis import analyse, points_as_dicts, scatter_plot, summarise
 from .config import ConfigError
-from .export import apply_to_models, load_pipeline
+from .export import apply_to_models
 from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder, cosine, pixel_mse, ssim
 from .outputs import atomic_dir, check_output_target
-from .pipelines import AdapterFile, check_fits, load_adapter, pipeline_models, read_adapter
-from .tiny import resolve_model
+from .models import load_pipeline, pipeline_models, resolve_model
+from .pipelines import AdapterFile, check_fits, load_adapter, read_adapter
 from .validation import image_grid
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class EvalConfig:
         if any(seed < 0 for seed in self.seeds):
             raise ConfigError(f"seeds must be >= 0, got {self.seeds}")
         from .config import check_ranges
-        from .tiny import check_embedded_name
+        from .models import check_embedded_name
 
         check_ranges(self, {"guidance_scale": (">=", 0)})
         try:

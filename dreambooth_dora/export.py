@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 
 from .adapters import adapted_layers, add_adapters, load_adapter_state_dict, merge_adapters
 from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target, layout_prefix
-from .pipelines import AdapterError, AdapterFile, check_fits, pipeline_models, read_adapter, without_safety_checker
-from .tiny import resolve_model
+from .models import load_pipeline, pipeline_models, resolve_model
+from .pipelines import AdapterError, AdapterFile, check_fits, read_adapter
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
@@ -63,16 +63,6 @@ def apply_to_models(adapter: AdapterFile, models: dict[str, torch.nn.Module]) ->
             a = float(cfg.get("alpha_pattern", {}).get(name, alpha))
             layer.alpha, layer.scaling = a, a / (r ** 0.5 if layer.use_rslora else r)
         load_adapter_state_dict(models[prefix], part)
-
-
-def load_pipeline(base: str, revision: str | None = None, torch_dtype=torch.float32):
-    from diffusers import DiffusionPipeline
-
-    path = resolve_model(base)
-    pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=torch_dtype,
-                                             **without_safety_checker(path, revision))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,

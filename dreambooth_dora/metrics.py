@@ -147,13 +147,13 @@ class ToyEmbedder:
 
     def __init__(self, classifier: str | Path | torch.nn.Module, resolution: int):
         """`classifier`: the loaded judge or its folder."""
-        from .toyworld import load_classifier
+        from .toy.world import load_classifier
 
         self.name, self.resolution = "toy", resolution
         self.model = classifier if isinstance(classifier, torch.nn.Module) else load_classifier(classifier)
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        from .toyworld import classify, degrade
+        from .toy.world import classify, degrade
 
         return classify(self.model, [degrade(im, self.resolution) for im in images])[2]

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .models import PARTS as PREFIXES, pipeline_models
 from .outputs import ADAPTER_FILE, LORA_ADAPTER_METADATA_KEY, layout_prefix
 
 log = logging.getLogger(__name__)
-PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 
 
 class AdapterError(ValueError):
@@ -130,29 +130,6 @@ def check_fits(adapter: AdapterFile, models: dict[str, torch.nn.Module]) -> None
             if mag is not None and mag.numel() != weight.shape[0]:
                 raise AdapterError(f"adapter does not fit: {prefix}.{module_name} magnitude has "
                                    f"{mag.numel()} entries for {weight.shape[0]} output features")
-
-
-def without_safety_checker(model_path: str, revision: str | None = None) -> dict:
-    """`from_pretrained` arguments that skip SD 1.x's safety checker; nothing for pipelines
-    that have none (SD 2.x, SDXL), which would warn about unexpected arguments."""
-    from diffusers import DiffusionPipeline
-
-    if "safety_checker" in DiffusionPipeline.load_config(model_path, revision=revision):
-        return {"safety_checker": None, "requires_safety_checker": False}
-    return {}
-
-
-def load_vae(path: str, dtype: torch.dtype | None = None):
-    """An AutoencoderKL from a hub id or folder holding the VAE itself, or a whole pipeline
-    folder (its `vae/` subfolder); e.g. an fp16-safe SDXL VAE."""
-    from diffusers import AutoencoderKL
-
-    sub = "vae" if (Path(path) / "vae").is_dir() else None
-    return AutoencoderKL.from_pretrained(path, subfolder=sub, **({"dtype": dtype} if dtype else {}))
-
-
-def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
-    return {p: getattr(pipe, p) for p in PREFIXES if getattr(pipe, p, None) is not None}
 
 
 @torch.no_grad()

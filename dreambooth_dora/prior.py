@@ -24,9 +24,7 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
                         num_inference_steps: int = 25, show_progress: bool = True, vae_path: str | None = None) -> int:
     """Generate class images until `class_data_dir` holds `num_class_images`; returns how many were
     made. `vae_path`: a VAE to use instead of the model's (the fp16-safe one training was given)."""
-    from diffusers import DiffusionPipeline
-
-    from .pipelines import load_vae, without_safety_checker
+    from .models import load_pipeline
 
     folder = Path(class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,10 +36,7 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
     if precision is None:
         precision = "fp16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    extra = {"vae": load_vae(vae_path, dtype)} if vae_path else {}
-    pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, revision=revision, variant=variant,
-                                             **without_safety_checker(model_path, revision), **extra)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(model_path, revision=revision, variant=variant, torch_dtype=dtype, vae_path=vae_path)
     pipe.to(device)
     tag = hashlib.sha1(class_prompt.encode()).hexdigest()[:10]
     made = 0

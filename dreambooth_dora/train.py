@@ -29,11 +29,10 @@ from .config import ConfigError, TrainConfig
 from .conditioning import encode_prompts, time_ids, unet_kwargs
 from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, training_view
 from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
+from .models import load_components, resolve_model
 from .outputs import save_adapter, write_text
-from .pipelines import load_vae
 from .prior import ensure_class_images
 from .runs import fingerprint_examples, plan_run, start_run
-from .tiny import resolve_model
 from .validation import generate_validation, save_grid
 
 
@@ -51,36 +50,6 @@ def saving(what: str, last_checkpoint: Path | None):
         where = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
         raise TrainingError(f"could not write {what}: {err.strerror or err}; nothing half-written was left, "
                             f"{where}") from None
-
-
-def load_models(path: str, revision: str | None = None, variant: str | None = None, vae_path: str | None = None):
-    """Tokenizers and text encoders (one for SD 1.x/2.x; two for SDXL, the second with its
-    projection), VAE (or the one at `vae_path`, e.g. an fp16-safe SDXL VAE), UNet and the
-    training noise scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    where = path
-    try:
-        index = DiffusionPipeline.load_config(path, revision=revision)
-        sdxl = (index.get("text_encoder_2") or [None])[0] is not None
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)]
-        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)]
-        if sdxl:
-            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
-            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", revision=revision, variant=variant))
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-        if vae_path:
-            where = vae_path  # last, so that an error names the VAE only when the VAE failed
-            vae = load_vae(vae_path)
-        else:
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrainingError(f"cannot load model {where!r}: {first}") from None
-    return tokenizers, text_encoders, vae, unet, noise_scheduler
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict]):
@@ -164,8 +133,8 @@ def train(cfg: TrainConfig) -> Path:
         class_examples = load_image_folder(cfg.class_data_dir, cfg.class_prompt)[:cfg.num_class_images]
 
     # ---- models: frozen parts in the compute dtype, adapters in fp32
-    tokenizers, text_encoders, vae, unet, noise_scheduler = load_models(model_path, cfg.revision, cfg.variant,
-                                                                        cfg.pretrained_vae_model_name_or_path)
+    tokenizers, text_encoders, vae, unet, noise_scheduler = load_components(
+        model_path, cfg.revision, cfg.variant, cfg.pretrained_vae_model_name_or_path)
     sdxl = len(text_encoders) == 2
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)

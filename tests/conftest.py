@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_dora.tiny import save_tiny_pipeline
+from dreambooth_dora.toy.tiny import save_tiny_pipeline
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.core import AppError, Comparison, difference_map, find_adapters, resolve_under_root
 from dreambooth_dora.export import export_fused
-from dreambooth_dora.tiny import build_tiny_pipeline
+from dreambooth_dora.toy.tiny import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth_dora.export import apply_to_models, export_fused, export_kohya
 from dreambooth_dora.pipelines import AdapterError, load_adapter, pipeline_models, read_adapter
-from dreambooth_dora.tiny import build_tiny_pipeline
+from dreambooth_dora.toy.tiny import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5

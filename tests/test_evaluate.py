@@ -16,7 +16,7 @@ from dreambooth_dora.export import apply_to_models, load_pipeline
 from dreambooth_dora.metrics import pixel_mse, ssim
 from dreambooth_dora.outputs import ADAPTER_FILE, save_adapter
 from dreambooth_dora.pipelines import load_adapter, pipeline_models, read_adapter
-from dreambooth_dora.tiny import build_tiny_pipeline, save_tiny_clip, save_tiny_vit
+from dreambooth_dora.toy.tiny import build_tiny_pipeline, save_tiny_clip, save_tiny_vit
 
 
 def _random_images(n, size, seed):

@@ -186,18 +186,18 @@ def test_sdxl_app_and_evaluate(sdxl_dora, tiny_sdxl_path, tmp_path):
 
 
 def test_pretrained_vae_path(tiny_sdxl_path, tmp_path):
-    from dreambooth_dora.tiny import build_tiny_sdxl_pipeline
-    from dreambooth_dora.train import TrainingError, load_models
+    from dreambooth_dora.toy.tiny import build_tiny_sdxl_pipeline
+    from dreambooth_dora.models import ModelLoadError, load_components
 
     other = build_tiny_sdxl_pipeline(seed=7)
     other.vae.save_pretrained(tmp_path / "vae-only")
     for where in (tmp_path / "vae-only", tiny_sdxl_path):
-        _, encoders, vae, _, _ = load_models(str(tiny_sdxl_path), vae_path=str(where))
+        _, encoders, vae, _, _ = load_components(str(tiny_sdxl_path), vae_path=str(where))
         assert len(encoders) == 2
         expected = other.vae if where != tiny_sdxl_path else _pipe(tiny_sdxl_path).vae
         assert torch.equal(vae.encoder.conv_in.weight, expected.encoder.conv_in.weight)
-    with pytest.raises(TrainingError, match="cannot load model .*nowhere"):
-        load_models(str(tiny_sdxl_path), vae_path=str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="cannot load model .*nowhere"):
+        load_components(str(tiny_sdxl_path), vae_path=str(tmp_path / "nowhere"))
 
     from dreambooth_dora.prior import ensure_class_images
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import torch
 
-from dreambooth_dora.tiny import WORDS, build_clip_vocab, build_tiny_pipeline
+from dreambooth_dora.toy.tiny import WORDS, build_clip_vocab, build_tiny_pipeline
 
 
 def generate(pipe, seed, prompt="a photo of sks dog"):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreambooth_dora.toyworld import CLASSES, COLOURS, _classifier_module, classify, held_out_prompts, sample
+from dreambooth_dora.toy.world import CLASSES, COLOURS, _classifier_module, classify, held_out_prompts, sample
 
 
 def test_samples_are_labelled_deterministic_and_avoid_held_out_prompts():
@@ -45,7 +45,7 @@ def test_pretraining_script_saves_a_loadable_pipeline(tmp_path):
     """Two steps per stage: the code path, not the quality (that is measured, not tested)."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_dora.embedded import pretrain
+    from dreambooth_dora.toy.embedded import pretrain
 
     out = pretrain(tmp_path / "emb", resolution=32, vae_steps=2, unet_steps=2, batch=4, log=lambda m: None)
     pipe = StableDiffusionPipeline.from_pretrained(out)
@@ -57,8 +57,8 @@ def test_pretraining_script_saves_a_loadable_pipeline(tmp_path):
 
 
 def test_pretraining_command_never_writes_over_a_model_it_did_not_make(tmp_path, capsys):
-    from dreambooth_dora.embedded import main
-    from dreambooth_dora.tiny import resolve_model
+    from dreambooth_dora.toy.embedded import main
+    from dreambooth_dora.models import resolve_model
 
     shipped = Path(resolve_model("embedded:toy-world"))
     before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*") if p.is_file()}
@@ -78,8 +78,8 @@ def test_the_embedded_model_draws_its_world():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_dora.tiny import resolve_model
-    from dreambooth_dora.toyworld import load_classifier
+    from dreambooth_dora.models import resolve_model
+    from dreambooth_dora.toy.world import load_classifier
 
     path = resolve_model("embedded:toy-world")
     pipe = StableDiffusionPipeline.from_pretrained(path)

@@ -204,7 +204,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     (build_tiny_sdxl_pipeline(seed=seed) if sdxl else build_tiny_pipeline(seed=seed, sd2=sd2)).save_pretrained(tmp)
-    from .outputs import make_readable
+    from ..outputs import make_readable
 
     make_readable(tmp)  # a shared cache: safetensors alone leaves its files 0600
     try:
@@ -214,29 +214,6 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False
 
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_NAMES = ("toy-world", "tiny-random")
-
-
-def check_embedded_name(name_or_path: str) -> None:
-    """ValueError for an `embedded:` name the package does not ship (the message lists them)."""
-    if name_or_path.startswith(EMBEDDED_PREFIX) and name_or_path[len(EMBEDDED_PREFIX):] not in EMBEDDED_NAMES:
-        known = ", ".join(f"'{EMBEDDED_PREFIX}{n}'" for n in EMBEDDED_NAMES)
-        raise ValueError(f"unknown embedded model {name_or_path[len(EMBEDDED_PREFIX):]!r}; known: {known}")
-
-
-def resolve_model(name_or_path: str) -> str:
-    """Turn `embedded:<name>` into a local diffusers folder; leave hub ids and paths untouched."""
-    if not name_or_path.startswith(EMBEDDED_PREFIX):
-        return name_or_path
-    check_embedded_name(name_or_path)
-    name = name_or_path[len(EMBEDDED_PREFIX):]
-    if name == "toy-world":  # trained by `python -m dreambooth_dora.embedded`, shipped in the package
-        return str(Path(__file__).resolve().parent / "models" / "toy-world")
-    cache = Path(os.environ.get("DREAMBOOTH_DORA_CACHE", Path.home() / ".cache" / "dreambooth_dora"))
-    return str(save_tiny_pipeline(cache / name))
 
 
 def save_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:

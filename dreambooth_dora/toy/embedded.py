@@ -1,6 +1,6 @@
 """Pretraining the embedded base model on the toy world, and the judge that scores it.
 
-    python -m dreambooth_dora.embedded OUT_DIR [--resolution 32] [--vae-steps 800] [--unet-steps 3000]
+    python -m dreambooth_dora.toy.embedded OUT_DIR [--resolution 32] [--vae-steps 800] [--unet-steps 3000]
                                                [--classifier-steps 1500]
 
 Stage 1 trains a small AutoencoderKL (factor 4) on toy pictures; stage 2 trains a
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .tiny import WORDS, build_tokenizer
-from .toyworld import BACKGROUNDS, CLASSES, COLOURS, TEMPLATES, held_out_prompts, sample, to_tensor
+from .world import BACKGROUNDS, CLASSES, COLOURS, TEMPLATES, held_out_prompts, sample, to_tensor
 
 TOY_WORDS = tuple(WORDS) + tuple(w for name in (*CLASSES, *COLOURS, *BACKGROUNDS) for w in name.split()) + tuple(
     w for t in TEMPLATES for w in t.replace("{", " ").replace("}", " ").replace(",", " ").split())
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                         help="train the judge too, into OUT/classifier (0: skip)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier model this command wrote at OUT")
     args = parser.parse_args(argv)
-    from .outputs import OutputError, atomic_dir, check_output_target
+    from ..outputs import OutputError, atomic_dir, check_output_target
 
     try:  # a new folder, or (asked for) one this command wrote before; never the shipped model by accident
         out = check_output_target(args.out, "embedded-model", overwrite=args.overwrite, what="OUT")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     with atomic_dir(out, "embedded-model") as tmp:  # complete or not at all, however long it takes
         pretrain(tmp, args.resolution, args.vae_steps, args.unet_steps, args.batch, log=log)
         if args.classifier_steps:
-            from .toyworld import save_classifier, train_classifier
+            from .world import save_classifier, train_classifier
 
             save_classifier(train_classifier(args.classifier_steps, resolution=args.resolution, log=log),
                             tmp / "classifier")
@@ -149,7 +149,7 @@ if __name__ == "__main__":
 @torch.no_grad()
 def score_base(pipe, classifier, prompts=None, seeds=(0,), steps: int = 20, guidance: float = 5.0):
     """Class and colour agreement of the classifier with held-out prompts (fractions in [0, 1])."""
-    from .toyworld import classify
+    from .world import classify
 
     prompts = prompts or held_out_prompts()
     hits_c = hits_k = n = 0
