@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth_dora.export import describe
 from dreambooth_dora.models import load_pipeline, resolve_model
 from dreambooth_dora.outputs import ADAPTER_FILE
-from dreambooth_dora.pipelines import AdapterError, load_adapter, read_adapter
+from dreambooth_dora.adapter_file import AdapterError, describe, load_adapter, read_adapter
 
 SLOTS = ("base", "lora", "dora")
 SCHEDULERS = {
@@ -141,12 +140,12 @@ class Comparison:
                            f"{(str(err).splitlines() or [''])[0]}") from None
         self._drop(self.names.get(slot))
         self.names[slot] = name
-        part = info["parts"].get("unet") or next(iter(info["parts"].values()))
+        part = info.parts.get("unet") or next(iter(info.parts.values()))
         warn = ""
-        recorded = adapter.info.get("base_model")
+        recorded = adapter.info.base_model
         if recorded and recorded != self.base_name and resolve_model(recorded) != self.base_path:
             warn = f" (trained on {recorded})"
-        caption = (f"{info['method']} · rank {part['rank']} · {info['steps'] or '?'} steps · "
+        caption = (f"{info.method} · rank {part.rank} · {info.steps or '?'} steps · "
                    f"{folder.name}/{adapter.path.name}{warn}")
         self.sources[slot] = Source(folder, False, caption)
         self.merged.pop(slot, None)

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     variants = {}
     for name, dora in (("ours LoRA", False), ("ours DoRA", True)):
         unet = copy.deepcopy(base)
-        add_adapters(unet, TARGETS, rank=args.rank, alpha=args.rank, dora=dora)
+        add_adapters(unet, TARGETS, rank=args.rank, alpha=args.rank, use_dora=dora)
         variants[name] = unet.to(dev)
     peft = inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS,
                                               use_dora=True), copy.deepcopy(base))

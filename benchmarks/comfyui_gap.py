@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dreambooth_dora.adapters import adapted_layers, merge_adapters  # noqa: E402
-from dreambooth_dora.export import apply_to_models, base_model_of, load_pipeline  # noqa: E402
-from dreambooth_dora.pipelines import pipeline_models, read_adapter  # noqa: E402
+from dreambooth_dora.adapter_file import apply_to_models, base_model_of, read_adapter  # noqa: E402
+from dreambooth_dora.models import load_pipeline, pipeline_models  # noqa: E402
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         for model in pipeline_models(pipe).values():
             merge_adapters(model)
     dev = torch.cat(ratios).numpy()
-    prompt = args.prompt or adapter.info.get("instance_prompt") or "a photo"
+    prompt = args.prompt or adapter.info.instance_prompt or "a photo"
     size = exact.unet.config.sample_size * exact.vae_scale_factor
     diffs, psnrs = [], []
     for seed in range(args.seeds):

@@ -12,7 +12,7 @@ from .adapters import (
     set_adapters_enabled,
 )
 from .dora import AdaptedConv2d, AdaptedLayer, AdaptedLinear
-from .pipelines import AdapterError, load_adapter, read_adapter
+from .adapter_file import AdapterError, load_adapter, read_adapter
 
 __all__ = [
     "TEXT_ENCODER_TARGETS", "UNET_ATTENTION_TARGETS", "AdaptedConv2d", "AdaptedLayer", "AdaptedLinear", "AdapterError",

@@ -35,7 +35,7 @@ def add_adapters(
     target_modules: str | Iterable[str],
     rank: int,
     alpha: float | None = None,
-    dora: bool = True,
+    use_dora: bool = True,
     dropout: float = 0.0,
     use_rslora: bool = False,
     init_lora_weights: bool | str = True,
@@ -69,7 +69,7 @@ def add_adapters(
             raise ValueError(f"target {name!r} is a {type(module).__name__}; adapters support {supported}")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrapper(module, rank, alpha, use_dora=dora, dropout=dropout,
+        setattr(parent, child, wrapper(module, rank, alpha, use_dora=use_dora, dropout=dropout,
                                        use_rslora=use_rslora, init_lora_weights=init_lora_weights))
     return names
 

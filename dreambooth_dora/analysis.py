@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from .adapters import _matches, adapted_layers, load_adapter_state_dict
 from .checkpoints import checkpoint_step, list_checkpoints
 from .outputs import ADAPTER_FILE
-from .pipelines import AdapterFile, read_adapter
+from .adapter_file import AdapterFile, read_adapter
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def snapshots(path: str | Path, final: AdapterFile | None = None) -> list[tuple[
     found = []
     if path.is_dir():
         found = [(checkpoint_step(c), c / ADAPTER_FILE) for c in list_checkpoints(path) if (c / ADAPTER_FILE).is_file()]
-    last = int(final.info.get("steps") or (found[-1][0] if found else 0))
+    last = int(final.info.steps or (found[-1][0] if found else 0))
     found = [(s, p) for s, p in found if s != last]  # the final adapter stands for its step
     return found + [(last, final.path)]
 

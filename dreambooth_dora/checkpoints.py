@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 
 from .adapters import load_adapter_state_dict
-from .outputs import ADAPTER_FILE, atomic_path, layout_prefix, make_readable, save_adapter
+from .adapter_file import AdapterInfo, layout_prefix, save_adapter
+from .outputs import ADAPTER_FILE, atomic_path, make_readable
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "checkpoint.json"
@@ -119,7 +120,7 @@ def register_adapter_hooks(accelerator, models: dict) -> None:
 
     def save_hook(prepared, weights, output_dir):
         if accelerator.is_main_process:
-            save_adapter(output_dir, {p: m for p, m in models.items()}, {"checkpoint": True})
+            save_adapter(output_dir, dict(models), AdapterInfo(checkpoint=True))
         for i in reversed(range(len(prepared))):  # keep accelerate from writing whole models
             if prefix_of(prepared[i]) is not None and i < len(weights):
                 weights.pop(i)

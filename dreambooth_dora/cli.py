@@ -30,7 +30,7 @@ def _user_errors():
     from .metrics import MetricModelError
     from .models import ModelLoadError
     from .outputs import OutputError
-    from .pipelines import AdapterError
+    from .adapter_file import AdapterError
     from .train import TrainingError
 
     return (ConfigError, DataError, TrainingError, ModelLoadError, AdapterError, MetricModelError, OutputError, OSError)
@@ -123,7 +123,7 @@ def info_main(argv: list[str]) -> int:
     parser.add_argument("adapter", help="adapter folder or .safetensors file")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
-    from .export import describe
+    from .adapter_file import describe
 
     try:
         d = describe(args.adapter)
@@ -131,13 +131,13 @@ def info_main(argv: list[str]) -> int:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(d.as_dict(), indent=2))
         return 0
-    print(f"{d['file']}\n  method: {d['method']}\n  base model: {d['base_model']}\n"
-          f"  steps: {d['steps']}\n  instance prompt: {d['instance_prompt']}\n  parameters: {d['parameters']:,}")
-    for prefix, p in d["parts"].items():
-        print(f"  {prefix}: rank {p['rank']}, alpha {p['alpha']:g}, {p['modules']} modules "
-              f"({', '.join(p['targets'])}), {p['parameters']:,} parameters")
+    print(f"{d.file}\n  method: {d.method}\n  base model: {d.base_model}\n"
+          f"  steps: {d.steps}\n  instance prompt: {d.instance_prompt}\n  parameters: {d.parameters:,}")
+    for prefix, p in d.parts.items():
+        print(f"  {prefix}: rank {p.rank}, alpha {p.alpha:g}, {p.modules} modules "
+              f"({', '.join(p.targets)}), {p.parameters:,} parameters")
     return 0
 
 

@@ -77,7 +77,7 @@ class TrainConfig:
     # ---- adapters
     rank: int = 4
     lora_alpha: float | None = None
-    """Defaults to `rank` (scale 1)."""
+    """Defaults to `rank` (scale 1); resolved here, once."""
     lora_dropout: float = 0.0
     use_dora: bool = True
     use_rslora: bool = False
@@ -167,6 +167,8 @@ class TrainConfig:
             raise ConfigError("checkpoints_total_limit must be >= 1")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.rank)
         check_ranges(self, {
             "seed": (">=", 0), "lr_warmup_steps": (">=", 0), "num_class_images": (">=", 0),
             "lr_num_cycles": (">=", 1), "learning_rate": (">", 0), "text_encoder_lr": (">", 0),

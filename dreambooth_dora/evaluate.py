@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 
 from .analysis import analyse, points_as_dicts, scatter_plot, summarise
 from .config import ConfigError
-from .export import apply_to_models
 from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder, cosine, pixel_mse, ssim
 from .outputs import atomic_dir, check_output_target
 from .models import load_pipeline, pipeline_models, resolve_model
-from .pipelines import AdapterFile, check_fits, load_adapter, read_adapter
+from .adapter_file import AdapterFile, apply_to_models, check_fits, load_adapter, read_adapter
 from .validation import image_grid
 
 log = logging.getLogger(__name__)
@@ -318,7 +317,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     sources = parse_sources(cfg.adapters)
     out = check_output_target(cfg.output_dir, "evaluation-report", overwrite=cfg.overwrite, what="output_dir",
                               flag="--overwrite", sources=(cfg.instance_data_dir, *(a.path.parent for _, _, a in sources)))
-    subject = cfg.subject_prompts or sorted({a.info.get("instance_prompt") for _, _, a in sources} - {None})
+    subject = cfg.subject_prompts or sorted({a.info.instance_prompt for _, _, a in sources} - {None})
     if not subject:
         raise ConfigError("subject_prompts is not set and the adapters record no instance prompt")
     prompts = [("subject", p) for p in subject] + [("class", p) for p in cfg.class_prompts] + \
@@ -335,7 +334,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     models = pipeline_models(load_pipeline(cfg.base_model))
     for label, _, adapter in sources:
         check_fits(adapter, models)
-        recorded = adapter.info.get("base_model")
+        recorded = adapter.info.base_model
         if recorded and recorded != cfg.base_model and resolve_model(recorded) != str(base_path):
             log.warning("%s was trained on %s, evaluated on %s", label, recorded, cfg.base_model)
 

@@ -29,40 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import adapted_layers, add_adapters, load_adapter_state_dict, merge_adapters
-from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target, layout_prefix
-from .models import load_pipeline, pipeline_models, resolve_model
-from .pipelines import AdapterError, AdapterFile, check_fits, read_adapter
+from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target
+from .adapter_file import apply_to_models, base_model_of, layout_prefix, read_adapter
+from .models import load_pipeline, pipeline_models
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-
-
-def base_model_of(adapter: AdapterFile, base: str | None) -> str:
-    base = base or adapter.info.get("base_model")
-    if not base:
-        raise AdapterError(f"{adapter.path} does not record its base model; pass --base MODEL")
-    return resolve_model(base)
-
-
-def apply_to_models(adapter: AdapterFile, models: dict[str, torch.nn.Module]) -> None:
-    """Wrap the adapter's modules in our DoRA/LoRA layers and load its tensors (exact)."""
-    check_fits(adapter, models)
-    for prefix in sorted({k.split(".", 1)[0] for k in adapter.tensors}):
-        rank, alpha = adapter.rank_alpha(prefix)
-        cfg = adapter.configs.get(prefix, {})
-        part = adapter.part(prefix, models[prefix])
-        names = adapter.modules(prefix, models[prefix])
-        dora = any(k.endswith("lora_magnitude_vector") for k in part)
-        add_adapters(models[prefix], names, rank=rank, alpha=alpha, dora=dora,
-                     use_rslora=bool(cfg.get("use_rslora", False)))
-        for name in names:  # per-module ranks/alphas (rank_pattern / alpha_pattern)
-            layer = models[prefix].get_submodule(name)
-            r = part[f"{name}.lora_A.weight"].shape[0]
-            if r != layer.rank:
-                raise AdapterError(f"{prefix}.{name}: rank {r} differs from the adapter's rank {layer.rank}; "
-                                   "per-module ranks are not supported by this loader")
-            a = float(cfg.get("alpha_pattern", {}).get(name, alpha))
-            layer.alpha, layer.scaling = a, a / (r ** 0.5 if layer.use_rslora else r)
-        load_adapter_state_dict(models[prefix], part)
 
 
 def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
@@ -130,28 +101,3 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out
-
-
-def describe(path: str | Path) -> dict:
-    """What `dreambooth-dora info` prints: method, rank, alpha, targets, sizes, base model."""
-    adapter = read_adapter(path)
-    parts = {}
-    for prefix in sorted({k.split(".", 1)[0] for k in adapter.tensors}):
-        rank, alpha = adapter.rank_alpha(prefix)
-        modules = adapter.modules(prefix)
-        parts[prefix] = {
-            "modules": len(modules),
-            "targets": sorted({m.rsplit(".", 1)[-1] if not m.split(".")[-1].isdigit() else ".".join(m.split(".")[-2:])
-                               for m in modules}),
-            "rank": rank, "alpha": alpha,
-            "parameters": sum(v.numel() for v in adapter.part(prefix).values()),
-        }
-    return {
-        "file": str(adapter.path),
-        "method": "DoRA" if adapter.use_dora else "LoRA",
-        "base_model": adapter.info.get("base_model", "unknown (not recorded)"),
-        "steps": adapter.info.get("steps"),
-        "instance_prompt": adapter.info.get("instance_prompt"),
-        "parameters": sum(v.numel() for v in adapter.tensors.values()),
-        "parts": parts,
-    }

@@ -28,9 +28,11 @@ from .checkpoints import checkpoint_step, register_adapter_hooks, save_checkpoin
 from .config import ConfigError, TrainConfig
 from .conditioning import encode_prompts, time_ids, unet_kwargs
 from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, training_view
+from .model_card import model_card
 from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
 from .models import load_components, resolve_model
-from .outputs import save_adapter, write_text
+from .adapter_file import AdapterInfo, save_adapter
+from .outputs import write_text
 from .prior import ensure_class_images
 from .runs import fingerprint_examples, plan_run, start_run
 from .validation import generate_validation, save_grid
@@ -147,7 +149,7 @@ def train(cfg: TrainConfig) -> Path:
     for te in text_encoders:
         te.requires_grad_(False).to(device, dtype=weight_dtype)
     unet.requires_grad_(False).to(device, dtype=weight_dtype)
-    adapter_kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, dora=cfg.use_dora, dropout=cfg.lora_dropout,
+    adapter_kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, use_dora=cfg.use_dora, dropout=cfg.lora_dropout,
                       use_rslora=cfg.use_rslora)
     try:
         add_adapters(unet, cfg.unet_target_modules, **adapter_kw)
@@ -323,13 +325,13 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     path = out_dir / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
-        info = {"base_model": cfg.pretrained_model_name_or_path, "instance_prompt": cfg.instance_prompt,
-                "class_prompt": cfg.class_prompt if cfg.with_prior_preservation else None,
-                "steps": step, "method": "dora" if cfg.use_dora else "lora", "rank": cfg.rank,
-                "lora_alpha": cfg.lora_alpha or cfg.rank, "train_text_encoder": cfg.train_text_encoder,
-                "architecture": "sdxl" if sdxl else "sd",
-                "final_loss": logs.get("loss"), "run_id": plan.run_id,
-                "settings": asdict(cfg)}  # the settings travel inside the adapter file, atomically with it
+        info = AdapterInfo(
+            method="dora" if cfg.use_dora else "lora", rank=cfg.rank, lora_alpha=cfg.lora_alpha,
+            base_model=cfg.pretrained_model_name_or_path, instance_prompt=cfg.instance_prompt,
+            class_prompt=cfg.class_prompt if cfg.with_prior_preservation else None, steps=step,
+            train_text_encoder=cfg.train_text_encoder, architecture="sdxl" if sdxl else "sd",
+            final_loss=logs.get("loss"), run_id=plan.run_id,
+            settings=asdict(cfg))  # the settings travel inside the adapter file, atomically with it
         with saving(f"the adapter in {out_dir}", last_checkpoint):
             # the settings beside the adapter must be the ones that made it: the old ones go first,
             # the new ones come after the adapter (a kill in between leaves none, never wrong ones)
@@ -380,37 +382,3 @@ def validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_enco
                     tracker.writer.add_images(f"validation/{i}: {prompts[i]}",
                                               np.stack([np.asarray(im) for im in row]), step, dataformats="NHWC")
     accelerator.wait_for_everyone()
-
-
-def model_card(cfg: TrainConfig, info: dict) -> str:
-    method = "DoRA" if cfg.use_dora else "LoRA"
-    pipeline = "StableDiffusionXLPipeline" if info.get("architecture") == "sdxl" else "StableDiffusionPipeline"
-    return f"""---
-base_model: {cfg.pretrained_model_name_or_path}
-tags: [dreambooth, {method.lower()}, {'stable-diffusion-xl' if pipeline.endswith('XLPipeline') else 'stable-diffusion'}, dreambooth-dora]
----
-# {method} DreamBooth adapter
-
-Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
-
-| setting | value |
-|---|---|
-| instance prompt | `{cfg.instance_prompt}` |
-| class prompt (prior preservation) | {f'`{cfg.class_prompt}`' if cfg.with_prior_preservation else 'none'} |
-| method | {method}, rank {cfg.rank}, alpha {cfg.lora_alpha or cfg.rank}{', rsLoRA' if cfg.use_rslora else ''} |
-| UNet targets | {', '.join(cfg.unet_target_modules)} |
-| text encoder | {'adapted: ' + ', '.join(cfg.text_encoder_target_modules) if cfg.train_text_encoder else 'frozen'} |
-| steps | {info['steps']} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
-| learning rate | {cfg.learning_rate} ({cfg.optimizer}, {cfg.lr_scheduler}) |
-| final loss | {info['final_loss'] if info['final_loss'] is None else round(info['final_loss'], 5)} |
-
-```python
-from diffusers import {pipeline}
-from dreambooth_dora import load_adapter
-pipe = {pipeline}.from_pretrained("{cfg.pretrained_model_name_or_path}")
-load_adapter(pipe, "{cfg.output_dir}")  # exact; stock pipe.load_lora_weights drops text-encoder DoRA magnitudes
-image = pipe("{cfg.instance_prompt}").images[0]
-```
-
-The settings that made it are in `train_config.json`.
-"""

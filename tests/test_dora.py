@@ -62,7 +62,7 @@ def pair(shape, rank=4, alpha=8, dora=True, bias=True, **kw):
                    lora_dropout=kw.get("dropout", 0.0), use_rslora=kw.get("use_rslora", False)),
         copy.deepcopy(base))
     ours = base
-    add_adapters(ours, ["up", "down", "conv"], rank=rank, alpha=alpha, dora=dora, **kw)
+    add_adapters(ours, ["up", "down", "conv"], rank=rank, alpha=alpha, use_dora=dora, **kw)
     sd = randomise(ours)
     result = set_peft_model_state_dict(ref, sd)
     assert not [k for k in result.unexpected_keys]
@@ -290,7 +290,7 @@ def test_unet_state_dict_has_peft_keys_and_shapes(tiny_pipeline, dora):
     unet = tiny_pipeline.unet
     ref = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, use_dora=dora),
                                   copy.deepcopy(unet))
-    names = add_adapters(unet, UNET_TARGETS, rank=4, alpha=4, dora=dora)
+    names = add_adapters(unet, UNET_TARGETS, rank=4, alpha=4, use_dora=dora)
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(ref).items()}
     got = {k: tuple(v.shape) for k, v in adapter_state_dict(unet).items()}
     assert got == expected

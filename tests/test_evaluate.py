@@ -12,10 +12,10 @@ from PIL import Image
 from dreambooth_dora.adapters import UNET_ATTENTION_TARGETS, add_adapters
 from dreambooth_dora.analysis import PALETTE, LayerPoint, analyse, fit_line, scatter_plot, snapshots, weight_change
 from dreambooth_dora.evaluate import clip_text, evaluate, load_eval_config
-from dreambooth_dora.export import apply_to_models, load_pipeline
+from dreambooth_dora.models import load_pipeline, pipeline_models
 from dreambooth_dora.metrics import pixel_mse, ssim
-from dreambooth_dora.outputs import ADAPTER_FILE, save_adapter
-from dreambooth_dora.pipelines import load_adapter, pipeline_models, read_adapter
+from dreambooth_dora.adapter_file import apply_to_models, load_adapter, read_adapter, save_adapter
+from dreambooth_dora.outputs import ADAPTER_FILE
 from dreambooth_dora.toy.tiny import build_tiny_pipeline, save_tiny_clip, save_tiny_vit
 
 
@@ -141,7 +141,7 @@ def zero_adapter(tiny_sd_path, tmp_path_factory):
     """A LoRA whose B is zero (as initialised): it must not move a single pixel."""
     folder = tmp_path_factory.mktemp("zero")
     models = pipeline_models(load_pipeline(str(tiny_sd_path)))
-    add_adapters(models["unet"], UNET_ATTENTION_TARGETS, rank=4, dora=False)
+    add_adapters(models["unet"], UNET_ATTENTION_TARGETS, rank=4, use_dora=False)
     save_adapter(folder, {"unet": models["unet"]}, {"base_model": str(tiny_sd_path), "instance_prompt": "a sks icon"})
     return folder
 

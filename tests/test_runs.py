@@ -201,7 +201,7 @@ def fail_half_way(real):
 
 def test_a_full_disk_leaves_no_half_written_checkpoint_or_adapter(tiny_sd_path, icon_dir, tmp_path, monkeypatch,
                                                                    capsys):
-    import dreambooth_dora.outputs as outputs
+    import dreambooth_dora.adapter_file as adapter_file
 
     out = tmp_path / "run"
     real_save = torch.save
@@ -223,7 +223,7 @@ def test_a_full_disk_leaves_no_half_written_checkpoint_or_adapter(tiny_sd_path, 
     out2 = tmp_path / "run2"
     run(*flags(tiny_sd_path, icon_dir, out2, "--max_train_steps", "1"))
     before = (out2 / ADAPTER).read_bytes()
-    monkeypatch.setattr(outputs, "save_file", fail_half_way(outputs.save_file))
+    monkeypatch.setattr(adapter_file, "save_file", fail_half_way(adapter_file.save_file))
     err = one_line_error(capsys, flags(tiny_sd_path, icon_dir, out2, "--max_train_steps", "2",
                                        "--checkpointing_steps", "5", "--resume_from_checkpoint", "latest"))
     assert "could not write the adapter" in err and "No space left on device" in err

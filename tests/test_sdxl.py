@@ -95,9 +95,9 @@ def test_sdxl_training_writes_diffusers_sdxl_layout(sdxl_dora):
     assert sorted(p.name for p in (sdxl_dora / "validation").iterdir()) == ["step-000004.png"]
     card = (sdxl_dora / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card and "load_adapter(pipe," in card
-    from dreambooth_dora.export import describe
+    from dreambooth_dora.adapter_file import describe
 
-    d = describe(sdxl_dora)
+    d = describe(sdxl_dora).as_dict()
     assert d["method"] == "DoRA" and set(d["parts"]) == {"unet", "text_encoder", "text_encoder_2"}
 
 
@@ -126,8 +126,9 @@ def test_sdxl_cached_latents_and_embeddings_equal_uncached(tiny_sdxl_path, tmp_p
 
 
 def test_sdxl_adapter_loads_exactly_and_exports(sdxl_dora, tiny_sdxl_path, tmp_path):
-    from dreambooth_dora.export import apply_to_models, export_fused, export_kohya
-    from dreambooth_dora.pipelines import load_adapter, pipeline_models, read_adapter
+    from dreambooth_dora.adapter_file import apply_to_models, load_adapter, read_adapter
+    from dreambooth_dora.export import export_fused, export_kohya
+    from dreambooth_dora.models import pipeline_models
 
     ref = _pipe(tiny_sdxl_path)  # our layers: the reference the trainer optimised
     apply_to_models(read_adapter(sdxl_dora), pipeline_models(ref))

@@ -47,7 +47,7 @@ def read_adapter(path):
 def unet_output(model_path, tensors=None, rank=4, dora=True):
     _, _, _, unet, _ = load_components(str(model_path))
     if tensors is not None:
-        add_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=rank, dora=dora)
+        add_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=rank, use_dora=dora)
         load_adapter_state_dict(unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)

@@ -1,0 +1,348 @@
+"""Adapter files, one home: write, read, describe, check the fit, apply to models, load exactly.
+
+The file is `pytorch_lora_weights.safetensors` in the diffusers / PEFT layout
+(`<part>.<module path>.lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector` for DoRA; parts
+`unet`, `text_encoder`, `text_encoder_2`), with two metadata entries: the LoRA config per part as
+diffusers' `lora_adapter_metadata` (what stock loaders rebuild the adapter from), and what
+training recorded (`AdapterInfo`, under `dreambooth_dora`).
+
+Stock diffusers (0.42) loads our files with `pipe.load_lora_weights(dir)`. Its text-encoder path
+(transformers' `load_adapter`) drops DoRA magnitude vectors: the file's
+`text_encoder.<m>.lora_magnitude_vector` is looked for as `...lora_magnitude_vector.<name>` while
+PEFT's parameter is `...lora_magnitude_vector.<name>.weight`, so the layer keeps its initial
+magnitude (the base weight's norm) and the model is silently wrong. `load_adapter` loads through
+the stock path, then compares every tensor of the file with what landed in the model and
+restores what was dropped, so the pipeline stays a normal PEFT-backed diffusers pipeline
+(`set_adapters`, `disable_lora`, `fuse_lora` all work) and is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .adapters import adapted_layers, adapter_state_dict, add_adapters, load_adapter_state_dict
+from .models import PARTS as PREFIXES, pipeline_models, resolve_model
+from .outputs import ADAPTER_FILE, atomic_path
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads adapter configs from
+INFO_KEY = "dreambooth_dora"  # the key training's AdapterInfo is stored under
+
+log = logging.getLogger(__name__)
+
+
+class AdapterError(ValueError):
+    """Not an adapter, or an adapter for another model; the message names the first mismatch."""
+
+
+@dataclass
+class AdapterInfo:
+    """What training records in the adapter file, typed; every field may be missing (None) in a
+    file made elsewhere or by an older version."""
+
+    method: str | None = None  # "dora" or "lora"
+    rank: int | None = None
+    lora_alpha: float | None = None
+    base_model: str | None = None  # as given to training: hub id, folder or embedded:<name>
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+    steps: int | None = None
+    train_text_encoder: bool | None = None
+    architecture: str | None = None  # "sd" (1.x / 2.x) or "sdxl"
+    final_loss: float | None = None
+    run_id: str | None = None
+    settings: dict | None = None  # the training settings that made it
+    checkpoint: bool = False  # a training checkpoint's copy, not a final adapter
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None and v is not False},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "AdapterInfo":
+        data = json.loads(text) if text else {}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class PartSummary:
+    modules: int
+    targets: list[str]
+    rank: int
+    alpha: float
+    parameters: int
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What `dreambooth-dora info` prints (`as_dict()` for --json)."""
+
+    file: str
+    method: str  # "DoRA" or "LoRA"
+    base_model: str
+    steps: int | None
+    instance_prompt: str | None
+    parameters: int
+    parts: dict[str, PartSummary]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AdapterFile:
+    path: Path
+    tensors: dict[str, torch.Tensor]  # "<prefix>.<module>.lora_A.weight" ...
+    configs: dict[str, dict] = field(default_factory=dict)  # prefix -> LoraConfig kwargs
+    info: AdapterInfo = field(default_factory=AdapterInfo)  # what training recorded
+
+    @property
+    def prefixes(self) -> list[str]:
+        """The model parts the file adapts ('unet', 'text_encoder', ...), sorted."""
+        return sorted({k.split(".", 1)[0] for k in self.tensors})
+
+    def part(self, prefix: str, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of one model, without the prefix; with `model`, module names follow that
+        model's layout (files say `text_model.encoder...`, transformers 5 says `encoder...`)."""
+        out = {k[len(prefix) + 1:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+        if model is not None and layout_prefix(model):
+            extra = layout_prefix(model)
+            out = {k[len(extra):] if k.startswith(extra) else k: v for k, v in out.items()}
+        return out
+
+    def modules(self, prefix: str, model: torch.nn.Module | None = None) -> list[str]:
+        return sorted({k.rsplit(".lora_", 1)[0] for k in self.part(prefix, model)})
+
+    @property
+    def use_dora(self) -> bool:
+        return any(k.endswith("lora_magnitude_vector") for k in self.tensors)
+
+    def rank_alpha(self, prefix: str) -> tuple[int, float]:
+        """Rank and alpha of `prefix` (metadata, else inferred from shapes with alpha = rank)."""
+        cfg = self.configs.get(prefix)
+        if cfg:
+            return int(cfg["r"]), float(cfg["lora_alpha"])
+        rank = next(v.shape[0] for k, v in self.part(prefix).items() if k.endswith("lora_A.weight"))
+        return int(rank), float(rank)
+
+
+def adapter_path(path: str | Path) -> Path:
+    """The `.safetensors` file of an adapter folder or file; pickled `.bin` files are refused
+    (loading them can run code)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if path.suffix == ".bin":
+        raise AdapterError(f"{str(path)!r}: only .safetensors adapters are read (a pickled .bin can run code)")
+    if not path.is_file():
+        raise AdapterError(f"no adapter file at {str(path)!r}")
+    return path
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    file = adapter_path(path)
+    try:
+        with safe_open(str(file), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
+    lora_keys = [k for k in tensors if ".lora_" in k]
+    if not lora_keys:
+        raise AdapterError(f"{str(file)!r} holds no LoRA/DoRA tensors (no '.lora_A/.lora_B' keys)")
+    unknown = sorted({k.split(".", 1)[0] for k in tensors} - set(PREFIXES))
+    if unknown:
+        raise AdapterError(f"{str(file)!r} has tensors for unknown model part(s) {unknown}; "
+                           f"expected prefixes {', '.join(PREFIXES)}")
+    configs: dict[str, dict] = {}
+    if LORA_ADAPTER_METADATA_KEY in meta:
+        for key, value in json.loads(meta[LORA_ADAPTER_METADATA_KEY]).items():
+            prefix, _, name = key.partition(".")
+            configs.setdefault(prefix, {})[name] = value
+    return AdapterFile(file, tensors, configs, AdapterInfo.from_json(meta.get(INFO_KEY)))
+
+
+def check_fits(adapter: AdapterFile, models: dict[str, torch.nn.Module]) -> None:
+    """Raise AdapterError naming the first module that is missing or has other shapes."""
+    for prefix in adapter.prefixes:
+        model = models.get(prefix)
+        if model is None:
+            raise AdapterError(f"the adapter has {prefix} tensors but the pipeline has no {prefix}")
+        part = adapter.part(prefix, model)
+        for module_name in adapter.modules(prefix, model):
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise AdapterError(f"adapter does not fit this base model: {prefix} has no module "
+                                   f"{module_name!r} (an adapter for another model?)") from None
+            base = getattr(module, "base_layer", module)  # already wrapped by PEFT: look inside
+            weight = getattr(base, "weight", None)
+            if weight is None:
+                raise AdapterError(f"adapter does not fit: {prefix}.{module_name} has no weight")
+            a, b = part.get(f"{module_name}.lora_A.weight"), part.get(f"{module_name}.lora_B.weight")
+            if a is None or b is None:
+                raise AdapterError(f"adapter is incomplete: {prefix}.{module_name} lacks lora_A or lora_B")
+            in_features = weight.shape[1] * (weight[0, 0].numel() if weight.dim() > 2 else 1)
+            if a[0].numel() != in_features or b.shape[0] != weight.shape[0]:
+                raise AdapterError(
+                    f"adapter does not fit this base model: {prefix}.{module_name} has weight "
+                    f"{tuple(weight.shape)}, the adapter's lora_A is {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                    "(an adapter for another base model?)")
+            mag = part.get(f"{module_name}.lora_magnitude_vector")
+            if mag is not None and mag.numel() != weight.shape[0]:
+                raise AdapterError(f"adapter does not fit: {prefix}.{module_name} magnitude has "
+                                   f"{mag.numel()} entries for {weight.shape[0]} output features")
+
+
+@torch.no_grad()
+def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: float = 1.0) -> dict:
+    """Load an adapter into a diffusers pipeline exactly, under `adapter_name`.
+
+    Uses the stock `pipe.load_lora_weights`, then checks every tensor of the file against the
+    model and restores what the stock loader dropped (text-encoder DoRA magnitudes with the
+    pinned versions). Returns a report: {"restored": [...keys...]}. `scale` activates this
+    adapter alone at that weight (diffusers' `set_adapters`).
+    """
+    adapter = read_adapter(path)
+    models = pipeline_models(pipe)
+    check_fits(adapter, models)
+    with warnings.catch_warnings():  # PEFT warns for every named adapter after the first; several are normal here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        pipe.load_lora_weights(str(adapter.path.parent), weight_name=adapter.path.name, adapter_name=adapter_name)
+    restored = []
+    for prefix, model in models.items():
+        for rest, value in adapter.part(prefix, model).items():  # names in this model's layout
+            module_name, _, kind = rest.partition(".lora_")
+            module = model.get_submodule(module_name)
+            if kind == "magnitude_vector":
+                target = module.lora_magnitude_vector[adapter_name].weight
+            else:  # "A.weight" / "B.weight"
+                target = getattr(module, "lora_" + kind.split(".")[0])[adapter_name].weight
+            value = value.to(target.device, target.dtype).reshape(target.shape)
+            if not torch.equal(target, value):
+                target.copy_(value)
+                restored.append(f"{prefix}.{layout_prefix(model)}{rest}")
+    if restored:
+        log.warning("stock load_lora_weights left %d tensor(s) of %s wrong (e.g. %s); restored them",
+                    len(restored), adapter.path, restored[0])
+    if scale != 1.0:
+        pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    return {"restored": restored}
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+def lora_config_dict(model: torch.nn.Module) -> dict:
+    """The model's adapter settings as a PEFT `LoraConfig` dict (what diffusers rebuilds from)."""
+    layers = list(adapted_layers(model))
+    if not layers:
+        return {}
+    first = layers[0][1]
+    ranks = {n: layer.rank for n, layer in layers if layer.rank != first.rank}
+    alphas = {n: layer.alpha for n, layer in layers if layer.alpha != first.alpha}
+    return {
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "use_dora": first.use_dora,
+        "use_rslora": first.use_rslora,
+        "lora_dropout": float(getattr(first.lora_dropout, "p", 0.0)),
+        "target_modules": sorted(n for n, _ in layers),
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "init_lora_weights": True,
+        "bias": "none",
+    }
+
+
+def layout_prefix(model: torch.nn.Module) -> str:
+    """'text_model.' for a transformers CLIP text model whose modules no longer sit under
+    `text_model` (transformers 5), so that files keep the key layout every loader knows
+    (`text_encoder.text_model.encoder.layers.0.self_attn.q_proj...`); '' otherwise."""
+    is_clip_text = type(model).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
+    if is_clip_text and not hasattr(model, "text_model") and hasattr(model, "encoder"):
+        return "text_model."
+    return ""
+
+
+def save_adapter(output_dir: str | os.PathLike, models: dict[str, torch.nn.Module], info: AdapterInfo | dict) -> Path:
+    """Write `pytorch_lora_weights.safetensors` atomically: `<prefix>.<path>.lora_*` tensors for
+    each model (prefix `unet`, `text_encoder`, ...), the LoRA configs as diffusers' adapter
+    metadata, and `info` under the key `dreambooth_dora`."""
+    tensors, configs = {}, {}
+    for prefix, model in models.items():
+        sd = adapter_state_dict(model, prefix=f"{prefix}.{layout_prefix(model)}")
+        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()})
+        config = lora_config_dict(model)
+        if layout_prefix(model) and config:
+            # a regex that matches the modules with and without the `text_model.` level, so the
+            # config rebuilds the same adapters under transformers 4 and 5
+            names = "|".join(re.escape(n) for n in config["target_modules"])
+            config["target_modules"] = rf"(?:{re.escape(layout_prefix(model))})?(?:{names})"
+        configs.update({f"{prefix}.{k}": v for k, v in config.items()})
+    metadata = {
+        "format": "pt",
+        LORA_ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True),
+        INFO_KEY: (info if isinstance(info, AdapterInfo) else AdapterInfo(**info)).to_json(),
+    }
+    out = Path(output_dir) / ADAPTER_FILE
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out
+
+
+# ---- applying and describing ------------------------------------------------------------
+
+def base_model_of(adapter: AdapterFile, base: str | None) -> str:
+    base = base or adapter.info.base_model
+    if not base:
+        raise AdapterError(f"{adapter.path} does not record its base model; pass --base MODEL")
+    return resolve_model(base)
+
+
+def apply_to_models(adapter: AdapterFile, models: dict[str, torch.nn.Module]) -> None:
+    """Wrap the adapter's modules in our DoRA/LoRA layers and load its tensors (exact)."""
+    check_fits(adapter, models)
+    for prefix in adapter.prefixes:
+        rank, alpha = adapter.rank_alpha(prefix)
+        cfg = adapter.configs.get(prefix, {})
+        part = adapter.part(prefix, models[prefix])
+        names = adapter.modules(prefix, models[prefix])
+        dora = any(k.endswith("lora_magnitude_vector") for k in part)
+        add_adapters(models[prefix], names, rank=rank, alpha=alpha, use_dora=dora,
+                     use_rslora=bool(cfg.get("use_rslora", False)))
+        for name in names:  # per-module ranks/alphas (rank_pattern / alpha_pattern)
+            layer = models[prefix].get_submodule(name)
+            r = part[f"{name}.lora_A.weight"].shape[0]
+            if r != layer.rank:
+                raise AdapterError(f"{prefix}.{name}: rank {r} differs from the adapter's rank {layer.rank}; "
+                                   "per-module ranks are not supported by this loader")
+            layer.set_alpha(float(cfg.get("alpha_pattern", {}).get(name, alpha)))
+        load_adapter_state_dict(models[prefix], part)
+
+
+def describe(path: str | Path) -> AdapterSummary:
+    """What `dreambooth-dora info` prints: method, rank, alpha, targets, sizes, base model."""
+    adapter = read_adapter(path)
+    parts = {}
+    for prefix in adapter.prefixes:
+        rank, alpha = adapter.rank_alpha(prefix)
+        modules = adapter.modules(prefix)
+        targets = sorted({m.rsplit(".", 1)[-1] if not m.split(".")[-1].isdigit() else ".".join(m.split(".")[-2:])
+                          for m in modules})
+        parts[prefix] = PartSummary(len(modules), targets, rank, alpha,
+                                    sum(v.numel() for v in adapter.part(prefix).values()))
+    return AdapterSummary(
+        file=str(adapter.path), method="DoRA" if adapter.use_dora else "LoRA",
+        base_model=adapter.info.base_model or "unknown (not recorded)", steps=adapter.info.steps,
+        instance_prompt=adapter.info.instance_prompt,
+        parameters=sum(v.numel() for v in adapter.tensors.values()), parts=parts)
