@@ -44,3 +44,31 @@ def unet_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> dict:
     if pooled is None:
         return {}
     return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)}}
+
+
+class PromptEncoder:
+    """Embeddings for captions: `(prompt embeddings (B, 77, D), pooled (B, P) for SDXL or None)`.
+
+    Frozen text encoders: `freeze(texts)` encodes every text once and the encoders leave the
+    device; later calls read the cache. Trained encoders: encoded live, with gradients."""
+
+    def __init__(self, tokenizers: list, text_encoders: list):
+        self.tokenizers, self.text_encoders = tokenizers, text_encoders
+        self.cache: dict | None = None
+
+    @torch.no_grad()
+    def freeze(self, texts: list[str]) -> None:
+        embeds, pooled = encode_prompts(self.tokenizers, self.text_encoders, texts)
+        self.cache = {t: (embeds[i], None if pooled is None else pooled[i]) for i, t in enumerate(texts)}
+        for te in self.text_encoders:
+            te.to("cpu")  # not needed on the device any more
+        self.text_encoders = []
+
+    def __call__(self, texts: list[str], text_encoders: list | None = None):
+        """`text_encoders`: the live encoders to use (e.g. unwrapped for validation)."""
+        if self.cache is not None:
+            pooled = [self.cache[t][1] for t in texts]
+            return (torch.stack([self.cache[t][0] for t in texts]),
+                    None if pooled[0] is None else torch.stack(pooled))
+        return encode_prompts(self.tokenizers, self.text_encoders if text_encoders is None else text_encoders, texts)
+

@@ -23,6 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .conditioning import time_ids
+from .losses import sample_noise
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_SIDE = 8
@@ -194,3 +198,86 @@ def batch_indices(n: int, global_batch: int, micro_step: int, seed: int) -> list
 
 def micro_steps_per_epoch(n: int, global_batch: int) -> int:
     return math.ceil(n / global_batch)
+
+
+def example_generator(seed: int, position: int, is_class: int) -> torch.Generator:
+    """Noise and timestep generator of the example at `position` in the stream of examples."""
+    return torch.Generator().manual_seed(step_rng(seed, position, is_class, 1).getrandbits(63))
+
+
+@torch.no_grad()
+def cache_latents(vae, examples: list[Example], resolution: int, flips: tuple[bool, ...], device, dtype):
+    """{(example index, flip): (latent mean, latent std, size conditioning)} from center crops;
+    one entry per flip variant."""
+    cache = {}
+    for i, ex in enumerate(tqdm(examples, desc="cache latents", leave=False)):
+        for flip in flips:
+            pixels, size = training_view(ex.image, resolution, True, flip, step_rng(0, 0))
+            dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
+            cache[(i, flip)] = (dist.mean, dist.std, size)  # sampled per step, as without the cache
+    return cache
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (B, 4, h, w) VAE samples x scaling factor, compute dtype
+    noise: torch.Tensor  # (B, 4, h, w)
+    timesteps: torch.Tensor  # (B,)
+    captions: list[str]
+    sizes: torch.Tensor  # (B, 6) SDXL size conditioning (unused by SD 1.x/2.x)
+    num_prior: int  # the last num_prior examples are class images
+
+
+@dataclass
+class BatchMaker:
+    """This process's slice of global micro-batch k: `batch_size` subject examples (and as many
+    class examples with prior preservation), every random choice keyed by (seed, position)."""
+
+    examples: list[Example]
+    class_examples: list[Example]
+    seed: int
+    batch_size: int  # per process
+    num_processes: int
+    process_index: int
+    repeats: int
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    noise_offset: float
+    num_train_timesteps: int
+    vae: torch.nn.Module  # frozen; encodes when there is no latent cache
+    latent_cache: dict | None
+    device: torch.device
+    dtype: torch.dtype  # of the returned latents and noise
+
+    def __call__(self, micro_step: int) -> Batch:
+        global_batch = self.batch_size * self.num_processes
+        slots = range(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
+        inst = batch_indices(len(self.examples) * self.repeats, global_batch, micro_step, self.seed)
+        chosen = [(self.examples, inst[s] % len(self.examples), s, 0) for s in slots]
+        if self.class_examples:
+            cls = batch_indices(len(self.class_examples), global_batch, micro_step, self.seed + 1)
+            chosen += [(self.class_examples, cls[s], s, 1) for s in slots]
+        latents, captions, noises, timesteps, sizes = [], [], [], [], []
+        for source, idx, slot, is_class in chosen:
+            position = micro_step * global_batch + slot
+            rng = step_rng(self.seed, position, is_class)
+            flip = self.random_flip and rng.random() < 0.5
+            gen = example_generator(self.seed, position, is_class)
+            if self.latent_cache is not None:
+                mean, std, size = self.latent_cache[(idx + (len(self.examples) if is_class else 0), flip)]
+            else:
+                pixels, size = training_view(source[idx].image, self.resolution, self.center_crop, flip, rng)
+                with torch.no_grad():
+                    dist = self.vae.encode(pixels[None].to(self.device, self.vae.dtype)).latent_dist
+                mean, std = dist.mean, dist.std
+            sizes.append(time_ids(size[:2], size[2:], (self.resolution, self.resolution)))
+            eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
+            latents.append(((mean + std * eps) * self.vae.config.scaling_factor)[0])  # a VAE sample, our generator
+            captions.append(source[idx].caption)
+            noises.append(sample_noise(latents[-1][None], gen, self.noise_offset)[0])
+            timesteps.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=gen)))
+        return Batch(torch.stack(latents).to(self.dtype), torch.stack(noises).to(self.dtype),
+                     torch.tensor(timesteps, device=self.device), captions, torch.stack(sizes),
+                     len(slots) if self.class_examples else 0)
+

@@ -1,12 +1,12 @@
 """The DreamBooth training loop.
 
-Setup (data, models, adapters, caches, optimiser), then per optimiser step:
-micro-batches -> loss -> backward -> clip -> step -> log / validate / checkpoint.
+Setup (data, run folder, models, adapters, caches, optimiser), then per optimiser step:
+micro-batches -> loss -> backward -> clip -> step -> log / checkpoint / validate.
 
 Everything random about an example (which image, crop, flip, noise, timestep) is drawn from
-generators keyed by (seed, its position in the stream of examples), so a resumed run repeats an
-uninterrupted one, and N processes with batch b, or accumulation over N micro-batches of b, train
-on exactly what one process with batch N·b trains on.
+generators keyed by (seed, its position in the stream of examples; data.BatchMaker), so a resumed
+run repeats an uninterrupted one, and N processes with batch b, or accumulation over N
+micro-batches of b, train on exactly what one process with batch N·b trains on.
 """
 
 from __future__ import annotations
@@ -19,23 +19,22 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .adapter_file import AdapterInfo, save_adapter
 from .adapters import adapter_parameters, add_adapters
 from .checkpoints import checkpoint_step, register_adapter_hooks, save_checkpoint
+from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
-from .conditioning import encode_prompts, time_ids, unet_kwargs
-from .data import Example, batch_indices, load_examples, load_image_folder, step_rng, training_view
+from .data import BatchMaker, Example, cache_latents, load_examples, load_image_folder, step_rng
+from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card
-from .losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
 from .models import load_components, resolve_model
-from .adapter_file import AdapterInfo, save_adapter
 from .outputs import write_text
 from .prior import ensure_class_images
-from .runs import fingerprint_examples, plan_run, start_run
-from .validation import generate_validation, save_grid
+from .runs import RunPlan, fingerprint_examples, plan_run, start_run
+from .validation import validate
 
 
 class TrainingError(RuntimeError):
@@ -83,31 +82,10 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def example_generator(seed: int, position: int, is_class: int) -> torch.Generator:
-    """Noise and timestep generator of the example at `position` in the stream of examples."""
-    return torch.Generator().manual_seed(step_rng(seed, position, is_class, 1).getrandbits(63))
-
-
-@torch.no_grad()
-def cache_latents(vae, examples: list[Example], resolution: int, flips: tuple[bool, ...], device, dtype):
-    """{(example index, flip): (latent mean, latent std, size conditioning)} from center crops;
-    one entry per flip variant."""
-    cache = {}
-    for i, ex in enumerate(tqdm(examples, desc="cache latents", leave=False)):
-        for flip in flips:
-            pixels, size = training_view(ex.image, resolution, True, flip, step_rng(0, 0))
-            dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
-            cache[(i, flip)] = (dist.mean, dist.std, size)  # sampled per step, as without the cache
-    return cache
-
-
-def train(cfg: TrainConfig) -> Path:
-    """Train an adapter as `cfg` says; returns the adapter file's path."""
+def make_accelerator(cfg: TrainConfig, out_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
 
-    out_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         cpu=not has_accelerator_device(),  # lets `accelerate launch --multi_gpu`/torchrun run DDP (gloo) on CPUs
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -118,11 +96,69 @@ def train(cfg: TrainConfig) -> Path:
     set_seed(cfg.seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
 
-    # ---- data (fails before any model loads)
+
+def attach_adapters(cfg: TrainConfig, unet, text_encoders: list, device, weight_dtype) -> dict:
+    """Frozen weights to the device in the compute dtype, DoRA/LoRA layers (fp32) on the targets;
+    returns {file prefix: model} of the adapted models."""
+    for model in (*text_encoders, unet):
+        model.requires_grad_(False).to(device, dtype=weight_dtype)
+    trained = text_encoders if cfg.train_text_encoder else []
+    kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, use_dora=cfg.use_dora, dropout=cfg.lora_dropout,
+              use_rslora=cfg.use_rslora)
+    try:
+        add_adapters(unet, cfg.unet_target_modules, **kw)
+        for te in trained:
+            add_adapters(te, cfg.text_encoder_target_modules, **kw)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for te in trained:
+            te.gradient_checkpointing_enable()
+    prefixes = ("text_encoder", "text_encoder_2")[:len(trained)]  # diffusers' names, file prefixes
+    return {"unet": unet, **dict(zip(prefixes, trained))}
+
+
+def parameter_groups(cfg: TrainConfig, unet, text_encoders: list, lr_factor: float) -> list[dict]:
+    groups = [{"params": adapter_parameters(unet), "lr": cfg.learning_rate * lr_factor}]
+    if cfg.train_text_encoder:
+        decay = cfg.adam_weight_decay_text_encoder
+        groups.append({"params": [p for te in text_encoders for p in adapter_parameters(te)],
+                       "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
+                       "weight_decay": cfg.adam_weight_decay if decay is None else decay})
+    return groups
+
+
+def resume(accelerator, plan: RunPlan) -> tuple[int, Path | None]:
+    """Load the newest checkpoint of the plan that loads (they were verified; one that still
+    fails falls back to the next); (0, None) when starting afresh."""
+    for candidate in plan.resume:
+        try:
+            accelerator.load_state(str(candidate))
+        except Exception as err:  # torch / safetensors / pickle raise many types for a bad file
+            warnings.warn(f"checkpoint {candidate} does not load ({type(err).__name__}); trying an earlier one",
+                          stacklevel=2)
+            continue
+        accelerator.print(f"resumed from {candidate} at step {checkpoint_step(candidate)}")
+        return checkpoint_step(candidate), candidate
+    if plan.resume:
+        raise TrainingError(f"no checkpoint in {plan.out_dir} loads completely; use --overwrite_output_dir "
+                            "to start afresh")
+    return 0, None
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train an adapter as `cfg` says; returns the adapter file's path."""
+    from diffusers.optimization import get_scheduler
+
+    out_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, out_dir)
+
+    # ---- data and the run folder (a new run, this run resumed, another replaced): before any model loads
     examples = load_examples(cfg.instance_data_dir, cfg.dataset_name, cfg.image_column, cfg.caption_column,
                              default_caption=cfg.instance_prompt)
-    # ---- the run folder: a new run, this run resumed, or another run replaced (asked for); else stop
     plan = plan_run(cfg, fingerprint_examples(examples))
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     class_examples: list[Example] = []
@@ -146,35 +182,13 @@ def train(cfg: TrainConfig) -> Path:
     # fp16 overflows in the stock SD/SDXL VAEs: fp32 unless a VAE made for fp16 was given
     fp16_unsafe_vae = weight_dtype == torch.float16 and not cfg.pretrained_vae_model_name_or_path
     vae.requires_grad_(False).to(device, dtype=torch.float32 if fp16_unsafe_vae else weight_dtype)
-    for te in text_encoders:
-        te.requires_grad_(False).to(device, dtype=weight_dtype)
-    unet.requires_grad_(False).to(device, dtype=weight_dtype)
-    adapter_kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, use_dora=cfg.use_dora, dropout=cfg.lora_dropout,
-                      use_rslora=cfg.use_rslora)
-    try:
-        add_adapters(unet, cfg.unet_target_modules, **adapter_kw)
-        for te in text_encoders if cfg.train_text_encoder else []:
-            add_adapters(te, cfg.text_encoder_target_modules, **adapter_kw)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for te in text_encoders if cfg.train_text_encoder else []:
-            te.gradient_checkpointing_enable()
-    te_prefixes = ("text_encoder", "text_encoder_2")[:len(text_encoders)]  # diffusers' names, file prefixes
-    adapted = {"unet": unet, **(dict(zip(te_prefixes, text_encoders)) if cfg.train_text_encoder else {})}
+    adapted = attach_adapters(cfg, unet, text_encoders, device, weight_dtype)
 
-    # ---- caches: prompts (frozen text encoder), latents (frozen VAE)
-    prompts = sorted({ex.caption for ex in examples + class_examples})
+    # ---- caches: prompts (frozen text encoders), latents (frozen VAE)
+    encode = PromptEncoder(tokenizers, text_encoders)
     validation_prompts = cfg.validation_prompt or [cfg.instance_prompt]
-    prompt_cache = None
     if not cfg.train_text_encoder:
-        texts = prompts + validation_prompts + [""]
-        with torch.no_grad():
-            embeds, pooled = encode_prompts(tokenizers, text_encoders, texts)
-        prompt_cache = {t: (embeds[i], None if pooled is None else pooled[i]) for i, t in enumerate(texts)}
-        for te in text_encoders:
-            te.to("cpu")  # not needed on the device any more
+        encode.freeze(sorted({ex.caption for ex in examples + class_examples}) + validation_prompts + [""])
         text_encoders = []
         gc.collect()
     latent_cache = None
@@ -186,29 +200,20 @@ def train(cfg: TrainConfig) -> Path:
         latent_cache = cache_latents(vae, examples + class_examples, cfg.resolution, flips, device, vae.dtype)
 
     # ---- optimiser and schedule
-    n_inst = len(examples) * cfg.repeats
     global_batch = cfg.train_batch_size * accelerator.num_processes
-    micro_per_epoch = math.ceil(n_inst / global_batch)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) * cfg.repeats / global_batch) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
-    groups = [{"params": adapter_parameters(unet), "lr": cfg.learning_rate * lr_factor}]
-    if cfg.train_text_encoder:
-        groups.append({"params": [p for te in text_encoders for p in adapter_parameters(te)],
-                       "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
-                       "weight_decay": cfg.adam_weight_decay_text_encoder
-                       if cfg.adam_weight_decay_text_encoder is not None else cfg.adam_weight_decay})
+    groups = parameter_groups(cfg, unet, text_encoders, lr_factor)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    unet, *text_encoders, optimizer, lr_scheduler = accelerator.prepare(unet, *text_encoders, optimizer, lr_scheduler)
     if cfg.train_text_encoder:
-        unet, *text_encoders, optimizer, lr_scheduler = accelerator.prepare(unet, *text_encoders, optimizer,
-                                                                            lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        encode.text_encoders = text_encoders  # the prepared (wrapped) ones
     register_adapter_hooks(accelerator, adapted)
 
     # ---- the run folder's first write comes after the models loaded
@@ -218,81 +223,37 @@ def train(cfg: TrainConfig) -> Path:
         for message in plan.messages:
             accelerator.print(message)
     accelerator.wait_for_everyone()
-    step, resume = 0, None
-    for candidate in plan.resume:  # verified newest first; a load that still fails falls back
-        try:
-            accelerator.load_state(str(candidate))
-        except Exception as err:  # torch / safetensors / pickle raise many types for a bad file
-            warnings.warn(f"checkpoint {candidate} does not load ({type(err).__name__}); trying an earlier one",
-                          stacklevel=2)
-            continue
-        resume, step = candidate, checkpoint_step(candidate)
-        accelerator.print(f"resumed from {resume} at step {step}")
-        break
-    if plan.resume and resume is None:
-        raise TrainingError(f"no checkpoint in {out_dir} loads completely; use --overwrite_output_dir to start afresh")
+    step, last_checkpoint = resume(accelerator, plan)
     accelerator.print(f"processes: {accelerator.num_processes}, distributed: {accelerator.distributed_type}")
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
+    make_batch = BatchMaker(examples, class_examples, cfg.seed, cfg.train_batch_size, accelerator.num_processes,
+                            accelerator.process_index, cfg.repeats, cfg.resolution, cfg.center_crop, cfg.random_flip,
+                            cfg.noise_offset, noise_scheduler.config.num_train_timesteps, vae, latent_cache, device,
+                            weight_dtype)
 
-    def make_batch(micro_step: int):
-        """This process's slice of global micro-batch `micro_step`: model input, target, #prior."""
-        slots = range(accelerator.process_index * cfg.train_batch_size,
-                      (accelerator.process_index + 1) * cfg.train_batch_size)
-        inst = batch_indices(n_inst, global_batch, micro_step, cfg.seed)
-        chosen = [(examples, inst[s] % len(examples), s, 0) for s in slots]
-        if class_examples:
-            cls = batch_indices(len(class_examples), global_batch, micro_step, cfg.seed + 1)
-            chosen += [(class_examples, cls[s], s, 1) for s in slots]
-        latents, captions, noises, timesteps, sizes = [], [], [], [], []
-        for source, idx, slot, is_class in chosen:
-            position = micro_step * global_batch + slot
-            rng = step_rng(cfg.seed, position, is_class)
-            flip = cfg.random_flip and rng.random() < 0.5
-            gen = example_generator(cfg.seed, position, is_class)
-            if latent_cache is not None:
-                mean, std, size = latent_cache[(idx + (len(examples) if is_class else 0), flip)]
-            else:
-                pixels, size = training_view(source[idx].image, cfg.resolution, cfg.center_crop, flip, rng)
-                with torch.no_grad():
-                    dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
-                mean, std = dist.mean, dist.std
-            sizes.append(time_ids(size[:2], size[2:], (cfg.resolution, cfg.resolution)))
-            eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
-            latents.append(((mean + std * eps) * vae.config.scaling_factor)[0])  # a VAE sample, our generator
-            captions.append(source[idx].caption)
-            noises.append(sample_noise(latents[-1][None], gen, cfg.noise_offset)[0])
-            timesteps.append(int(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=gen)))
-        latents = torch.stack(latents).to(weight_dtype)
-        noise = torch.stack(noises).to(weight_dtype)
-        t = torch.tensor(timesteps, device=device)
-        return latents, noise, t, captions, torch.stack(sizes), len(slots) if class_examples else 0
-
-    # ---- the loop
-    # the bar closes before an error is printed, so the error stands on its own line
-    with tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process) as progress:
-        unet.train()
-        for te in text_encoders if cfg.train_text_encoder else []:
-            te.train()
-        last_checkpoint = resume
-        logs = {}
+    # ---- the loop (the bar closes before an error is printed, so the error stands on its own line)
+    unet.train()
+    for te in text_encoders:
+        te.train()
+    logs = {}
+    with tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process) as bar:
         while step < max_steps:
             for micro in range(cfg.gradient_accumulation_steps):
                 micro_step = step * cfg.gradient_accumulation_steps + micro
                 torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
                 with accelerator.accumulate(unet):
-                    latents, noise, timesteps, captions, sizes, num_prior = make_batch(micro_step)
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    if prompt_cache is not None:
-                        cond = torch.stack([prompt_cache[c][0] for c in captions]).to(device, weight_dtype)
-                        pooled = torch.stack([prompt_cache[c][1] for c in captions]).to(device, weight_dtype) if sdxl else None
-                    else:
-                        cond, pooled = encode_prompts(tokenizers, text_encoders, captions)
-                    model_pred = unet(noisy, timesteps, cond, **unet_kwargs(pooled, sizes)).sample
-                    target = diffusion_target(noise, latents, timesteps, noise_scheduler, prediction_type)
-                    weights = (snr_weights(timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma, prediction_type)
-                               if cfg.snr_gamma else None)
-                    loss, parts = diffusion_loss(model_pred, target, num_prior=num_prior,
+                    batch = make_batch(micro_step)
+                    noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+                    cond, pooled = encode(batch.captions)
+                    cond = cond.to(device, weight_dtype)
+                    pooled = None if pooled is None else pooled.to(device, weight_dtype)
+                    model_pred = unet(noisy, batch.timesteps, cond, **unet_kwargs(pooled, batch.sizes)).sample
+                    target = diffusion_target(batch.noise, batch.latents, batch.timesteps, noise_scheduler,
+                                              prediction_type)
+                    weights = (snr_weights(batch.timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma,
+                                           prediction_type) if cfg.snr_gamma else None)
+                    loss, parts = diffusion_loss(model_pred, target, num_prior=batch.num_prior,
                                                  prior_loss_weight=cfg.prior_loss_weight, weights=weights)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -307,10 +268,10 @@ def train(cfg: TrainConfig) -> Path:
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress.update(1)
             logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     **{k: float(v) for k, v in parts.items()}}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
             accelerator.log(logs, step=step)
             if step % cfg.checkpointing_steps == 0 and step < max_steps:
                 with saving(f"checkpoint-{step}", last_checkpoint):
@@ -318,10 +279,12 @@ def train(cfg: TrainConfig) -> Path:
                                                       plan.run_id, plan.record["settings"])
             if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
                 with saving(f"the validation grid of step {step}", last_checkpoint):
-                    validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache,
-                             validation_prompts, step, out_dir)
+                    validate(accelerator, unet, vae, noise_scheduler.config, encode, text_encoders,
+                             validation_prompts, step, out_dir, num_images=cfg.num_validation_images,
+                             seed=cfg.seed, steps=cfg.validation_inference_steps, resolution=cfg.resolution)
 
-    # ---- output
+    # ---- output: the settings beside the adapter are the ones that made it (the old ones go
+    # first, the new ones come after the adapter: a kill in between leaves none, never wrong ones)
     accelerator.wait_for_everyone()
     path = out_dir / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
@@ -330,11 +293,8 @@ def train(cfg: TrainConfig) -> Path:
             base_model=cfg.pretrained_model_name_or_path, instance_prompt=cfg.instance_prompt,
             class_prompt=cfg.class_prompt if cfg.with_prior_preservation else None, steps=step,
             train_text_encoder=cfg.train_text_encoder, architecture="sdxl" if sdxl else "sd",
-            final_loss=logs.get("loss"), run_id=plan.run_id,
-            settings=asdict(cfg))  # the settings travel inside the adapter file, atomically with it
+            final_loss=logs.get("loss"), run_id=plan.run_id, settings=asdict(cfg))
         with saving(f"the adapter in {out_dir}", last_checkpoint):
-            # the settings beside the adapter must be the ones that made it: the old ones go first,
-            # the new ones come after the adapter (a kill in between leaves none, never wrong ones)
             for name in ("train_config.json", "README.md"):
                 (out_dir / name).unlink(missing_ok=True)
             path = save_adapter(out_dir, adapted, info)
@@ -342,43 +302,3 @@ def train(cfg: TrainConfig) -> Path:
             write_text(out_dir / "README.md", model_card(cfg, info))
     accelerator.end_training()
     return path
-
-
-@torch.no_grad()
-def validate(accelerator, cfg, unet, vae, noise_scheduler, tokenizers, text_encoders, prompt_cache, prompts, step,
-             out_dir):
-    """Main process: images for the validation prompts with fixed seeds -> PNG grid + TensorBoard."""
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        model.eval()
-        encoders = [accelerator.unwrap_model(te).eval() for te in text_encoders]
-
-        def encode(texts):  # (embeddings, pooled or None), from the cache when the encoders are frozen
-            if prompt_cache is not None:
-                pooled = [prompt_cache[t][1] for t in texts]
-                return (torch.stack([prompt_cache[t][0] for t in texts]),
-                        None if pooled[0] is None else torch.stack(pooled))
-            with torch.no_grad():
-                return encode_prompts(tokenizers, encoders, texts)
-
-        embeds, pooled = encode(prompts)
-        if pooled is None:
-            negative, negative_pooled = encode([""])[0], None
-        else:  # SDXL pipelines use zeros for an empty negative prompt (force_zeros_for_empty_prompt)
-            negative, negative_pooled = torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]).to(model.dtype)
-            pooled = pooled.to(model.dtype)
-        for te in encoders:
-            te.train()
-        with accelerator.autocast():
-            rows = generate_validation(model, vae, noise_scheduler.config, embeds.to(model.dtype),
-                                       negative.to(model.dtype), cfg.num_validation_images, cfg.seed,
-                                       cfg.validation_inference_steps, cfg.resolution,
-                                       pooled=pooled, negative_pooled=negative_pooled)
-        model.train()
-        save_grid(out_dir / "validation" / f"step-{step:06d}.png", rows, prompts)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                for i, row in enumerate(rows):
-                    tracker.writer.add_images(f"validation/{i}: {prompts[i]}",
-                                              np.stack([np.asarray(im) for im in row]), step, dataformats="NHWC")
-    accelerator.wait_for_everyone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -68,3 +69,35 @@ def save_grid(path: str | Path, rows, labels) -> Path:
     with atomic_path(path) as tmp:
         image_grid(rows, labels).save(tmp, format="PNG")
     return path
+
+
+@torch.no_grad()
+def validate(accelerator, unet, vae, scheduler_config, encode, text_encoders: list, prompts: list[str], step: int,
+             out_dir: Path, *, num_images: int, seed: int, steps: int, resolution: int) -> None:
+    """Main process: images for the validation prompts with fixed seeds -> PNG grid + TensorBoard.
+    `encode` is the run's PromptEncoder; `text_encoders` the prepared ones when they are trained."""
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        encoders = [accelerator.unwrap_model(te).eval() for te in text_encoders]
+        embeds, pooled = encode(prompts, encoders)
+        if pooled is None:
+            negative, negative_pooled = encode([""], encoders)[0], None
+        else:  # SDXL pipelines use zeros for an empty negative prompt (force_zeros_for_empty_prompt)
+            negative, negative_pooled = torch.zeros_like(embeds[:1]), torch.zeros_like(pooled[:1]).to(model.dtype)
+            pooled = pooled.to(model.dtype)
+        for te in encoders:
+            te.train()
+        with accelerator.autocast():
+            rows = generate_validation(model, vae, scheduler_config, embeds.to(model.dtype), negative.to(model.dtype),
+                                       num_images, seed, steps, resolution, pooled=pooled,
+                                       negative_pooled=negative_pooled)
+        model.train()
+        save_grid(Path(out_dir) / "validation" / f"step-{step:06d}.png", rows, prompts)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                for i, row in enumerate(rows):
+                    tracker.writer.add_images(f"validation/{i}: {prompts[i]}",
+                                              np.stack([np.asarray(im) for im in row]), step, dataformats="NHWC")
+    accelerator.wait_for_everyone()
+
