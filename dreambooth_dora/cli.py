@@ -27,7 +27,7 @@ commands:
 def _user_errors():
     from .config import ConfigError
     from .data import DataError
-    from .metrics import MetricModelError
+    from .evaluation.metrics import MetricModelError
     from .models import ModelLoadError
     from .outputs import OutputError
     from .adapter_file import AdapterError
@@ -99,7 +99,7 @@ def export_main(argv: list[str]) -> int:
 
 def evaluate_main(argv: list[str]) -> int:
     from .config import help_text
-    from .evaluate import USAGE, EvalConfig, evaluate, load_eval_config, summary_lines
+    from .evaluation import USAGE, EvalConfig, evaluate, load_eval_config, summary_lines
 
     if argv and argv[0] in ("-h", "--help"):
         print(help_text(EvalConfig, USAGE))

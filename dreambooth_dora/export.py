@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import adapted_layers, add_adapters, load_adapter_state_dict, merge_adapters
+from .adapters import adapted_layers, merge_adapters
 from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target
 from .adapter_file import apply_to_models, base_model_of, layout_prefix, read_adapter
 from .models import load_pipeline, pipeline_models

@@ -137,7 +137,7 @@ def test_interrupted_swaps_leave_the_previous_output(tmp_path):
 
 
 def test_evaluate_refuses_before_any_model_loads(run_copy, tmp_path, icon_dir, capsys, monkeypatch):
-    import dreambooth_dora.evaluate as ev
+    import dreambooth_dora.evaluation as ev
 
     monkeypatch.setattr(ev, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     mine = tmp_path / "mine"

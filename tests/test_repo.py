@@ -44,7 +44,7 @@ def test_every_dora_recipe_has_a_lora_twin_differing_only_in_use_dora(dora_path)
 
 @pytest.mark.parametrize("path", sorted((REPO / "train_configs" / "evaluate").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_evaluation_config_loads_and_starts_with_its_command(path, monkeypatch):
-    from dreambooth_dora.evaluate import load_eval_config
+    from dreambooth_dora.evaluation import load_eval_config
 
     monkeypatch.chdir(REPO)
     cfg = load_eval_config(["--config", str(path)])

@@ -163,7 +163,7 @@ def test_sdxl_adapter_loads_exactly_and_exports(sdxl_dora, tiny_sdxl_path, tmp_p
 
 def test_sdxl_app_and_evaluate(sdxl_dora, tiny_sdxl_path, tmp_path):
     from app.core import Comparison
-    from dreambooth_dora.evaluate import evaluate, load_eval_config
+    from dreambooth_dora.evaluation import evaluate, load_eval_config
 
     comp = Comparison(str(tiny_sdxl_path), device="cpu")
     comp.load("dora", sdxl_dora)

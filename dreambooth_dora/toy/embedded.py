@@ -169,7 +169,7 @@ def subject_distance(pipe, classifier, instance_images, prompt: str, seeds=range
                      guidance: float = 5.0) -> float:
     """Mean cosine distance (classifier penultimate features) from images for `prompt` to the
     instance images seen at the model's resolution: lower is nearer the subject."""
-    from .metrics import ToyEmbedder, cosine
+    from ..evaluation.metrics import ToyEmbedder, cosine
 
     judge = ToyEmbedder(classifier, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     images = [pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,

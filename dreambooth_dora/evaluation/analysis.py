@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .adapters import _matches, adapted_layers, load_adapter_state_dict
-from .checkpoints import checkpoint_step, list_checkpoints
-from .outputs import ADAPTER_FILE
-from .adapter_file import AdapterFile, read_adapter
+from ..adapter_file import AdapterFile, read_adapter
+from ..adapters import _matches, adapted_layers, load_adapter_state_dict
+from ..checkpoints import checkpoint_step, list_checkpoints
+from ..outputs import ADAPTER_FILE
 
 
 @torch.no_grad()

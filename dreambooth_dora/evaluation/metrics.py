@@ -13,6 +13,7 @@ K2 0.03, data range 1, mean over the valid region and the RGB channels).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,13 +148,80 @@ class ToyEmbedder:
 
     def __init__(self, classifier: str | Path | torch.nn.Module, resolution: int):
         """`classifier`: the loaded judge or its folder."""
-        from .toy.world import load_classifier
+        from ..toy.world import load_classifier
 
         self.name, self.resolution = "toy", resolution
         self.model = classifier if isinstance(classifier, torch.nn.Module) else load_classifier(classifier)
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        from .toy.world import classify, degrade
+        from ..toy.world import classify, degrade
 
         return classify(self.model, [degrade(im, self.resolution) for im in images])[2]
+
+
+KINDS = ("subject", "class", "unrelated")
+
+
+def clip_text(prompt: str, identifier: str) -> str:
+    """The prompt CLIP-T compares with: the identifier token removed ('a sks dog' -> 'a dog')."""
+    return re.sub(rf"\s*\b{re.escape(identifier)}\b", "", prompt).strip()
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "per_seed": [float(x) for x in v]}
+
+
+def compute_metrics(images: dict, prompts: list[tuple[str, str]], instances: list[Image.Image], embedders: list,
+                    clip: ClipEmbedder | None, seeds: list[int], identifier: str) -> dict:
+    """{model: {metric: {"mean", "std", "per_seed"}}} (see the module docstring)."""
+    names = list(images)
+    keys = [(j, s) for j in range(len(prompts)) for s in seeds]
+    # features of every picture once per embedder: feats[embedder][model][key] -> (n, D)
+    order = [(m, k) for m in names for k in keys]
+    feats = {}
+    for emb in embedders:
+        f = emb.images([im for m, k in order for im in images[m][k]])
+        feats[emb.name] = {m: {} for m in names}
+        for (m, k), rows in zip(order, torch.split(f, [len(images[m][k]) for m, k in order])):
+            feats[emb.name][m][k] = rows
+    inst = {emb.name: emb.images(instances) for emb in embedders}
+    texts = clip.texts([clip_text(p, identifier) for _, p in prompts]) if clip else None
+    by_kind = {kind: [j for j, (k, _) in enumerate(prompts) if k == kind] for kind in KINDS}
+
+    results = {}
+    for m in names:
+        per_seed: dict[str, list[float]] = {}
+
+        def add(metric, value):
+            per_seed.setdefault(metric, []).append(float(value))
+
+        for s in seeds:
+            subj = [(j, s) for j in by_kind["subject"]]
+            for emb in embedders:
+                g = torch.cat([feats[emb.name][m][k] for k in subj])
+                add(f"{emb.name}-I", cosine(g, inst[emb.name]).mean())
+            if clip:
+                add("CLIP-T", torch.cat([cosine(feats["CLIP"][m][(j, s)], texts[j:j + 1]).flatten()
+                                         for j, _ in subj]).mean())
+            for kind in ("class", "unrelated"):
+                ks = [(j, s) for j in by_kind[kind]]
+                if not ks:
+                    continue
+                if clip:
+                    add(f"{kind} CLIP-T", torch.cat([cosine(feats["CLIP"][m][k], texts[k[0]:k[0] + 1]).flatten()
+                                                     for k in ks]).mean())
+                if m == names[0]:
+                    continue  # the base model's drift from itself is zero by definition
+                gen = [im for k in ks for im in images[m][k]]
+                ref = [im for k in ks for im in images[names[0]][k]]
+                add(f"{kind} MSE", pixel_mse(gen, ref).mean())
+                add(f"{kind} SSIM", ssim(gen, ref).mean())
+                for emb in embedders:
+                    a = torch.cat([feats[emb.name][m][k] for k in ks])
+                    b = torch.cat([feats[emb.name][names[0]][k] for k in ks])
+                    add(f"{kind} {emb.name} dist", (1 - cosine(a, b).diagonal()).mean())
+        results[m] = {metric: _stats(v) for metric, v in per_seed.items()}
+    return results

@@ -1,0 +1,54 @@
+"""The pictures an evaluation compares: which adapters (labelled), and every model's pictures of
+every prompt and seed from the same initial latents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapter_file import AdapterFile, read_adapter
+from .config import EvalConfig
+
+
+def parse_sources(entries: list[str]) -> list[tuple[str, Path, AdapterFile]]:
+    """[(label, path, adapter)]: `label=path` or a path labelled by method and rank ('DoRA r8')."""
+    out = []
+    for entry in entries:
+        label, eq, path = entry.partition("=")
+        if not eq:
+            label, path = "", entry
+        adapter = read_adapter(path)  # a clear error for a missing or non-adapter path
+        if not label:
+            prefix = "unet" if adapter.part("unet") else adapter.prefixes[0]
+            label = f"{'DoRA' if adapter.use_dora else 'LoRA'} r{adapter.rank_alpha(prefix)[0]}"
+        out.append((label, Path(path), adapter))
+    labels = [lbl for lbl, _, _ in out]
+    # same method and rank twice: tell them apart by folder name
+    return [(f"{lbl} ({p.name})" if labels.count(lbl) > 1 else lbl, p, a) for lbl, p, a in out]
+
+
+@torch.no_grad()
+def generate(pipe, names: list[str], prompts: list[tuple[str, str]], cfg: EvalConfig, size: int,
+             progress: bool = True) -> dict:
+    """{model: {(prompt index, seed): [images]}}; model 'base' runs with every adapter disabled,
+    adapter i alone as `adapter<i>`. Each (prompt, seed) starts from the same latents for all."""
+    out = {}
+    bar = tqdm(total=len(names) * len(prompts) * len(cfg.seeds), desc="generating", disable=not progress)
+    for m, name in enumerate(names):
+        if m == 0:
+            pipe.disable_lora()
+        else:
+            pipe.enable_lora()
+            pipe.set_adapters([f"adapter{m - 1}"])
+        out[name] = {}
+        for j, (_, prompt) in enumerate(prompts):
+            for seed in cfg.seeds:
+                out[name][(j, seed)] = pipe(prompt, num_images_per_prompt=cfg.images_per_prompt,
+                                            num_inference_steps=cfg.num_inference_steps,
+                                            guidance_scale=cfg.guidance_scale, width=size, height=size,
+                                            generator=torch.Generator("cpu").manual_seed(seed)).images
+                bar.update(1)
+    bar.close()
+    return out
