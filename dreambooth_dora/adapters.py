@@ -16,10 +16,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from .config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # noqa: F401 (defaults, defined with the config)
 from .dora import ADAPTED_TYPES, AdaptedLayer
-
-UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def _matches(name: str, targets: str | Iterable[str]) -> bool:

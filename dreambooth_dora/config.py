@@ -18,13 +18,15 @@ from pathlib import Path
 
 import yaml
 
-from .adapters import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 
 
 class ConfigError(ValueError):
     """A bad setting; the CLI prints its message on one line and exits with status 2."""
 
 
+# the default adapter targets (adapters.py re-exports them): attention projections
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
 PROMPT_LISTS = {"validation_prompt", "subject_prompts", "class_prompts", "unrelated_prompts"}

@@ -50,3 +50,58 @@ def test_every_evaluation_config_loads_and_starts_with_its_command(path, monkeyp
     cfg = load_eval_config(["--config", str(path)])
     assert path.read_text().splitlines()[0] == f"# dreambooth-dora evaluate --config train_configs/evaluate/{path.name}"
     assert Path(cfg.instance_data_dir).is_dir() and len(cfg.adapters) >= 2 and cfg.class_prompts and cfg.unrelated_prompts
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every import between the project's modules (top-level and inside functions): module -> modules."""
+    import ast
+
+    mods = {}
+    for path in [*(REPO / "dreambooth_dora").rglob("*.py"), *(REPO / "app").rglob("*.py")]:
+        rel = path.relative_to(REPO).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        mods[name] = (path, rel.name == "__init__")
+    graph = {}
+    for name, (path, is_pkg) in mods.items():
+        package = name if is_pkg else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in mods and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles():
+    """Data flows one way: no module imports (even lazily) one that imports it back."""
+    graph, cycles = import_graph(), []
+
+    def visit(node, stack, done):
+        if node in stack:
+            cycles.append(stack[stack.index(node):] + [node])
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, stack + [node], done)
+        done.add(node)
+
+    done = set()
+    for node in sorted(graph):
+        visit(node, [], done)
+    assert not cycles, cycles
+    # the app reaches the library through its public modules; nothing in the library knows the app or the CLI
+    assert not any(m.startswith("app") or m == "dreambooth_dora.cli" for src, deps in graph.items()
+                   if src.startswith("dreambooth_dora") and src != "dreambooth_dora.cli" for m in deps)
+    # the config stays light: no torch-importing module behind it at import time
+    assert "dreambooth_dora.adapters" not in graph["dreambooth_dora.config"]
+

@@ -299,3 +299,20 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_sd_path, i
     assert max((big[k] - acc[k]).abs().max() for k in big) <= 2e-4
     one, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, "--train_batch_size", "1", name="one"))
     assert max((one[k] - big[k]).abs().max() for k in big) > 2e-3  # batch size does matter
+
+
+def test_model_card_snippet_runs_as_written(tmp_path, icon_dir):
+    """The card's code loads the adapter exactly and draws, `embedded:` base included."""
+    import re
+
+    from PIL import Image as PILImage
+
+    out = tmp_path / "card"
+    train(load_config(["--pretrained_model_name_or_path", "embedded:toy-world", "--instance_data_dir", str(icon_dir),
+                       "--instance_prompt", "a sks icon", "--resolution", "32", "--max_train_steps", "1",
+                       "--output_dir", str(out), "--report_to", "none"]))
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    assert "resolve_model('embedded:toy-world')" in code
+    namespace = {}
+    exec(code, namespace)  # the card's own code, as a user pastes it
+    assert isinstance(namespace["image"], PILImage.Image) and namespace["image"].size == (32, 32)
