@@ -317,8 +317,8 @@ def apply_to_models(adapter: AdapterFile, models: dict[str, torch.nn.Module]) ->
         cfg = adapter.configs.get(prefix, {})
         part = adapter.part(prefix, models[prefix])
         names = adapter.modules(prefix, models[prefix])
-        dora = any(k.endswith("lora_magnitude_vector") for k in part)
-        add_adapters(models[prefix], names, rank=rank, alpha=alpha, use_dora=dora,
+        use_dora = any(k.endswith("lora_magnitude_vector") for k in part)
+        add_adapters(models[prefix], names, rank=rank, alpha=alpha, use_dora=use_dora,
                      use_rslora=bool(cfg.get("use_rslora", False)))
         for name in names:  # per-module ranks/alphas (rank_pattern / alpha_pattern)
             layer = models[prefix].get_submodule(name)

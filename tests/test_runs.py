@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import dreambooth_dora.train as train_module
 from dreambooth_dora.cli import train_main
 from dreambooth_dora.config import ConfigError, load_config
-from dreambooth_dora.train import TrainingError, train
+from dreambooth_dora.train import train
 
 ADAPTER = "pytorch_lora_weights.safetensors"
 
