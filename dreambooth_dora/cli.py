@@ -17,9 +17,12 @@ commands:
            (the same as: accelerate launch train_dreambooth_dora.py --config ...)
   export   dreambooth-dora export ADAPTER_DIR --format fused --out DIR        (a merged diffusers pipeline)
            dreambooth-dora export ADAPTER_DIR --format kohya --out FILE.safetensors [--comfyui]
+           dreambooth-dora export ADAPTER_DIR --format full --out FILE.safetensors   (exact in every UI)
+           (all: [--dtype fp32|fp16|bf16] [--overwrite])
   evaluate dreambooth-dora evaluate --config train_configs/evaluate/X.yaml [--adapters A,B ...]
            (DINO / CLIP fidelity, prior drift, magnitude/direction analysis -> a report folder)
-  info     dreambooth-dora info ADAPTER_DIR_OR_FILE                           (method, rank, targets, base)
+  info     dreambooth-dora info FILE_OR_DIR     (any adapter, export or fused folder: format, rank, exact in)
+  verify   dreambooth-dora verify FILE --against ADAPTER_DIR [--base MODEL]  (every UI's merge vs the truth)
   app      dreambooth-dora app [--base MODEL] [--dora DIR] [--lora DIR] [--port N]  (the comparison app)
 """
 
@@ -71,29 +74,66 @@ def export_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="dreambooth-dora export")
     parser.add_argument("adapter", help="adapter folder (or its .safetensors file)")
-    parser.add_argument("--format", choices=["fused", "kohya"], required=True)
-    parser.add_argument("--out", required=True, help="folder (fused) or .safetensors file (kohya)")
+    parser.add_argument("--format", choices=["fused", "kohya", "full"], required=True,
+                        help="fused: a merged pipeline folder; kohya: LoRA/DoRA file for UIs; full: exact "
+                             "weight differences every UI applies the same way (A1111 included)")
+    parser.add_argument("--out", required=True, help="folder (fused) or .safetensors file (kohya, full)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="stored precision (DoRA scales and differences are computed in fp32 first)"),
     parser.add_argument("--base", help="base model; default: the one recorded in the adapter")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export of the same format at --out (never anything else)")
     parser.add_argument("--comfyui", action="store_true",
                         help="kohya: write dora_scale for ComfyUI's loader (exact there, wrong in LyCORIS/A1111)")
     args = parser.parse_args(argv)
-    from .export import export_fused, export_kohya
+    from .export import export_full, export_fused, export_kohya
 
+    if args.format != "fused" and not args.out.lower().endswith(".safetensors"):
+        print(f"error: --out must be a .safetensors file for --format {args.format}", file=sys.stderr)
+        return 2
+    if args.comfyui and args.format != "kohya":
+        print("error: --comfyui applies to --format kohya only", file=sys.stderr)
+        return 2
     try:
         if args.format == "fused":
-            out = export_fused(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
+            out = export_fused(args.adapter, args.out, base=args.base, overwrite=args.overwrite, dtype=args.dtype)
+        elif args.format == "full":
+            out = export_full(args.adapter, args.out, base=args.base, overwrite=args.overwrite, dtype=args.dtype)
         else:
-            if not args.out.endswith(".safetensors"):
-                print("error: --out must be a .safetensors file for --format kohya", file=sys.stderr)
-                return 2
             out = export_kohya(args.adapter, args.out, base=args.base, comfyui_compatible=args.comfyui,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, dtype=args.dtype)
     except _user_errors() as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def verify_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dreambooth-dora verify",
+                                     description="merge FILE with every UI's rule and compare with the adapter")
+    parser.add_argument("file", help="a kohya / full export, an adapter, or a fused pipeline folder")
+    parser.add_argument("--against", required=True, help="the adapter (folder or file) the export was made from")
+    parser.add_argument("--base", help="base model; default: the one recorded in the adapter")
+    parser.add_argument("--summary", action="store_true", help="only the max / median / verdict rows")
+    args = parser.parse_args(argv)
+    from .verify import verify
+
+    try:
+        report = verify(args.file, args.against, base=args.base)
+    except _user_errors() as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    bound = f"<= {report.bound:g}" if report.bound else "within the 16-bit file's own rounding"
+    print(f"{report.file}: error of each UI's merge relative to the adapter's own change, per layer (exact: {bound})")
+    print("\n".join(report.table(per_layer=not args.summary)))
+    if report.missing:
+        print(f"layers the file does not cover: {len(report.missing)} (e.g. {report.missing[0]})")
+    if report.unmatched:
+        print(f"file modules that match no adapted layer: {len(report.unmatched)} (e.g. {report.unmatched[0]})")
     return 0
 
 
@@ -124,20 +164,21 @@ def info_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     from .adapter_file import describe
+    from .file_info import file_info
 
     try:
-        d = describe(args.adapter)
+        info = file_info(args.adapter)
+        ours = describe(args.adapter) if info.format.startswith("diffusers / PEFT adapter") else None
     except _user_errors() as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(d.as_dict(), indent=2))
+    if args.json:  # our adapters keep their detailed record; every file gets format / exact_in
+        extra = {k: v for k, v in info.as_dict().items() if k not in ("parts", "method", "base_model", "parameters")}
+        print(json.dumps({**(ours.as_dict() if ours else info.as_dict()), **extra}, indent=2))
         return 0
-    print(f"{d.file}\n  method: {d.method}\n  base model: {d.base_model}\n"
-          f"  steps: {d.steps}\n  instance prompt: {d.instance_prompt}\n  parameters: {d.parameters:,}")
-    for prefix, p in d.parts.items():
-        print(f"  {prefix}: rank {p.rank}, alpha {p.alpha:g}, {p.modules} modules "
-              f"({', '.join(p.targets)}), {p.parameters:,} parameters")
+    print("\n".join(info.lines()))
+    if ours:
+        print(f"  steps: {ours.steps}\n  instance prompt: {ours.instance_prompt}")
     return 0
 
 
@@ -156,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return info_main(rest)
     if command == "evaluate":
         return evaluate_main(rest)
+    if command == "verify":
+        return verify_main(rest)
     if command == "app":
         from app.main import main as app_main
 

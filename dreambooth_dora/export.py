@@ -1,5 +1,9 @@
-"""Exports of an adapter: a fused diffusers pipeline, and the kohya/LyCORIS single file that
-A1111 and ComfyUI read.
+"""Exports of an adapter: a fused diffusers pipeline, the kohya/LyCORIS single file, and the
+LyCORIS "full" file of exact weight differences that every UI applies the same way.
+
+Full layout, per adapted module: `lora_unet_<path>.diff = W' - W0` (the weight's shape), read by
+A1111 (`network_full.py`), Forge, ComfyUI (the `diff` patch) and LyCORIS alike as `W0 + diff`:
+exact everywhere by construction, at the size of the adapted weights themselves.
 
 Kohya/LyCORIS layout, per adapted module (dots of the diffusers module path become `_`)::
 
@@ -23,81 +27,151 @@ which makes that branch compute our W' exactly (and LyCORIS-correct loaders wron
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .adapter_file import AdapterFile, apply_to_models, base_model_of, layout_prefix, read_adapter
 from .adapters import adapted_layers, merge_adapters
-from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target
-from .adapter_file import apply_to_models, base_model_of, layout_prefix, read_adapter
+from .consumers import RULES, KohyaModule, kohya_key, merge
 from .models import load_pipeline, pipeline_models
+from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RULE_KEY = "dreambooth_dora_rule"  # the rule a file is exact under: lycoris-exact, comfyui-compensated, full, lora
+EXACT_KEY = "dreambooth_dora_exact_in"  # the consumers (consumers.RULES) that apply it exactly
+DTYPE_ERROR_KEY = "dreambooth_dora_dtype_error"  # max over layers of ||W'_file - W'|| / ||W' - W0||
+# ComfyUI's and Forge's output-axis DoRA rule, and PEFT's: which exports each applies exactly
+EXACT_UNDER = {"lycoris-exact": ("lycoris", "comfyui-15458"), "comfyui-compensated": ("comfyui",),
+               "full": RULES, "lora": RULES}
 
 
-def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
-                 overwrite: bool = False) -> Path:
-    """A complete diffusers pipeline with the adapter merged into its weights (plain layers).
-    `out_dir` must be new or empty, or (with `overwrite`) an earlier fused export."""
-    adapter = read_adapter(adapter_dir)
-    out_dir = check_output_target(out_dir, "fused-pipeline", overwrite=overwrite, sources=(adapter.path.parent,))
+def _adapted(adapter: AdapterFile, base: str | None):
+    """The base pipeline with the adapter applied (our exact layers), and its adapted models."""
     pipe = load_pipeline(base_model_of(adapter, base))
     models = pipeline_models(pipe)
     apply_to_models(adapter, models)
+    return pipe, models
+
+
+def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
+                 overwrite: bool = False, dtype: str = "fp32") -> Path:
+    """A complete diffusers pipeline with the adapter merged into its weights (plain layers),
+    saved in `dtype`. `out_dir` must be new or empty, or (with `overwrite`) an earlier fused export."""
+    adapter = read_adapter(adapter_dir)
+    out_dir = check_output_target(out_dir, "fused-pipeline", overwrite=overwrite, sources=(adapter.path.parent,))
+    pipe, models = _adapted(adapter, base)
     for model in models.values():
         merge_adapters(model)
+    pipe.to(DTYPES[dtype])
     with atomic_dir(out_dir, "fused-pipeline") as tmp:
         pipe.save_pretrained(tmp)
     return out_dir
 
 
-def kohya_key(prefix: str, module_name: str, sdxl: bool = False) -> str:
-    """kohya's names: `lora_unet_`, `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL)."""
-    start = "lora_te1_" if sdxl and prefix == "text_encoder" else KOHYA_PREFIX[prefix]
-    return start + module_name.replace(".", "_")
+def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path, sdxl: bool) -> dict:
+    """What A1111 / Forge read to file a LoRA under a base model (`ss_v2` makes SD 2.x files show
+    while an SD 2.x checkpoint is loaded)."""
+    # SD 2.x: OpenCLIP-H's 1024-wide embeddings and linear proj_in/proj_out (SD 1.x has neither)
+    sd2 = not sdxl and (pipe.unet.config.cross_attention_dim == 1024 or bool(pipe.unet.config.use_linear_projection))
+    return {"ss_base_model_version": "sdxl_base_v1-0" if sdxl else ("sd_v2" if sd2 else "sd_v1"),
+            "ss_v2": str(sd2), "ss_output_name": out_file.stem,
+            "dreambooth_dora_base_model": adapter.info.base_model or "unknown"}
+
+
+def _dtype_error(modules: dict, truths: dict, rule: str) -> float:
+    """max over layers of ||W'_file - W'|| / ||W' - W0|| with the file's (cast) tensors merged by `rule`."""
+    worst = 0.0
+    for key, mod in modules.items():
+        w0, target = truths[key]
+        change = (target - w0).norm().item()
+        worst = max(worst, (merge(rule, w0, mod) - target).norm().item() / max(change, 1e-30))
+    return worst
+
+
+@torch.no_grad()
+def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule: str, kind: str, dtype: str,
+                       build) -> tuple[dict, dict]:
+    """The shared part of kohya and full files: cast, measure the cast's error, metadata, write."""
+    sdxl = "text_encoder_2" in models
+    modules, truths = {}, {}
+    for prefix, model in models.items():
+        for name, layer in adapted_layers(model):
+            key = kohya_key(prefix, layout_prefix(model) + name, sdxl)
+            modules[key] = build(layer)
+            truths[key] = (layer.weight.detach().float(), layer.merged_weight().float())
+    cast = {k: KohyaModule(**{f: (v.to(DTYPES[dtype]) if isinstance(v, torch.Tensor) else v)
+                              for f, v in vars(m).items()}) for k, m in modules.items()}
+    tensors = {}
+    for key, mod in cast.items():
+        for field, suffix in (("down", "lora_down.weight"), ("up", "lora_up.weight"), ("dora_scale", "dora_scale"),
+                              ("diff", "diff")):
+            if getattr(mod, field) is not None:
+                tensors[f"{key}.{suffix}"] = getattr(mod, field).contiguous()
+        if mod.alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(mod.alpha, dtype=torch.float32)
+    exact = EXACT_UNDER[rule]
+    metadata = {**_webui_metadata(pipe, adapter, out_file, sdxl), RULE_KEY: rule, EXACT_KEY: ",".join(exact),
+                "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{_dtype_error(cast, truths, exact[0]):.3e}",
+                EXPORT_KEY: kind}  # the export marker lets a later `--overwrite` recognise the file as ours
+    return metadata, tensors
 
 
 @torch.no_grad()
 def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None = None,
-                 comfyui_compatible: bool = False, overwrite: bool = False) -> Path:
-    """The kohya/LyCORIS single file (see the module docstring for the layout and rule).
-    `out_file` must be new, or (with `overwrite`) an earlier kohya export."""
+                 comfyui_compatible: bool = False, overwrite: bool = False, dtype: str = "fp32") -> Path:
+    """The kohya/LyCORIS single file (see the module docstring for the layout and rule), tensors in
+    `dtype` (`dora_scale` computed in fp32 first). `out_file` must be new, or (with `overwrite`)
+    an earlier kohya export."""
     adapter = read_adapter(adapter_dir)
     out_file = check_output_target(out_file, "kohya", overwrite=overwrite, is_file=True,
                                    sources=(adapter.path.parent,))
-    pipe = load_pipeline(base_model_of(adapter, base))
-    models = pipeline_models(pipe)
-    apply_to_models(adapter, models)
-    tensors: dict[str, torch.Tensor] = {}
-    sdxl = "text_encoder_2" in models
-    for prefix, model in models.items():
-        for name, module in adapted_layers(model):
-            key = kohya_key(prefix, layout_prefix(model) + name, sdxl)
-            tensors[f"{key}.lora_down.weight"] = module.lora_A.weight.detach().float().contiguous()
-            tensors[f"{key}.lora_up.weight"] = module.lora_B.weight.detach().float().contiguous()
-            tensors[f"{key}.alpha"] = torch.tensor(module.scaling * module.rank, dtype=torch.float32)
-            if module.use_dora:
-                m = module.lora_magnitude_vector.detach().float().flatten()
-                if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
-                    w0 = module.weight.detach().float().flatten(1).norm(dim=1)
-                    m = m * w0 / module.weight_norm()
-                shape = (-1,) + (1,) * (module.weight.dim() - 1)
-                tensors[f"{key}.dora_scale"] = m.reshape(shape).contiguous()
-    rank, alpha = adapter.rank_alpha("unet") if adapter.part("unet") else adapter.rank_alpha("text_encoder")
-    metadata = {
+    pipe, models = _adapted(adapter, base)
+
+    def build(layer) -> KohyaModule:
+        mod = KohyaModule(down=layer.lora_A.weight.detach().float(), up=layer.lora_B.weight.detach().float(),
+                          alpha=float(layer.scaling * layer.rank))
+        if layer.use_dora:
+            m = layer.lora_magnitude_vector.detach().float().flatten()
+            if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
+                m = m * layer.weight.detach().float().flatten(1).norm(dim=1) / layer.weight_norm()
+            mod.dora_scale = m.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+        return mod
+
+    rule = ("comfyui-compensated" if comfyui_compatible else "lycoris-exact") if adapter.use_dora else "lora"
+    metadata, tensors = _write_module_file(adapter, pipe, models, out_file, rule, "kohya", dtype, build)
+    prefix = "unet" if adapter.part("unet") else adapter.prefixes[0]
+    rank, alpha = adapter.rank_alpha(prefix)
+    metadata.update({
         "ss_network_module": "lycoris.kohya" if adapter.use_dora else "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-        "ss_network_args": ('{"algo": "lora", "dora_wd": true, "wd_on_output": true}' if adapter.use_dora
-                            else '{"algo": "lora"}'),
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else ("sd_v2" if pipe.unet.config.cross_attention_dim == 1024
-                                                                else "sd_v1"),
-        "ss_output_name": Path(out_file).stem,
-        "dreambooth_dora_dora_scale": "comfyui-compensated" if comfyui_compatible else "lycoris-exact",
-        EXPORT_KEY: "kohya",  # lets a later `--overwrite` recognise the file as ours
-    }
-    out = Path(out_file)
-    with atomic_path(out) as tmp:
+        "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "wd_on_output": True} if adapter.use_dora
+                                      else {"algo": "lora"}),
+    })
+    if adapter.use_dora:  # which dora_scale this is; only DoRA files carry it
+        metadata["dreambooth_dora_dora_scale"] = rule
+    with atomic_path(out_file) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    return out
+    return out_file
+
+
+@torch.no_grad()
+def export_full(adapter_dir: str | Path, out_file: str | Path, base: str | None = None,
+                overwrite: bool = False, dtype: str = "fp32") -> Path:
+    """The LyCORIS full-difference file: `diff = W' - W0` (computed in fp32, stored in `dtype`) for
+    every adapted layer; exact in A1111, Forge, ComfyUI and LyCORIS."""
+    adapter = read_adapter(adapter_dir)
+    out_file = check_output_target(out_file, "full", overwrite=overwrite, is_file=True,
+                                   sources=(adapter.path.parent,))
+    pipe, models = _adapted(adapter, base)
+
+    def build(layer) -> KohyaModule:
+        return KohyaModule(diff=layer.merged_weight().float() - layer.weight.detach().float())
+
+    metadata, tensors = _write_module_file(adapter, pipe, models, out_file, "full", "full", dtype, build)
+    metadata.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
+    with atomic_path(out_file) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out_file

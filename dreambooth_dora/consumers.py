@@ -1,0 +1,141 @@
+"""How each consumer applies a kohya / LyCORIS file: module names, and each UI's merge rule.
+
+Written from the consumers' published code (read through the public code index), per module with
+`V = W0 + (alpha / r) · up @ down` (`up` (out, r), `down` (r, in) or conv (r, in, kh, kw)) and
+DoRA's `dora_scale` d:
+
+    lycoris        LyCORIS 3.x, PEFT, diffusers      W' = V · d / (‖V‖ + eps), the norm on the axis
+                                                     d is laid out on: (out, 1, ...) per output row
+    comfyui        ComfyUI and Forge today           output-axis d: W' = V · d / (‖W0‖_row + eps);
+                   (`weight_decompose`)              input-axis d: W' = V · d / (‖V‖_col + eps)
+    comfyui-15458  ComfyUI after PR #15458           output-axis d: W' = V · d / (‖V‖_row + eps)
+    a1111          A1111's built-in Lora extension   W' = V · d / ‖V‖_col, per input column whatever
+                   (`network.apply_weight_decompose`) d's layout (an output-axis d broadcasts wrong)
+
+A module with `diff` (LyCORIS "full") is `W' = W0 + diff` in all of them; a module without
+`dora_scale` is plain LoRA, `W' = V` in all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+RULES = ("lycoris", "comfyui", "comfyui-15458", "a1111")
+RULE_NAMES = {
+    "lycoris": "LyCORIS / PEFT / diffusers",
+    "comfyui": "ComfyUI and Forge today",
+    "comfyui-15458": "ComfyUI after PR #15458",
+    "a1111": "A1111 (built-in Lora)",
+}
+
+
+def kohya_key(prefix: str, module_name: str, sdxl: bool = False) -> str:
+    """kohya's names: `lora_unet_`, `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL),
+    then the diffusers module path with `_` for `.`."""
+    start = "lora_te1_" if sdxl and prefix == "text_encoder" else KOHYA_PREFIX[prefix]
+    return start + module_name.replace(".", "_")
+
+
+def part_of(key: str) -> str | None:
+    """The model part a kohya module name adapts ('unet', 'text_encoder', 'text_encoder_2')."""
+    for start, part in (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
+                        ("lora_te_", "text_encoder")):
+        if key.startswith(start):
+            return part
+    return None
+
+
+@dataclass
+class KohyaModule:
+    """One module's tensors in a kohya / LyCORIS file."""
+
+    down: torch.Tensor | None = None  # lora_down.weight (r, in[, kh, kw])
+    up: torch.Tensor | None = None  # lora_up.weight (out, r[, 1, 1])
+    alpha: float | None = None
+    dora_scale: torch.Tensor | None = None
+    diff: torch.Tensor | None = None  # LyCORIS full: W' - W0
+    other: tuple[str, ...] = ()  # keys of kinds not read here (LoHa, LoKr, ...)
+
+    @property
+    def kind(self) -> str:
+        if self.diff is not None:
+            return "full"
+        if self.down is not None and self.up is not None:
+            return "dora" if self.dora_scale is not None else "lora"
+        return "other"
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.down is None else int(self.down.shape[0])
+
+    def dora_axis(self, out_features: int | None = None) -> str | None:
+        """'output' for d shaped (out, 1, ...), 'input' for (1, in, ...)."""
+        if self.dora_scale is None:
+            return None
+        d = self.dora_scale
+        if d.dim() >= 2 and d.shape[0] == 1 and (out_features is None or out_features != 1):
+            return "input"
+        return "output"
+
+
+def read_kohya_modules(tensors: dict[str, torch.Tensor]) -> dict[str, KohyaModule]:
+    """Group `<module>.<kind>` keys into modules (names keep kohya's `lora_unet_...` form)."""
+    modules: dict[str, KohyaModule] = {}
+    for key, value in tensors.items():
+        name, _, kind = key.partition(".")
+        mod = modules.setdefault(name, KohyaModule())
+        if kind == "lora_down.weight":
+            mod.down = value
+        elif kind == "lora_up.weight":
+            mod.up = value
+        elif kind == "alpha":
+            mod.alpha = float(value)
+        elif kind == "dora_scale":
+            mod.dora_scale = value
+        elif kind == "diff":
+            mod.diff = value
+        else:
+            mod.other = (*mod.other, kind)
+    return modules
+
+
+def _eps(dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def _row_norm(w: torch.Tensor) -> torch.Tensor:  # (out, 1, ...)
+    return w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.dim() - 1))
+
+
+def _col_norm(w: torch.Tensor) -> torch.Tensor:  # (1, in, ...)
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(w.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1)
+
+
+def merge(rule: str, w0: torch.Tensor, mod: KohyaModule) -> torch.Tensor:
+    """W' under `rule` (one of RULES), in fp32, for base weight `w0` (out, in[, kh, kw])."""
+    w0 = w0.float()
+    if mod.diff is not None:
+        return w0 + mod.diff.float().reshape(w0.shape)
+    if mod.kind not in ("lora", "dora"):
+        raise ValueError(f"module kind {mod.kind!r} ({', '.join(mod.other)}) has no rule here")
+    r = mod.down.shape[0]
+    scale = (mod.alpha if mod.alpha is not None else r) / r
+    v = w0 + scale * (mod.up.float().flatten(1) @ mod.down.float().flatten(1)).reshape(w0.shape)
+    if mod.dora_scale is None:
+        return v
+    d = mod.dora_scale.float()
+    eps = _eps(torch.float32)
+    output_axis = mod.dora_axis(w0.shape[0]) == "output"
+    if rule == "a1111":
+        return v * (d / _col_norm(v))
+    if not output_axis:  # every UI agrees on the input axis
+        return v * (d / (_col_norm(v) + eps))
+    d = d.reshape(w0.shape[0], *[1] * (w0.dim() - 1))
+    if rule == "comfyui":  # the output-axis branch divides by the base weight's norm
+        return v * (d / (_row_norm(w0) + eps))
+    if rule in ("lycoris", "comfyui-15458"):
+        return v * d / (_row_norm(v) + eps)
+    raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")

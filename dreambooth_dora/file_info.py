@@ -1,0 +1,174 @@
+"""`dreambooth-dora info` for any file we write or a user brings: format, method, rank, alpha,
+targets by model part, dtype, base model, and which consumers apply it exactly.
+
+Recognised: our adapter (diffusers / PEFT layout with `unet.` / `text_encoder.` keys), a PEFT
+`adapter_model.safetensors` (`base_model.model.` keys), kohya / LyCORIS files (`lora_unet_`,
+`lora_te_` modules: LoRA, DoRA on either axis, full `diff`), a fused pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .adapter_file import AdapterError, describe
+from .consumers import RULE_NAMES, RULES, part_of, read_kohya_modules
+from .outputs import ADAPTER_FILE, OUTPUT_MARKER
+
+# what an output-axis DoRA file is exact under when it does not say (LyCORIS's wd_on_output layout)
+DEFAULT_RULE = "lycoris-exact"
+KNOWN_TARGETS = ("to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out", "q_proj", "k_proj", "v_proj",
+                 "out_proj", "fc1", "fc2", "to_q", "to_k", "to_v", "conv1", "conv2", "conv_shortcut")
+
+
+@dataclass
+class PartInfo:
+    modules: int
+    targets: list[str]
+    ranks: list[int]
+    alphas: list[float]
+
+
+@dataclass
+class FileInfo:
+    file: str
+    format: str
+    method: str
+    dtype: str
+    base_model: str
+    parameters: int
+    parts: dict[str, PartInfo] = field(default_factory=dict)
+    exact_in: list[str] = field(default_factory=list)  # consumers.RULE_NAMES values
+    wrong_in: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        out = [self.file, f"  format: {self.format}", f"  method: {self.method}", f"  dtype: {self.dtype}",
+               f"  base model: {self.base_model}", f"  parameters: {self.parameters:,}"]
+        for part, p in self.parts.items():
+            ranks = "/".join(map(str, sorted(set(p.ranks)))) or "-"
+            alphas = "/".join(f"{a:g}" for a in sorted(set(p.alphas))) or "-"
+            out.append(f"  {part}: {p.modules} modules ({', '.join(p.targets)}), rank {ranks}, alpha {alphas}")
+        out.append(f"  exact in: {', '.join(self.exact_in) or 'none known'}")
+        if self.wrong_in:
+            out.append(f"  applied wrongly by: {', '.join(self.wrong_in)}")
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+def _target(name: str) -> str:
+    return next((t for t in KNOWN_TARGETS if name.endswith("_" + t)), name.rsplit("_", 1)[-1])
+
+
+def _dtype_of(tensors: dict) -> str:
+    names = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+    return "/".join(sorted({names.get(str(v.dtype), str(v.dtype)) for k, v in tensors.items()
+                            if not k.endswith(".alpha")}))
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{str(path)!r} is not a readable safetensors file: {str(err)[:200]}") from None
+
+
+def file_info(path: str | Path) -> FileInfo:
+    path = Path(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        marker = path / OUTPUT_MARKER
+        kind = json.loads(marker.read_text()).get("kind") if marker.is_file() else None
+        return FileInfo(str(path), "fused diffusers pipeline" + (" (dreambooth-dora export)" if kind else ""),
+                        "merged (plain weights)", "see the model files", "itself", 0,
+                        exact_in=[RULE_NAMES[r] for r in RULES] + ["diffusers"],
+                        notes=["a complete model: load it as the base model, no adapter rule involved"])
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise AdapterError(f"no adapter file at {str(file)!r}")
+    if file.suffix.lower() == ".bin":
+        raise AdapterError(f"{str(file)!r}: only .safetensors files are read (a pickled .bin can run code)")
+    tensors, meta = read_safetensors(file)
+    roots = {k.split(".", 1)[0] for k in tensors}
+    if roots and roots <= {"unet", "text_encoder", "text_encoder_2"}:
+        return _ours(file, tensors)
+    if any(k.startswith("base_model.model.") for k in tensors):
+        return _peft(file, tensors)
+    if any(part_of(k) for k in tensors):
+        return _kohya(file, tensors, meta)
+    raise AdapterError(f"{str(file)!r} holds no adapter this tool knows (keys like {sorted(tensors)[:2]})")
+
+
+def _ours(file: Path, tensors: dict) -> FileInfo:
+    d = describe(file)
+    parts = {p: PartInfo(s.modules, s.targets, [s.rank], [s.alpha]) for p, s in d.parts.items()}
+    dora = d.method == "DoRA"
+    notes = ["load it with dreambooth_dora.load_adapter (exact); stock diffusers load_lora_weights is exact "
+             "for the UNet" + (" but drops text-encoder DoRA magnitudes" if dora and len(parts) > 1 else "")]
+    return FileInfo(str(file), "diffusers / PEFT adapter (dreambooth-dora)", d.method, _dtype_of(tensors),
+                    d.base_model, d.parameters, parts, exact_in=["diffusers / PEFT"],
+                    notes=notes + ["A1111, Forge, ComfyUI: export it (--format kohya, --comfyui or full)"])
+
+
+def _peft(file: Path, tensors: dict) -> FileInfo:
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    dora = any("lora_magnitude_vector" in k for k in tensors)
+    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")]
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    part = PartInfo(len(modules), targets, ranks, [])
+    return FileInfo(str(file), "PEFT adapter (base_model.model.* keys)", "DoRA" if dora else "LoRA",
+                    _dtype_of(tensors), "not recorded", sum(v.numel() for v in tensors.values()), {"model": part},
+                    exact_in=["PEFT"], notes=["alpha is in the adapter_config.json beside it"])
+
+
+def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
+    modules = read_kohya_modules(tensors)
+    kinds = {m.kind for m in modules.values()}
+    parts: dict[str, PartInfo] = {}
+    for name, mod in sorted(modules.items()):
+        p = parts.setdefault(part_of(name) or "other", PartInfo(0, [], [], []))
+        p.modules += 1
+        if _target(name) not in p.targets:
+            p.targets.append(_target(name))
+        if mod.rank is not None:
+            p.ranks.append(mod.rank)
+        if mod.alpha is not None:
+            p.alphas.append(mod.alpha)
+    axes = {m.dora_axis() for m in modules.values() if m.kind == "dora"}
+    rule = meta.get("dreambooth_dora_rule") or meta.get("dreambooth_dora_dora_scale")
+    notes = []
+    if kinds == {"full"}:
+        fmt, method, exact = "LyCORIS full (weight differences)", "full difference", list(RULES)
+    elif kinds <= {"lora"}:
+        fmt, method, exact = "kohya LoRA", "LoRA", list(RULES)
+    elif "other" in kinds:
+        fmt, method, exact = "LyCORIS (other algorithm)", "other", []
+        notes.append("modules of kinds this tool cannot merge: " + ", ".join(sorted({
+            o for m in modules.values() for o in m.other})[:5]))
+    elif axes == {"input"}:
+        fmt, method, exact = "kohya / LyCORIS DoRA, input axis", "DoRA", list(RULES)
+        notes.append("input-axis DoRA: every UI normalises it the same way")
+    else:
+        rule = rule or DEFAULT_RULE
+        if rule not in ("lycoris-exact", "comfyui-compensated"):
+            rule = DEFAULT_RULE
+        fmt = f"kohya / LyCORIS DoRA, output axis ({rule})"
+        method = "DoRA"
+        exact = ["lycoris", "comfyui-15458"] if rule == "lycoris-exact" else ["comfyui"]
+        if not meta.get("dreambooth_dora_rule") and not meta.get("dreambooth_dora_dora_scale"):
+            notes.append("the file does not say which dora_scale it holds; LyCORIS's (wd_on_output) assumed")
+    if meta.get("dreambooth_dora_dtype_error"):
+        notes.append(f"casting to {meta.get('dreambooth_dora_dtype', '?')} changed the merged weights by "
+                     f"{float(meta['dreambooth_dora_dtype_error']):.2e} of the adapter's own change (max over layers)")
+    if meta.get("ss_v2") == "True":
+        notes.append("SD 2.x file (ss_v2): A1111 lists it with an SD 2.x checkpoint loaded")
+    base = meta.get("dreambooth_dora_base_model") or meta.get("ss_base_model_version") or "not recorded"
+    return FileInfo(str(file), fmt, method, _dtype_of(tensors), base, sum(v.numel() for v in tensors.values()),
+                    parts, exact_in=[RULE_NAMES[r] for r in exact],
+                    wrong_in=[RULE_NAMES[r] for r in RULES if r not in exact and method != "other"], notes=notes)

@@ -1,0 +1,253 @@
+"""Every export format merged by every consumer rule: exact where the file says so (checked against
+rules written here from the consumers' code, independently of dreambooth_dora.consumers), wrong
+where it says so; `info` on every format; what a webui reads; `verify`'s table."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dreambooth_dora.adapter_file import apply_to_models, read_adapter
+from dreambooth_dora.adapters import adapted_layers
+from dreambooth_dora.cli import main
+from dreambooth_dora.consumers import RULES, kohya_key, merge, read_kohya_modules
+from dreambooth_dora.export import export_full, export_fused, export_kohya
+from dreambooth_dora.file_info import file_info
+from dreambooth_dora.models import load_pipeline, pipeline_models
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def conv_dora(tiny_sd_path, tmp_path_factory):
+    """DoRA on attention Linear layers AND 3x3 / 1x1 convolutions, UNet and text encoder."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.config import load_config
+    from dreambooth_dora.train import train
+
+    out = tmp_path_factory.mktemp("exports") / "conv_dora"
+    train(load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir",
+                       str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon", "--resolution", "64",
+                       "--learning_rate", "5e-2", "--max_train_steps", "3", "--rank", "4", "--lora_alpha", "8",
+                       "--unet_target_modules", "to_q,to_v,proj_in,conv1", "--train_text_encoder",
+                       "--output_dir", str(out), "--report_to", "none", "--checkpointing_steps", "100"]))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out
+
+
+def truths(adapter_dir):
+    """{kohya name: (W0, W')} from our exact layers (the fused export's weights, tested elsewhere)."""
+    models = pipeline_models(load_pipeline(read_adapter(adapter_dir).info.base_model))
+    apply_to_models(read_adapter(adapter_dir), models)
+    return {kohya_key(p, ("text_model." if p != "unet" and not hasattr(m, "text_model") else "") + n):
+            (layer.weight.detach().float(), layer.merged_weight().float())
+            for p, m in models.items() for n, layer in adapted_layers(m)}
+
+
+# ---- the consumers' rules, written here from their code (not from dreambooth_dora.consumers) ----
+
+def v_of(w0, mod):
+    return w0 + mod["alpha"] / mod["down"].shape[0] * (mod["up"].flatten(1) @ mod["down"].flatten(1)).reshape(w0.shape)
+
+
+def lycoris_ref(w0, mod):  # lycoris/modules/locon.py apply_weight_decompose, wd_on_out=True
+    v = v_of(w0, mod)
+    n = v.reshape(v.shape[0], -1).norm(dim=1).reshape(mod["dora_scale"].shape) + torch.finfo(torch.float32).eps
+    return v * mod["dora_scale"] / n
+
+
+def comfyui_ref(w0, mod):  # comfy weight_decompose, output-axis branch: the norm of the base weight
+    v = v_of(w0, mod)
+    n = w0.reshape(w0.shape[0], -1).norm(dim=1, keepdim=True).reshape(mod["dora_scale"].shape)
+    return v * (mod["dora_scale"] / (n + torch.finfo(torch.float32).eps))
+
+
+def a1111_ref(w0, mod):  # network.py apply_weight_decompose: transpose(0, 1), norm per input column
+    v = v_of(w0, mod)
+    n = v.transpose(0, 1).reshape(v.shape[1], -1).norm(dim=1, keepdim=True)
+    n = n.reshape(v.shape[1], *[1] * (v.dim() - 1)).transpose(0, 1)  # dora_norm_dims = dim - 1
+    return v * (mod["dora_scale"] / n)
+
+
+REFERENCES = {"lycoris": lycoris_ref, "comfyui-15458": lycoris_ref, "comfyui": comfyui_ref, "a1111": a1111_ref}
+
+
+def file_modules(path):
+    tensors = {k: v.float() for k, v in load_file(str(path)).items()}
+    mods = {}
+    for k, v in tensors.items():
+        name, _, kind = k.partition(".")
+        mods.setdefault(name, {})[{"lora_down.weight": "down", "lora_up.weight": "up"}.get(kind, kind)] = v
+    for m in mods.values():
+        if "alpha" in m:
+            m["alpha"] = float(m["alpha"])
+    return mods
+
+
+def rel(a, w0, target):
+    return ((a - target).norm() / (target - w0).norm()).item()
+
+
+@pytest.mark.parametrize("which", ["dora", "conv_dora", "lora"])
+def test_each_format_under_each_rule(which, adapters, conv_dora, tmp_path):
+    src = conv_dora if which == "conv_dora" else adapters[which]
+    truth = truths(src)
+    files = {"lycoris-exact": export_kohya(src, tmp_path / "k.safetensors"),
+             "full": export_full(src, tmp_path / "full.safetensors")}
+    if which != "lora":
+        files["comfyui-compensated"] = export_kohya(src, tmp_path / "c.safetensors", comfyui_compatible=True)
+    exact_under = {"lycoris-exact": {"lycoris", "comfyui-15458"}, "comfyui-compensated": {"comfyui"},
+                   "full": set(RULES)}
+    convs = 0
+    for kind, path in files.items():
+        mods, ours = file_modules(path), read_kohya_modules(load_file(str(path)))
+        assert set(mods) == set(truth)  # every adapted layer, nothing else
+        for name, (w0, target) in truth.items():
+            convs += w0.dim() == 4
+            for rule in RULES:
+                got = merge(rule, w0, ours[name])
+                if kind == "full":
+                    ref = w0 + mods[name]["diff"]
+                elif "dora_scale" in mods[name]:
+                    ref = REFERENCES[rule](w0, mods[name])
+                else:
+                    ref = v_of(w0, mods[name])
+                assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), (kind, rule, name)
+                exact = which == "lora" or rule in exact_under[kind]
+                if exact:
+                    assert rel(got, w0, target) <= 1e-5, (kind, rule, name, rel(got, w0, target))
+        if which != "lora" and kind != "full":  # where the file says "wrong", it is measurably wrong
+            for rule in set(RULES) - exact_under[kind]:
+                worst = max(rel(merge(rule, w0, ours[n]), w0, t) for n, (w0, t) in truth.items())
+                assert worst > 1e-3, (kind, rule, worst)
+    assert (convs > 0) == (which == "conv_dora")  # the conv fixture really has 3x3 and 1x1 convs
+
+
+def test_half_precision_exports_state_their_rounding(adapters, tmp_path):
+    truth = truths(adapters["dora"])
+    bounds = {}
+    for fmt, export in (("full", export_full), ("kohya", export_kohya)):
+        for dtype in ("fp16", "bf16"):
+            path = export(adapters["dora"], tmp_path / f"{fmt}_{dtype}.safetensors", dtype=dtype)
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+                assert {f.get_tensor(k).dtype for k in f.keys() if not k.endswith(".alpha")} == \
+                    {torch.float16 if dtype == "fp16" else torch.bfloat16}
+            mods = read_kohya_modules(load_file(str(path)))
+            worst = max(rel(merge("lycoris", w0, mods[n]), w0, t) for n, (w0, t) in truth.items())
+            assert float(meta["dreambooth_dora_dtype_error"]) == pytest.approx(worst, rel=1e-3)
+            bounds[(fmt, dtype)] = worst
+    # measured on the tiny DoRA adapter: fp16 full ~2e-4, fp16 kohya ~5e-3 of the adapter's own change
+    assert bounds[("full", "fp16")] < 1e-3 and bounds[("kohya", "fp16")] < 2e-2
+    assert bounds[("full", "bf16")] < 1e-2 and bounds[("full", "fp16")] < bounds[("full", "bf16")]
+    fp32 = export_full(adapters["dora"], tmp_path / "f32.safetensors")
+    assert fp32.stat().st_size > 1.9 * (tmp_path / "full_fp16.safetensors").stat().st_size
+
+
+def test_webui_metadata_and_markers(adapters, tiny_sd2_path, tmp_path):
+    for method in ("dora", "lora"):
+        path = export_kohya(adapters[method], tmp_path / f"{method}.safetensors")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+        assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+        assert meta["ss_output_name"] == method
+        assert meta["ss_network_module"] == ("lycoris.kohya" if method == "dora" else "networks.lora")
+        assert ("dreambooth_dora_dora_scale" in meta) == (method == "dora")  # the DoRA marker on DoRA files only
+        assert meta["dreambooth_dora_rule"] == ("lycoris-exact" if method == "dora" else "lora")
+    full = export_full(adapters["dora"], tmp_path / "f.safetensors")
+    with safe_open(str(full), "pt") as f:
+        meta = f.metadata()
+    assert meta["dreambooth_dora_rule"] == "full" and json.loads(meta["ss_network_args"]) == {"algo": "full"}
+    assert set(meta["dreambooth_dora_exact_in"].split(",")) == set(RULES)
+
+    # an SD 2.x adapter: ss_v2 so A1111 shows it with an SD 2.x checkpoint loaded
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.config import load_config
+    from dreambooth_dora.train import train
+
+    train(load_config(["--pretrained_model_name_or_path", str(tiny_sd2_path), "--instance_data_dir",
+                       str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon", "--resolution", "64",
+                       "--max_train_steps", "1", "--output_dir", str(tmp_path / "sd2"), "--report_to", "none"]))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert main(["export", str(tmp_path / "sd2"), "--format", "kohya", "--out", str(tmp_path / "SD2.SafeTensors")]) == 0
+    with safe_open(str(tmp_path / "SD2.SafeTensors"), "pt") as f:  # the suffix check ignores case
+        meta = f.metadata()
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+
+
+def test_info_describes_every_format(adapters, tmp_path, capsys):
+    src = adapters["dora"]
+    files = {
+        "adapter": src,
+        "kohya": export_kohya(src, tmp_path / "k.safetensors"),
+        "comfyui": export_kohya(src, tmp_path / "c.safetensors", comfyui_compatible=True),
+        "full": export_full(src, tmp_path / "full.safetensors", dtype="fp16"),
+        "lora": export_kohya(adapters["lora"], tmp_path / "lora.safetensors"),
+        "fused": export_fused(src, tmp_path / "fused"),
+    }
+    tensors = load_file(str(files["kohya"]))  # a file someone else made: no metadata of ours
+    save_file(tensors, str(tmp_path / "foreign.safetensors"))
+    files["foreign"] = tmp_path / "foreign.safetensors"
+    ours = load_file(str(src / "pytorch_lora_weights.safetensors"))  # a PEFT adapter_model file
+    save_file({"base_model.model." + k.split(".", 1)[1]: v for k, v in ours.items() if k.startswith("unet.")},
+              str(tmp_path / "adapter_model.safetensors"))
+    files["peft"] = tmp_path / "adapter_model.safetensors"
+    expect = {
+        "adapter": ("diffusers / PEFT adapter", "DoRA", ["diffusers / PEFT"]),
+        "kohya": ("output axis (lycoris-exact)", "DoRA", ["LyCORIS / PEFT / diffusers", "ComfyUI after PR #15458"]),
+        "comfyui": ("output axis (comfyui-compensated)", "DoRA", ["ComfyUI and Forge today"]),
+        "full": ("LyCORIS full", "full difference", ["A1111 (built-in Lora)", "ComfyUI and Forge today",
+                                                     "ComfyUI after PR #15458", "LyCORIS / PEFT / diffusers"]),
+        "lora": ("kohya LoRA", "LoRA", ["A1111 (built-in Lora)", "ComfyUI and Forge today",
+                                        "ComfyUI after PR #15458", "LyCORIS / PEFT / diffusers"]),
+        "fused": ("fused diffusers pipeline", "merged (plain weights)", None),
+        "foreign": ("output axis (lycoris-exact)", "DoRA", ["LyCORIS / PEFT / diffusers", "ComfyUI after PR #15458"]),
+        "peft": ("PEFT adapter", "DoRA", ["PEFT"]),
+    }
+    for name, path in files.items():
+        assert main(["info", str(path), "--json"]) == 0, name
+        d = json.loads(capsys.readouterr().out)
+        fmt, method, exact = expect[name]
+        assert fmt in d["format"] and d["method"] == method, (name, d["format"], d["method"])
+        if exact is not None:
+            assert sorted(d["exact_in"]) == sorted(exact), (name, d["exact_in"])
+        assert main(["info", str(path)]) == 0
+        text = capsys.readouterr().out
+        assert "exact in:" in text and len(text) < 3000, name
+    assert file_info(files["full"]).dtype == "fp16"
+    assert "does not say which dora_scale" in " ".join(file_info(files["foreign"]).notes)
+    assert "A1111 (built-in Lora)" in file_info(files["kohya"]).wrong_in
+    assert file_info(files["kohya"]).parts["unet"].ranks[0] == 4
+
+
+def test_verify_prints_the_table_for_every_format(adapters, conv_dora, tmp_path, capsys):
+    src = conv_dora
+    files = {"kohya": export_kohya(src, tmp_path / "k.safetensors"),
+             "comfyui": export_kohya(src, tmp_path / "c.safetensors", comfyui_compatible=True),
+             "full": export_full(src, tmp_path / "f.safetensors"),
+             "full16": export_full(src, tmp_path / "f16.safetensors", dtype="fp16"),
+             "adapter": src, "fused": export_fused(src, tmp_path / "fused")}
+    want = {"kohya": ["exact", "WRONG", "exact", "WRONG"], "comfyui": ["WRONG", "exact", "WRONG", "WRONG"],
+            "full": ["exact"] * 4, "full16": ["exact"] * 4, "adapter": ["exact", "WRONG", "exact", "WRONG"],
+            "fused": ["exact"] * 4}
+    n_layers = len(truths(src))
+    for name, path in files.items():
+        assert main(["verify", str(path), "--against", str(src)]) == 0, name
+        out = capsys.readouterr().out
+        rows = [r for r in out.splitlines() if r.startswith("| ")]
+        header = [c.strip() for c in rows[0].strip("|").split("|")]
+        assert header == ["layer", "LyCORIS / PEFT / diffusers", "ComfyUI and Forge today", "ComfyUI after PR #15458",
+                          "A1111 (built-in Lora)"]
+        assert len([r for r in rows if r.startswith("| lora_")]) == n_layers  # one row per adapted layer
+        verdict = [c.strip() for c in next(r for r in rows if "verdict" in r).strip("|").split("|")][1:]
+        assert verdict == want[name], (name, verdict)
+    assert main(["verify", str(tmp_path / "nothing"), "--against", str(src)]) == 2
+    assert capsys.readouterr().err.startswith("error: no file at")
