@@ -18,6 +18,7 @@ commands:
   export   dreambooth-dora export ADAPTER_DIR --format fused --out DIR        (a merged diffusers pipeline)
            dreambooth-dora export ADAPTER_DIR --format kohya --out FILE.safetensors [--comfyui]
            dreambooth-dora export ADAPTER_DIR --format full --out FILE.safetensors   (exact in every UI)
+           dreambooth-dora export ADAPTER_DIR --format kohya-lora --rank R --out FILE.safetensors (SVD)
            (all: [--dtype fp32|fp16|bf16] [--overwrite])
   evaluate dreambooth-dora evaluate --config train_configs/evaluate/X.yaml [--adapters A,B ...]
            (DINO / CLIP fidelity, prior drift, magnitude/direction analysis -> a report folder)
@@ -74,9 +75,11 @@ def export_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="dreambooth-dora export")
     parser.add_argument("adapter", help="adapter folder (or its .safetensors file)")
-    parser.add_argument("--format", choices=["fused", "kohya", "full"], required=True,
+    parser.add_argument("--format", choices=["fused", "kohya", "full", "kohya-lora"], required=True,
                         help="fused: a merged pipeline folder; kohya: LoRA/DoRA file for UIs; full: exact "
-                             "weight differences every UI applies the same way (A1111 included)")
+                             "weight differences every UI applies the same way (A1111 included); kohya-lora: "
+                             "a plain LoRA of --rank re-extracted by SVD (for UIs without DoRA; error printed)")
+    parser.add_argument("--rank", type=int, help="kohya-lora: the rank of the re-extracted LoRA")
     parser.add_argument("--out", required=True, help="folder (fused) or .safetensors file (kohya, full)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                         help="stored precision (DoRA scales and differences are computed in fp32 first)"),
@@ -86,7 +89,7 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--comfyui", action="store_true",
                         help="kohya: write dora_scale for ComfyUI's loader (exact there, wrong in LyCORIS/A1111)")
     args = parser.parse_args(argv)
-    from .export import export_full, export_fused, export_kohya
+    from .export import export_full, export_fused, export_kohya, export_svd_lora
 
     if args.format != "fused" and not args.out.lower().endswith(".safetensors"):
         print(f"error: --out must be a .safetensors file for --format {args.format}", file=sys.stderr)
@@ -94,11 +97,18 @@ def export_main(argv: list[str]) -> int:
     if args.comfyui and args.format != "kohya":
         print("error: --comfyui applies to --format kohya only", file=sys.stderr)
         return 2
+    if (args.format == "kohya-lora") != (args.rank is not None) or (args.rank is not None and args.rank < 1):
+        print("error: --format kohya-lora needs --rank R (R >= 1), and --rank applies to it only", file=sys.stderr)
+        return 2
     try:
         if args.format == "fused":
             out = export_fused(args.adapter, args.out, base=args.base, overwrite=args.overwrite, dtype=args.dtype)
         elif args.format == "full":
             out = export_full(args.adapter, args.out, base=args.base, overwrite=args.overwrite, dtype=args.dtype)
+        elif args.format == "kohya-lora":
+            out, error = export_svd_lora(args.adapter, args.out, args.rank, base=args.base, overwrite=args.overwrite,
+                                         dtype=args.dtype)
+            print(f"rank-{args.rank} re-extraction: max over layers ||LoRA - change|| / ||change|| = {error:.3e}")
         else:
             out = export_kohya(args.adapter, args.out, base=args.base, comfyui_compatible=args.comfyui,
                                overwrite=args.overwrite, dtype=args.dtype)

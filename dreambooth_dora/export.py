@@ -45,7 +45,7 @@ EXACT_KEY = "dreambooth_dora_exact_in"  # the consumers (consumers.RULES) that a
 DTYPE_ERROR_KEY = "dreambooth_dora_dtype_error"  # max over layers of ||W'_file - W'|| / ||W' - W0||
 # ComfyUI's and Forge's output-axis DoRA rule, and PEFT's: which exports each applies exactly
 EXACT_UNDER = {"lycoris-exact": ("lycoris", "comfyui-15458"), "comfyui-compensated": ("comfyui",),
-               "full": RULES, "lora": RULES}
+               "full": RULES, "lora": RULES, "svd-lora": ()}  # svd-lora: the same approximation everywhere
 
 
 def _adapted(adapter: AdapterFile, base: str | None):
@@ -113,8 +113,9 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
         if mod.alpha is not None:
             tensors[f"{key}.alpha"] = torch.tensor(mod.alpha, dtype=torch.float32)
     exact = EXACT_UNDER[rule]
+    error = _dtype_error(cast, truths, (exact or RULES)[0])
     metadata = {**_webui_metadata(pipe, adapter, out_file, sdxl), RULE_KEY: rule, EXACT_KEY: ",".join(exact),
-                "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{_dtype_error(cast, truths, exact[0]):.3e}",
+                "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{error:.3e}",
                 EXPORT_KEY: kind}  # the export marker lets a later `--overwrite` recognise the file as ours
     return metadata, tensors
 
@@ -175,3 +176,41 @@ def export_full(adapter_dir: str | Path, out_file: str | Path, base: str | None 
     with atomic_path(out_file) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out_file
+
+
+@torch.no_grad()
+def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, base: str | None = None,
+                    overwrite: bool = False, dtype: str = "fp32") -> tuple[Path, float]:
+    """A plain kohya LoRA of rank `rank` re-extracted from each layer's exact change `W' - W0` by
+    SVD (the best rank-`rank` approximation), for consumers without DoRA. Every consumer applies it
+    the same way; it is exact only where the change has rank <= `rank` (a LoRA adapter of that
+    rank). Returns (file, max over layers of ||approximation - change|| / ||change||)."""
+    if rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {rank}")
+    adapter = read_adapter(adapter_dir)
+    out_file = check_output_target(out_file, "kohya", overwrite=overwrite, is_file=True,
+                                   sources=(adapter.path.parent,))
+    pipe, models = _adapted(adapter, base)
+    worst = 0.0
+
+    def build(layer) -> KohyaModule:
+        nonlocal worst
+        w0 = layer.weight.detach().float()
+        change = (layer.merged_weight().float() - w0).flatten(1)  # (out, in·k·k)
+        u, sv, vh = torch.linalg.svd(change, full_matrices=False)
+        r = min(rank, sv.numel())
+        root = sv[:r].sqrt()
+        up, down = u[:, :r] * root, root[:, None] * vh[:r]
+        worst = max(worst, ((up @ down - change).norm() / change.norm().clamp_min(1e-30)).item())
+        if w0.dim() == 4:
+            up, down = up.reshape(w0.shape[0], r, 1, 1), down.reshape(r, *w0.shape[1:])
+        return KohyaModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r))
+
+    metadata, tensors = _write_module_file(adapter, pipe, models, out_file, "svd-lora", "kohya", dtype, build)
+    metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                     "ss_network_alpha": str(float(rank)), "ss_network_args": json.dumps({"algo": "lora"}),
+                     "dreambooth_dora_svd_error": f"{worst:.3e}"})
+    with atomic_path(out_file) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out_file, worst
+

@@ -145,6 +145,10 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
     notes = []
     if kinds == {"full"}:
         fmt, method, exact = "LyCORIS full (weight differences)", "full difference", list(RULES)
+    elif kinds <= {"lora"} and rule == "svd-lora":
+        fmt, method, exact = "kohya LoRA re-extracted by SVD", "LoRA (approximation)", []
+        notes.append(f"every UI applies it the same way; it differs from the adapter by "
+                     f"{float(meta.get('dreambooth_dora_svd_error', 'nan')):.2e} of its change (max over layers)")
     elif kinds <= {"lora"}:
         fmt, method, exact = "kohya LoRA", "LoRA", list(RULES)
     elif "other" in kinds:
@@ -163,7 +167,7 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
         exact = ["lycoris", "comfyui-15458"] if rule == "lycoris-exact" else ["comfyui"]
         if not meta.get("dreambooth_dora_rule") and not meta.get("dreambooth_dora_dora_scale"):
             notes.append("the file does not say which dora_scale it holds; LyCORIS's (wd_on_output) assumed")
-    if meta.get("dreambooth_dora_dtype_error"):
+    if meta.get("dreambooth_dora_dtype_error") and rule != "svd-lora":
         notes.append(f"casting to {meta.get('dreambooth_dora_dtype', '?')} changed the merged weights by "
                      f"{float(meta['dreambooth_dora_dtype_error']):.2e} of the adapter's own change (max over layers)")
     if meta.get("ss_v2") == "True":
@@ -171,4 +175,5 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
     base = meta.get("dreambooth_dora_base_model") or meta.get("ss_base_model_version") or "not recorded"
     return FileInfo(str(file), fmt, method, _dtype_of(tensors), base, sum(v.numel() for v in tensors.values()),
                     parts, exact_in=[RULE_NAMES[r] for r in exact],
-                    wrong_in=[RULE_NAMES[r] for r in RULES if r not in exact and method != "other"], notes=notes)
+                    wrong_in=[RULE_NAMES[r] for r in RULES if r not in exact and method not in ("other",)
+                              and rule != "svd-lora"], notes=notes)

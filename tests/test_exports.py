@@ -14,7 +14,7 @@ from dreambooth_dora.adapter_file import apply_to_models, read_adapter
 from dreambooth_dora.adapters import adapted_layers
 from dreambooth_dora.cli import main
 from dreambooth_dora.consumers import RULES, kohya_key, merge, read_kohya_modules
-from dreambooth_dora.export import export_full, export_fused, export_kohya
+from dreambooth_dora.export import export_full, export_fused, export_kohya, export_svd_lora
 from dreambooth_dora.file_info import file_info
 from dreambooth_dora.models import load_pipeline, pipeline_models
 
@@ -251,3 +251,26 @@ def test_verify_prints_the_table_for_every_format(adapters, conv_dora, tmp_path,
         assert verdict == want[name], (name, verdict)
     assert main(["verify", str(tmp_path / "nothing"), "--against", str(src)]) == 2
     assert capsys.readouterr().err.startswith("error: no file at")
+
+
+def test_svd_reextraction_for_uis_without_dora(adapters, tmp_path, capsys):
+    """A rank-4 LoRA re-extracted at rank 4 is exact everywhere; a DoRA change is full-rank (the
+    magnitudes rescale whole rows), so its re-extraction error falls with the rank and is printed."""
+    lora_truth = truths(adapters["lora"])
+    path, error = export_svd_lora(adapters["lora"], tmp_path / "l4.safetensors", 4)
+    mods = read_kohya_modules(load_file(str(path)))
+    for rule in RULES:
+        assert max(rel(merge(rule, w0, mods[n]), w0, t) for n, (w0, t) in lora_truth.items()) <= 1e-5
+    assert error <= 1e-5
+    errors = [export_svd_lora(adapters["dora"], tmp_path / f"d{r}.safetensors", r)[1] for r in (1, 4, 16)]
+    assert errors[0] > errors[1] > errors[2] and errors[1] > 1e-3
+    info = file_info(tmp_path / "d4.safetensors")
+    assert info.method == "LoRA (approximation)" and info.exact_in == [] and info.wrong_in == []
+    assert f"{errors[1]:.2e}" in " ".join(info.notes)
+    assert main(["export", str(adapters["dora"]), "--format", "kohya-lora", "--rank", "2",
+                 "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert "rank-2 re-extraction: max over layers" in capsys.readouterr().out
+    assert main(["export", str(adapters["dora"]), "--format", "kohya", "--rank", "2",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--rank applies to it only" in capsys.readouterr().err
+
