@@ -102,6 +102,9 @@ def file_info(path: str | Path) -> FileInfo:
         return _peft(file, tensors)
     if any(part_of(k) for k in tensors):
         return _kohya(file, tensors, meta)
+    if tensors and all(v.dim() in (1, 2) for v in tensors.values()) and (
+            set(tensors) <= {"emb_params", "clip_l", "clip_g"} or len(tensors) == 1):
+        return _embedding(file, tensors)
     raise AdapterError(f"{str(file)!r} holds no adapter this tool knows (keys like {sorted(tensors)[:2]})")
 
 
@@ -125,6 +128,21 @@ def _peft(file: Path, tensors: dict) -> FileInfo:
     return FileInfo(str(file), "PEFT adapter (base_model.model.* keys)", "DoRA" if dora else "LoRA",
                     _dtype_of(tensors), "not recorded", sum(v.numel() for v in tensors.values()), {"model": part},
                     exact_in=["PEFT"], notes=["alpha is in the adapter_config.json beside it"])
+
+
+def _embedding(file: Path, tensors: dict) -> FileInfo:
+    """Textual-inversion embeddings: A1111's `emb_params`, SDXL's `clip_l` / `clip_g`, or diffusers'
+    `{token: vectors}`."""
+    parts = {}
+    for key, v in tensors.items():
+        vectors = v.reshape(-1, v.shape[-1])
+        part = {"clip_g": "text_encoder_2", "clip_l": "text_encoder"}.get(key, "text_encoder")
+        parts[part] = PartInfo(vectors.shape[0], [f"{vectors.shape[0]} vector(s) of width {vectors.shape[1]}"], [], [])
+    token = next(iter(tensors)) if set(tensors) - {"emb_params", "clip_l", "clip_g"} else None
+    notes = [f"token {token!r}" if token else "the token is the file name in A1111 / ComfyUI"]
+    return FileInfo(str(file), "textual-inversion embedding", "new token vectors", _dtype_of(tensors),
+                    "not recorded", sum(v.numel() for v in tensors.values()), parts,
+                    exact_in=["A1111", "ComfyUI", "Forge", "diffusers (load_textual_inversion)"], notes=notes)
 
 
 def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:

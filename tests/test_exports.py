@@ -223,6 +223,11 @@ def test_info_describes_every_format(adapters, tmp_path, capsys):
         text = capsys.readouterr().out
         assert "exact in:" in text and len(text) < 3000, name
     assert file_info(files["full"]).dtype == "fp16"
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "sks.safetensors"))  # A1111 embedding
+    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, str(tmp_path / "xl.safetensors"))
+    emb, xl = file_info(tmp_path / "sks.safetensors"), file_info(tmp_path / "xl.safetensors")
+    assert emb.format == "textual-inversion embedding" and emb.parts["text_encoder"].modules == 2
+    assert set(xl.parts) == {"text_encoder", "text_encoder_2"} and "width 1280" in xl.parts["text_encoder_2"].targets[0]
     assert "does not say which dora_scale" in " ".join(file_info(files["foreign"]).notes)
     assert "A1111 (built-in Lora)" in file_info(files["kohya"]).wrong_in
     assert file_info(files["kohya"]).parts["unet"].ranks[0] == 4
@@ -234,10 +239,11 @@ def test_verify_prints_the_table_for_every_format(adapters, conv_dora, tmp_path,
              "comfyui": export_kohya(src, tmp_path / "c.safetensors", comfyui_compatible=True),
              "full": export_full(src, tmp_path / "f.safetensors"),
              "full16": export_full(src, tmp_path / "f16.safetensors", dtype="fp16"),
-             "adapter": src, "fused": export_fused(src, tmp_path / "fused")}
+             "adapter": src, "fused": export_fused(src, tmp_path / "fused"),
+             "svd": export_svd_lora(src, tmp_path / "svd.safetensors", 4)[0]}
     want = {"kohya": ["exact", "WRONG", "exact", "WRONG"], "comfyui": ["WRONG", "exact", "WRONG", "WRONG"],
             "full": ["exact"] * 4, "full16": ["exact"] * 4, "adapter": ["exact", "WRONG", "exact", "WRONG"],
-            "fused": ["exact"] * 4}
+            "fused": ["exact"] * 4, "svd": ["WRONG"] * 4}  # a DoRA change is full-rank: rank 4 approximates
     n_layers = len(truths(src))
     for name, path in files.items():
         assert main(["verify", str(path), "--against", str(src)]) == 0, name
