@@ -162,8 +162,11 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise AdapterError(f"{str(file)!r} holds no LoRA/DoRA tensors (no '.lora_A/.lora_B' keys)")
     unknown = sorted({k.split(".", 1)[0] for k in tensors} - set(PREFIXES))
     if unknown:
-        raise AdapterError(f"{str(file)!r} has tensors for unknown model part(s) {unknown}; "
-                           f"expected prefixes {', '.join(PREFIXES)}")
+        kohya = any(u.startswith(("lora_unet_", "lora_te")) for u in unknown)
+        hint = ("a kohya / LyCORIS file (an export): `dreambooth-dora info` describes it; training tools read "
+                "the diffusers layout" if kohya else f"expected prefixes {', '.join(PREFIXES)}")
+        raise AdapterError(f"{str(file)!r} is not in the diffusers adapter layout ({len(unknown)} module(s) like "
+                           f"{unknown[0]!r}); {hint}")
     configs: dict[str, dict] = {}
     if LORA_ADAPTER_METADATA_KEY in meta:
         for key, value in json.loads(meta[LORA_ADAPTER_METADATA_KEY]).items():
