@@ -283,6 +283,7 @@ def test_svd_reextraction_for_uis_without_dora(adapters, tmp_path, capsys):
 
 def test_a_kohya_file_where_an_adapter_is_expected_is_one_short_line(adapters, tmp_path, capsys):
     kohya = export_kohya(adapters["dora"], tmp_path / "k.safetensors")
+    capsys.readouterr()
     assert main(["export", str(kohya), "--format", "fused", "--out", str(tmp_path / "fused")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err) < 400 and "kohya / LyCORIS file" in err and "dreambooth-dora info" in err
