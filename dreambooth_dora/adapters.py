@@ -95,6 +95,17 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in adapted_layers(model) for p in layer.adapter_parameters()]
 
 
+def adapter_parameters_by_role(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """{'A': [...], 'B': [...], 'magnitude': [...]}, found by module type (never by name)."""
+    roles = {"A": [], "B": [], "magnitude": []}
+    for _, layer in adapted_layers(model):
+        roles["A"].append(layer.lora_A.weight)
+        roles["B"].append(layer.lora_B.weight)
+        if layer.use_dora:
+            roles["magnitude"].append(layer.lora_magnitude_vector)
+    return roles
+
+
 def adapter_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """The adapter parameters only, keyed as PEFT's `get_peft_model_state_dict` keys them."""
     out = {}

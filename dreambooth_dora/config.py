@@ -110,6 +110,19 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_weight_decay_text_encoder: float | None = None
+    magnitude_lr: float | None = None
+    """DoRA: the learning rate of the magnitude vectors (DoRA's authors and LyCORIS advise a lower
+    one than the direction's); default: the adapter's (learning_rate / text_encoder_lr)."""
+    magnitude_weight_decay: float | None = None
+    """DoRA: weight decay of the magnitude vectors; default: the adapter's."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: B's learning rate = the adapter's x this ratio (16 is LoRA+'s usual value); A and the
+    DoRA magnitude keep the adapter's (the magnitude is not B)."""
+    dora_train: str = "both"
+    """DoRA ablations: 'both', 'magnitude' (only the magnitudes train; A, B stay at init) or
+    'direction' (the magnitudes stay at the base weight's norms)."""
+    caption_dropout_rate: float = 0.0
+    """Share of subject examples trained with the empty caption (class images keep theirs)."""
     adam_epsilon: float = 1e-8
     prodigy_beta3: float | None = None
     prodigy_decouple: bool = True
@@ -178,8 +191,14 @@ class TrainConfig:
             "adam_beta2": ("[0,1)", None), "prodigy_beta3": ("[0,1)", None), "adam_epsilon": (">", 0),
             "adam_weight_decay": (">=", 0), "adam_weight_decay_text_encoder": (">=", 0),
             "prior_loss_weight": (">=", 0), "max_grad_norm": (">=", 0), "snr_gamma": (">", 0),
-            "noise_offset": (">=", 0), "lr_power": (">", 0),
+            "noise_offset": (">=", 0), "lr_power": (">", 0), "magnitude_lr": (">", 0),
+            "magnitude_weight_decay": (">=", 0), "loraplus_lr_ratio": (">", 0), "caption_dropout_rate": ("[0,1]", None),
         })
+        if self.dora_train not in ("both", "magnitude", "direction"):
+            raise ConfigError(f"dora_train must be one of 'both', 'magnitude', 'direction'; got {self.dora_train!r}")
+        dora_only = [n for n in ("magnitude_lr", "magnitude_weight_decay") if getattr(self, n) is not None]
+        if not self.use_dora and (dora_only or self.dora_train != "both"):
+            raise ConfigError(f"{(dora_only or ['dora_train'])[0]} applies to DoRA (use_dora true) only")
         from .models import check_embedded_name
 
         for name in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
@@ -211,9 +230,10 @@ def check_ranges(cfg, rules: dict) -> None:
         value = getattr(cfg, name)
         if value is None:
             continue
-        ok = {">": lambda: value > bound, ">=": lambda: value >= bound, "[0,1)": lambda: 0 <= value < 1}[op]()
+        ok = {">": lambda: value > bound, ">=": lambda: value >= bound, "[0,1)": lambda: 0 <= value < 1,
+              "[0,1]": lambda: 0 <= value <= 1}[op]()
         if not ok:
-            wanted = "in [0, 1)" if op == "[0,1)" else f"{op} {bound}"
+            wanted = f"in [0, {op[3:]}" if op.startswith("[0,1") else f"{op} {bound}"
             raise ConfigError(f"{name} must be {wanted}, got {value}")
 
 

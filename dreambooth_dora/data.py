@@ -244,6 +244,7 @@ class BatchMaker:
     center_crop: bool
     random_flip: bool
     noise_offset: float
+    caption_dropout_rate: float  # subject examples trained with the empty caption
     num_train_timesteps: int
     vae: torch.nn.Module  # frozen; encodes when there is no latent cache
     latent_cache: dict | None
@@ -274,7 +275,9 @@ class BatchMaker:
             sizes.append(time_ids(size[:2], size[2:], (self.resolution, self.resolution)))
             eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
             latents.append(((mean + std * eps) * self.vae.config.scaling_factor)[0])  # a VAE sample, our generator
-            captions.append(source[idx].caption)
+            drop = (not is_class and self.caption_dropout_rate > 0  # its own generator: the others' draws stay
+                    and step_rng(self.seed, position, is_class, 3).random() < self.caption_dropout_rate)
+            captions.append("" if drop else source[idx].caption)
             noises.append(sample_noise(latents[-1][None], gen, self.noise_offset)[0])
             timesteps.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=gen)))
         return Batch(torch.stack(latents).to(self.dtype), torch.stack(noises).to(self.dtype),

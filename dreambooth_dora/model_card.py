@@ -23,6 +23,16 @@ def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str) -> str
     ])
 
 
+def dora_groups(cfg: TrainConfig) -> str:
+    """The DoRA-aware optimiser settings, when any is set."""
+    parts = [f"magnitude lr {cfg.magnitude_lr}" if cfg.magnitude_lr is not None else "",
+             f"magnitude weight decay {cfg.magnitude_weight_decay}" if cfg.magnitude_weight_decay is not None else "",
+             f"LoRA+ ratio {cfg.loraplus_lr_ratio}" if cfg.loraplus_lr_ratio is not None else "",
+             f"trains the {cfg.dora_train} only" if cfg.dora_train != "both" else "",
+             f"caption dropout {cfg.caption_dropout_rate}" if cfg.caption_dropout_rate else ""]
+    return "".join(f"; {p}" for p in parts if p)
+
+
 def model_card(cfg: TrainConfig, info: AdapterInfo) -> str:
     method = "DoRA" if cfg.use_dora else "LoRA"
     sdxl = info.architecture == "sdxl"
@@ -45,7 +55,7 @@ Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
 | UNet targets | {', '.join(cfg.unet_target_modules)} |
 | text encoder | {'adapted: ' + ', '.join(cfg.text_encoder_target_modules) if cfg.train_text_encoder else 'frozen'} |
 | steps | {info.steps} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
-| learning rate | {cfg.learning_rate} ({cfg.optimizer}, {cfg.lr_scheduler}) |
+| learning rate | {cfg.learning_rate} ({cfg.optimizer}, {cfg.lr_scheduler}){dora_groups(cfg)} |
 | final loss | {loss} |
 
 ```python

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter_file import AdapterInfo, save_adapter
-from .adapters import adapter_parameters, add_adapters
+from .adapters import adapter_parameters, adapter_parameters_by_role, add_adapters
 from .checkpoints import checkpoint_step, register_adapter_hooks, save_checkpoint
 from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
@@ -122,12 +122,36 @@ def attach_adapters(cfg: TrainConfig, unet, text_encoders: list, device, weight_
 
 
 def parameter_groups(cfg: TrainConfig, unet, text_encoders: list, lr_factor: float) -> list[dict]:
-    groups = [{"params": adapter_parameters(unet), "lr": cfg.learning_rate * lr_factor}]
+    """One group per model part (UNet, text encoders); with a DoRA-aware setting (magnitude_lr,
+    magnitude_weight_decay, loraplus_lr_ratio, dora_train) each part splits into A / B / magnitude
+    groups with their own learning rate and decay. Frozen roles (dora_train) are left out and
+    stop requiring gradients."""
+    decay_te = cfg.adam_weight_decay_text_encoder
+    parts = [([unet], cfg.learning_rate, cfg.adam_weight_decay)]
     if cfg.train_text_encoder:
-        decay = cfg.adam_weight_decay_text_encoder
-        groups.append({"params": [p for te in text_encoders for p in adapter_parameters(te)],
-                       "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
-                       "weight_decay": cfg.adam_weight_decay if decay is None else decay})
+        parts.append((text_encoders, cfg.text_encoder_lr or cfg.learning_rate,
+                      cfg.adam_weight_decay if decay_te is None else decay_te))
+    split = (cfg.magnitude_lr is not None or cfg.magnitude_weight_decay is not None
+             or cfg.loraplus_lr_ratio is not None or cfg.dora_train != "both")
+    frozen = {"magnitude": ("A", "B"), "direction": ("magnitude",)}.get(cfg.dora_train, ())
+    groups = []
+    for models, lr, decay in parts:
+        if not split:  # the plain groups (Prodigy estimates its step per group: keep them as they were)
+            groups.append({"params": [p for m in models for p in adapter_parameters(m)], "lr": lr * lr_factor,
+                           **({} if models[0] is unet else {"weight_decay": decay})})
+            continue
+        roles = {"A": [], "B": [], "magnitude": []}
+        for m in models:
+            for role, params in adapter_parameters_by_role(m).items():
+                roles[role] += params
+        for role in frozen:
+            for p in roles.pop(role):
+                p.requires_grad_(False)
+        role_lr = {"A": lr, "B": lr * (cfg.loraplus_lr_ratio or 1.0), "magnitude": cfg.magnitude_lr or lr}
+        role_decay = {"A": decay, "B": decay,
+                      "magnitude": decay if cfg.magnitude_weight_decay is None else cfg.magnitude_weight_decay}
+        groups += [{"params": params, "lr": role_lr[role] * lr_factor, "weight_decay": role_decay[role]}
+                   for role, params in roles.items() if params]
     return groups
 
 
@@ -229,8 +253,8 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
     make_batch = BatchMaker(examples, class_examples, cfg.seed, cfg.train_batch_size, accelerator.num_processes,
                             accelerator.process_index, cfg.repeats, cfg.resolution, cfg.center_crop, cfg.random_flip,
-                            cfg.noise_offset, noise_scheduler.config.num_train_timesteps, vae, latent_cache, device,
-                            weight_dtype)
+                            cfg.noise_offset, cfg.caption_dropout_rate, noise_scheduler.config.num_train_timesteps,
+                            vae, latent_cache, device, weight_dtype)
 
     # ---- the loop (the bar closes before an error is printed, so the error stands on its own line)
     unet.train()

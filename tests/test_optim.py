@@ -1,0 +1,119 @@
+"""DoRA-aware optimiser settings and caption dropout: parameter groups by role, the ablations
+(`dora_train`), and captions dropped by their own keyed generator."""
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_dora.adapters import add_adapters, adapted_layers
+from dreambooth_dora.config import ConfigError, load_config
+from dreambooth_dora.data import BatchMaker, Example
+from dreambooth_dora.train import parameter_groups, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def cfg(*flags):
+    return load_config(["--instance_data_dir", str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon",
+                        "--learning_rate", "1e-3", "--adam_weight_decay", "0.01", *flags])
+
+
+def two_layer_models():
+    unet = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    te = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    add_adapters(unet, ["0", "1"], rank=2)
+    add_adapters(te, ["0"], rank=2)
+    return unet, te
+
+
+def test_parameter_groups_by_role():
+    unet, te = two_layer_models()
+    plain = parameter_groups(cfg(), unet, [te], 1.0)
+    assert len(plain) == 1 and len(plain[0]["params"]) == 6 and "weight_decay" not in plain[0]  # as before
+    groups = parameter_groups(cfg("--magnitude_lr", "1e-4", "--magnitude_weight_decay", "0", "--loraplus_lr_ratio", "16",
+                                  "--train_text_encoder", "--text_encoder_lr", "5e-4"), unet, [te], 2.0)
+    layers = [layer for _, layer in adapted_layers(unet)]
+    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    for layer in layers:  # A at the adapter's lr, B x16, the magnitude its own (x the batch factor 2)
+        assert by_id[id(layer.lora_A.weight)] == (2e-3, 0.01)
+        assert by_id[id(layer.lora_B.weight)] == (pytest.approx(16 * 2e-3), 0.01)
+        assert by_id[id(layer.lora_magnitude_vector)] == (2e-4, 0.0)
+    te_layer = next(layer for _, layer in adapted_layers(te))
+    assert by_id[id(te_layer.lora_A.weight)] == (1e-3, 0.01) and by_id[id(te_layer.lora_magnitude_vector)][0] == 2e-4
+    assert len(by_id) == 9 and sum(len(g["params"]) for g in groups) == 9
+
+    unet, te = two_layer_models()
+    groups = parameter_groups(cfg("--dora_train", "magnitude"), unet, [te], 1.0)
+    kept = {id(p) for g in groups for p in g["params"]}
+    for _, layer in adapted_layers(unet):
+        assert kept >= {id(layer.lora_magnitude_vector)} and id(layer.lora_A.weight) not in kept
+        assert not layer.lora_A.weight.requires_grad and not layer.lora_B.weight.requires_grad
+
+
+@pytest.mark.parametrize("part", ["magnitude", "direction"])
+def test_dora_train_ablations(part, tiny_sd_path, icon_dir, tmp_path):
+    out = tmp_path / part
+    train(load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir", str(icon_dir),
+                       "--instance_prompt", "a sks icon", "--resolution", "64", "--learning_rate", "1e-2",
+                       "--max_train_steps", "3", "--output_dir", str(out), "--report_to", "none",
+                       "--dora_train", part]))
+    tensors = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    from dreambooth_dora.models import load_components
+
+    unet = load_components(str(tiny_sd_path))[3]
+    mags = {k: v for k, v in tensors.items() if k.endswith("lora_magnitude_vector")}
+    norms = {k: unet.get_submodule(k[len("unet."):-len(".lora_magnitude_vector")]).weight.flatten(1).norm(dim=1)
+             for k in mags}
+    moved = max((mags[k] - norms[k]).abs().max().item() for k in mags)
+    b_max = max(v.abs().max().item() for k, v in tensors.items() if k.endswith("lora_B.weight"))
+    if part == "magnitude":  # the direction stays the base weight's: B = 0
+        assert b_max == 0.0 and moved > 1e-4
+    else:  # the magnitudes stay the base weight's row norms
+        assert moved <= 1e-6 and b_max > 1e-4
+    assert f"trains the {part} only" in (out / "README.md").read_text()
+
+
+def test_caption_dropout_draws_from_its_own_generator():
+    examples = [Example(None, f"a sks icon {i}") for i in range(4)]
+    classes = [Example(None, "an icon")]
+    cache = {(i, False): (torch.full((1, 4, 2, 2), float(i)), torch.ones(1, 4, 2, 2), (8, 8, 0, 0)) for i in range(5)}
+    vae = types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=1.0), dtype=torch.float32)
+
+    def maker(rate):
+        return BatchMaker(examples, classes, seed=3, batch_size=2, num_processes=1, process_index=0, repeats=1,
+                          resolution=16, center_crop=True, random_flip=False, noise_offset=0.0,
+                          caption_dropout_rate=rate, num_train_timesteps=1000, vae=vae, latent_cache=cache,
+                          device=torch.device("cpu"), dtype=torch.float32)
+
+    batches = {rate: [maker(rate)(k) for k in range(40)] for rate in (0.0, 0.5, 1.0)}
+    for a, b, c in zip(*batches.values()):  # the same examples, noise and timesteps whatever the rate
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.noise, c.noise) and torch.equal(a.timesteps, b.timesteps)
+        assert c.captions[:2] == ["", ""] and c.captions[2:] == ["an icon"] * 2  # class captions are kept
+        assert "" not in a.captions
+    dropped = sum(cap == "" for b in batches[0.5] for cap in b.captions[:2])
+    assert 25 <= dropped <= 55  # about half of 80
+
+
+def test_dora_settings_are_checked():
+    with pytest.raises(ConfigError, match="dora_train applies to DoRA"):
+        cfg("--use_dora", "false", "--dora_train", "magnitude")
+    with pytest.raises(ConfigError, match="magnitude_lr applies to DoRA"):
+        cfg("--use_dora", "false", "--magnitude_lr", "1e-4")
+    with pytest.raises(ConfigError, match="dora_train must be one of"):
+        cfg("--dora_train", "neither")
+    with pytest.raises(ConfigError, match=r"caption_dropout_rate must be in \[0, 1\]"):
+        cfg("--caption_dropout_rate", "1.5")
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio must be > 0"):
+        cfg("--loraplus_lr_ratio", "0")
