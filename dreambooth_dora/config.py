@@ -123,6 +123,10 @@ class TrainConfig:
     'direction' (the magnitudes stay at the base weight's norms)."""
     caption_dropout_rate: float = 0.0
     """Share of subject examples trained with the empty caption (class images keep theirs)."""
+    use_ema: bool = False
+    """Keep an exponential moving average of the adapter; the saved adapter and validation use it."""
+    ema_decay: float = 0.999
+    """The average's decay, reached after a warm-up (min(ema_decay, k / (9 + k)) at step k)."""
     adam_epsilon: float = 1e-8
     prodigy_beta3: float | None = None
     prodigy_decouple: bool = True
@@ -193,6 +197,7 @@ class TrainConfig:
             "prior_loss_weight": (">=", 0), "max_grad_norm": (">=", 0), "snr_gamma": (">", 0),
             "noise_offset": (">=", 0), "lr_power": (">", 0), "magnitude_lr": (">", 0),
             "magnitude_weight_decay": (">=", 0), "loraplus_lr_ratio": (">", 0), "caption_dropout_rate": ("[0,1]", None),
+            "ema_decay": ("[0,1)", None),
         })
         if self.dora_train not in ("both", "magnitude", "direction"):
             raise ConfigError(f"dora_train must be one of 'both', 'magnitude', 'direction'; got {self.dora_train!r}")

@@ -15,7 +15,7 @@ import gc
 import json
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from .checkpoints import checkpoint_step, register_adapter_hooks, save_checkpoin
 from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
 from .data import BatchMaker, Example, cache_latents, load_examples, load_image_folder, step_rng
+from .ema import AdapterEMA
 from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card
 from .models import load_components, resolve_model
@@ -239,6 +240,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.train_text_encoder:
         encode.text_encoders = text_encoders  # the prepared (wrapped) ones
     register_adapter_hooks(accelerator, adapted)
+    ema = AdapterEMA(params, cfg.ema_decay) if cfg.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
 
     # ---- the run folder's first write comes after the models loaded
     if accelerator.is_main_process:
@@ -291,6 +295,8 @@ def train(cfg: TrainConfig) -> Path:
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             step += 1
             logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     **{k: float(v) for k, v in parts.items()}}
@@ -302,7 +308,8 @@ def train(cfg: TrainConfig) -> Path:
                     last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit,
                                                       plan.run_id, plan.record["settings"])
             if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
-                with saving(f"the validation grid of step {step}", last_checkpoint):
+                with saving(f"the validation grid of step {step}", last_checkpoint), \
+                        ema.applied() if ema is not None else nullcontext():
                     validate(accelerator, unet, vae, noise_scheduler.config, encode, text_encoders,
                              validation_prompts, step, out_dir, num_images=cfg.num_validation_images,
                              seed=cfg.seed, steps=cfg.validation_inference_steps, resolution=cfg.resolution)
@@ -321,7 +328,8 @@ def train(cfg: TrainConfig) -> Path:
         with saving(f"the adapter in {out_dir}", last_checkpoint):
             for name in ("train_config.json", "README.md"):
                 (out_dir / name).unlink(missing_ok=True)
-            path = save_adapter(out_dir, adapted, info)
+            with ema.applied() if ema is not None else nullcontext():
+                path = save_adapter(out_dir, adapted, info)
             write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
             write_text(out_dir / "README.md", model_card(cfg, info))
     accelerator.end_training()

@@ -117,3 +117,71 @@ def test_dora_settings_are_checked():
         cfg("--caption_dropout_rate", "1.5")
     with pytest.raises(ConfigError, match="loraplus_lr_ratio must be > 0"):
         cfg("--loraplus_lr_ratio", "0")
+
+
+def ema_flags(tiny_sd_path, icon_dir, out, *extra):
+    return ["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir", str(icon_dir),
+            "--instance_prompt", "a sks icon", "--resolution", "64", "--learning_rate", "2e-2", "--max_train_steps", "4",
+            "--output_dir", str(out), "--report_to", "none", "--use_ema", "--ema_decay", "0.5", "--seed", "2", *extra]
+
+
+def test_ema_is_the_hand_computed_average_and_resumes_exactly(tiny_sd_path, icon_dir, tmp_path, monkeypatch):
+    import dreambooth_dora.train as train_module
+    from dreambooth_dora.ema import AdapterEMA
+
+    seen = []
+
+    class Recording(AdapterEMA):
+        def __init__(self, params, decay):
+            super().__init__(params, decay)
+            seen.append([p.detach().float().clone() for p in self.params])  # the initial adapter
+
+        def update(self):
+            seen.append([p.detach().float().clone() for p in self.params])  # raw weights after the step
+            super().update()
+
+    monkeypatch.setattr(train_module, "AdapterEMA", Recording)
+    path = train(load_config(ema_flags(tiny_sd_path, icon_dir, tmp_path / "full", "--checkpointing_steps", "2")))
+    monkeypatch.undo()
+    hand = [t.clone() for t in seen[0]]
+    for k, raw in enumerate(seen[1:], start=1):  # ema = d_k ema + (1 - d_k) raw, d_k = min(0.5, k / (9 + k))
+        d = min(0.5, k / (9 + k))
+        hand = [d * h + (1 - d) * r for h, r in zip(hand, raw)]
+    assert len(seen) == 5
+    saved = load_file(str(path))
+    from dreambooth_dora.models import load_components
+
+    unet = load_components(str(tiny_sd_path))[3]
+    add_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=4)
+    keys = [f"unet.{name}.{kind}" for name, _ in adapted_layers(unet)
+            for kind in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")]
+    assert len(keys) == len(hand)
+    for key, value in zip(keys, hand):
+        assert torch.allclose(saved[key], value.reshape(saved[key].shape), atol=1e-6), key
+    assert not torch.allclose(saved[keys[1]], seen[-1][1].reshape(saved[keys[1]].shape))  # not the raw weights
+    raw_ckpt = load_file(str(tmp_path / "full" / "checkpoint-2" / "pytorch_lora_weights.safetensors"))
+    assert torch.allclose(raw_ckpt[keys[1]], seen[2][1].reshape(raw_ckpt[keys[1]].shape))  # checkpoints keep raw
+
+    # killed after checkpoint-2, resumed: the same average as the uninterrupted run
+    calls = {"n": 0}
+    real_loss = train_module.diffusion_loss
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(ema_flags(tiny_sd_path, icon_dir, tmp_path / "resumed", "--checkpointing_steps", "2")))
+    monkeypatch.undo()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = load_file(str(train(load_config(ema_flags(tiny_sd_path, icon_dir, tmp_path / "resumed",
+                                                       "--checkpointing_steps", "2",
+                                                       "--resume_from_checkpoint", "latest")))))
+    for key in saved:
+        assert torch.allclose(saved[key], resumed[key], atol=1e-6), key
