@@ -123,6 +123,11 @@ class TrainConfig:
     'direction' (the magnitudes stay at the base weight's norms)."""
     caption_dropout_rate: float = 0.0
     """Share of subject examples trained with the empty caption (class images keep theirs)."""
+    masked_loss: bool = False
+    """Weight the loss per pixel by a mask (white = the subject): from mask_data_dir, else the
+    images' alpha channel. Class images are not masked."""
+    mask_data_dir: str | None = None
+    """Masks with the images' file names (any image suffix) for masked_loss."""
     use_ema: bool = False
     """Keep an exponential moving average of the adapter; the saved adapter and validation use it."""
     ema_decay: float = 0.999
@@ -199,6 +204,10 @@ class TrainConfig:
             "magnitude_weight_decay": (">=", 0), "loraplus_lr_ratio": (">", 0), "caption_dropout_rate": ("[0,1]", None),
             "ema_decay": ("[0,1)", None),
         })
+        if self.mask_data_dir is not None and not self.masked_loss:
+            raise ConfigError("mask_data_dir is set but masked_loss is off")
+        if self.mask_data_dir is not None and not Path(self.mask_data_dir).is_dir():
+            raise ConfigError(f"mask_data_dir {self.mask_data_dir!r} is not a folder")
         if self.dora_train not in ("both", "magnitude", "direction"):
             raise ConfigError(f"dora_train must be one of 'both', 'magnitude', 'direction'; got {self.dora_train!r}")
         dora_only = [n for n in ("magnitude_lr", "magnitude_weight_decay") if getattr(self, n) is not None]

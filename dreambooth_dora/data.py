@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -40,6 +41,8 @@ class DataError(ValueError):
 class Example:
     image: Image.Image  # 8-bit RGB
     caption: str
+    mask: Image.Image | None = None  # 8-bit L, the image's size: white = the subject (masked loss)
+    name: str = ""  # the file name, when the image came from a file
 
 
 def load_image(source) -> Image.Image:
@@ -57,18 +60,28 @@ def load_image(source) -> Image.Image:
         return im.convert("RGB")
 
 
-def _decode_rows(rows, image_column: str, caption_column: str | None, default_caption: str, where: str):
+def load_alpha(source) -> Image.Image | None:
+    """The alpha channel (8-bit L, EXIF rotation applied) of a path or bytes, None without one."""
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA", "La") or (im.mode == "P" and "transparency" in im.info):
+            return im.convert("RGBA").getchannel("A")
+    return None
+
+
+def _decode_rows(rows, image_column: str, caption_column: str | None, default_caption: str, where: str,
+                 keep_alpha: bool = False):
     examples, bad = [], []
     for i, row in enumerate(rows):
         cell = row[image_column]
         name = Path(cell["path"]).name if isinstance(cell, dict) and cell.get("path") else f"row {i}"
         try:
             if isinstance(cell, Image.Image):
-                image = load_image(_to_png_bytes(cell))
-            elif cell.get("bytes") is not None:
-                image = load_image(cell["bytes"])
+                source = _to_png_bytes(cell)
             else:
-                image = load_image(cell["path"])
+                source = cell["bytes"] if cell.get("bytes") is not None else cell["path"]
+            image = load_image(source)
+            alpha = load_alpha(source) if keep_alpha else None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             bad.append(f"{name} ({type(err).__name__})")
             continue
@@ -79,7 +92,7 @@ def _decode_rows(rows, image_column: str, caption_column: str | None, default_ca
             bad.append(f"{name} (only {image.size[0]}x{image.size[1]} px)")
             continue
         caption = row.get(caption_column) if caption_column else None
-        examples.append(Example(image, caption if caption else default_caption))
+        examples.append(Example(image, caption if caption else default_caption, alpha, name))
     if not examples:
         raise DataError(f"no usable images in {where}: {', '.join(bad[:5])}")
     if bad:
@@ -95,8 +108,10 @@ def _to_png_bytes(im: Image.Image) -> bytes:
 
 def load_examples(instance_data_dir: str | None = None, dataset_name: str | None = None,
                   image_column: str = "image", caption_column: str | None = None,
-                  default_caption: str = "", split: str = "train") -> list[Example]:
-    """Subject images and captions from a local folder or a `datasets` source."""
+                  default_caption: str = "", split: str = "train", masked: bool = False,
+                  mask_data_dir: str | None = None) -> list[Example]:
+    """Subject images and captions from a local folder or a `datasets` source; with `masked`,
+    each with its mask: the file of the same name in `mask_data_dir`, else the image's alpha."""
     from datasets import Image as ImageFeature
     from datasets import load_dataset
 
@@ -121,7 +136,31 @@ def load_examples(instance_data_dir: str | None = None, dataset_name: str | None
                         f"columns: {', '.join(ds.column_names)}")
     if isinstance(ds.features[image_column], ImageFeature):
         ds = ds.cast_column(image_column, ImageFeature(decode=False))
-    return _decode_rows(ds, image_column, caption_column, default_caption, where)
+    examples = _decode_rows(ds, image_column, caption_column, default_caption, where,
+                            keep_alpha=masked and not mask_data_dir)
+    if masked:
+        attach_masks(examples, mask_data_dir, where)
+    return examples
+
+
+def attach_masks(examples: list[Example], mask_data_dir: str | None, where: str) -> None:
+    """Masks from `mask_data_dir` (same file name, or the same stem with any image suffix), or the
+    alpha already read; every example must have one (DataError naming those without)."""
+    missing = []
+    for ex in examples:
+        if mask_data_dir:
+            stem = Path(ex.name).stem
+            found = [p for p in [Path(mask_data_dir) / ex.name, *sorted(Path(mask_data_dir).glob(f"{stem}.*"))]
+                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            ex.mask = load_image(found[0]).convert("L") if found else None
+        if ex.mask is not None and ex.mask.size != ex.image.size:
+            ex.mask = ex.mask.resize(ex.image.size, Image.BILINEAR)
+        if ex.mask is None:
+            missing.append(ex.name or "an image")
+    if missing:
+        source = f"in {mask_data_dir!r}" if mask_data_dir else "(no alpha channel; give mask_data_dir)"
+        raise DataError(f"masked_loss: no mask {source} for {len(missing)} image(s) of {where}: "
+                        f"{', '.join(missing[:5])}")
 
 
 def load_image_folder(folder: str | Path, caption: str = "") -> list[Example]:
@@ -162,6 +201,17 @@ def training_view(im: Image.Image, resolution: int, center_crop: bool, flip: boo
         left = rw - box[2]
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0, (*original, box[1], left)
+
+
+def mask_view(mask: Image.Image, resolution: int, center_crop: bool, flip: bool,
+              rng: random.Random) -> torch.Tensor:
+    """The mask through the same resize, crop and mirror as `training_view` with a generator in
+    the same state: (1, resolution, resolution) in [0, 1]."""
+    (rw, rh), box = crop_box(mask.size, resolution, center_crop, rng)
+    mask = mask.resize((rw, rh), Image.BILINEAR).crop(box)
+    if flip:
+        mask = ImageOps.mirror(mask)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32).copy())[None] / 255.0
 
 
 def to_training_tensor(im: Image.Image, resolution: int, center_crop: bool, flip: bool,
@@ -224,6 +274,7 @@ class Batch:
     noise: torch.Tensor  # (B, 4, h, w)
     timesteps: torch.Tensor  # (B,)
     captions: list[str]
+    masks: torch.Tensor | None  # (B, 1, h, w) at latent resolution with masked loss (class images: ones)
     sizes: torch.Tensor  # (B, 6) SDXL size conditioning (unused by SD 1.x/2.x)
     num_prior: int  # the last num_prior examples are class images
 
@@ -250,6 +301,7 @@ class BatchMaker:
     latent_cache: dict | None
     device: torch.device
     dtype: torch.dtype  # of the returned latents and noise
+    masked: bool = False
 
     def __call__(self, micro_step: int) -> Batch:
         global_batch = self.batch_size * self.num_processes
@@ -259,11 +311,13 @@ class BatchMaker:
         if self.class_examples:
             cls = batch_indices(len(self.class_examples), global_batch, micro_step, self.seed + 1)
             chosen += [(self.class_examples, cls[s], s, 1) for s in slots]
-        latents, captions, noises, timesteps, sizes = [], [], [], [], []
+        latents, captions, noises, timesteps, sizes, masks = [], [], [], [], [], []
         for source, idx, slot, is_class in chosen:
             position = micro_step * global_batch + slot
             rng = step_rng(self.seed, position, is_class)
             flip = self.random_flip and rng.random() < 0.5
+            crop_rng = random.Random()
+            crop_rng.setstate(rng.getstate())  # the mask is cropped by the same draws as the image
             gen = example_generator(self.seed, position, is_class)
             if self.latent_cache is not None:
                 mean, std, size = self.latent_cache[(idx + (len(self.examples) if is_class else 0), flip)]
@@ -273,6 +327,15 @@ class BatchMaker:
                     dist = self.vae.encode(pixels[None].to(self.device, self.vae.dtype)).latent_dist
                 mean, std = dist.mean, dist.std
             sizes.append(time_ids(size[:2], size[2:], (self.resolution, self.resolution)))
+            if self.masked:
+                mask = source[idx].mask if not is_class else None
+                if mask is None:
+                    masks.append(torch.ones(1, *mean.shape[-2:]))
+                else:
+                    cached = self.latent_cache is not None  # cached latents are center crops
+                    m = mask_view(mask, self.resolution, cached or self.center_crop, flip,
+                                  step_rng(0, 0) if cached else crop_rng)
+                    masks.append(F.interpolate(m[None], size=mean.shape[-2:], mode="area")[0])
             eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
             latents.append(((mean + std * eps) * self.vae.config.scaling_factor)[0])  # a VAE sample, our generator
             drop = (not is_class and self.caption_dropout_rate > 0  # its own generator: the others' draws stay
@@ -281,6 +344,7 @@ class BatchMaker:
             noises.append(sample_noise(latents[-1][None], gen, self.noise_offset)[0])
             timesteps.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=gen)))
         return Batch(torch.stack(latents).to(self.dtype), torch.stack(noises).to(self.dtype),
-                     torch.tensor(timesteps, device=self.device), captions, torch.stack(sizes),
+                     torch.tensor(timesteps, device=self.device), captions,
+                     torch.stack(masks).to(self.device) if masks else None, torch.stack(sizes),
                      len(slots) if self.class_examples else 0)
 

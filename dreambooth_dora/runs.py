@@ -51,6 +51,8 @@ def fingerprint_examples(examples) -> str:
     for ex in examples:
         h.update(f"{ex.image.size}|{ex.caption}|".encode())
         h.update(ex.image.tobytes())
+        if ex.mask is not None:  # masked loss: the masks are training data too
+            h.update(ex.mask.tobytes())
     return h.hexdigest()
 
 

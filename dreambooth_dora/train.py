@@ -183,7 +183,8 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- data and the run folder (a new run, this run resumed, another replaced): before any model loads
     examples = load_examples(cfg.instance_data_dir, cfg.dataset_name, cfg.image_column, cfg.caption_column,
-                             default_caption=cfg.instance_prompt)
+                             default_caption=cfg.instance_prompt, masked=cfg.masked_loss,
+                             mask_data_dir=cfg.mask_data_dir)
     plan = plan_run(cfg, fingerprint_examples(examples))
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     class_examples: list[Example] = []
@@ -258,7 +259,7 @@ def train(cfg: TrainConfig) -> Path:
     make_batch = BatchMaker(examples, class_examples, cfg.seed, cfg.train_batch_size, accelerator.num_processes,
                             accelerator.process_index, cfg.repeats, cfg.resolution, cfg.center_crop, cfg.random_flip,
                             cfg.noise_offset, cfg.caption_dropout_rate, noise_scheduler.config.num_train_timesteps,
-                            vae, latent_cache, device, weight_dtype)
+                            vae, latent_cache, device, weight_dtype, masked=cfg.masked_loss)
 
     # ---- the loop (the bar closes before an error is printed, so the error stands on its own line)
     unet.train()
@@ -282,7 +283,8 @@ def train(cfg: TrainConfig) -> Path:
                     weights = (snr_weights(batch.timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma,
                                            prediction_type) if cfg.snr_gamma else None)
                     loss, parts = diffusion_loss(model_pred, target, num_prior=batch.num_prior,
-                                                 prior_loss_weight=cfg.prior_loss_weight, weights=weights)
+                                                 prior_loss_weight=cfg.prior_loss_weight, weights=weights,
+                                                 mask=batch.masks)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
