@@ -89,3 +89,28 @@ def adapters(tiny_sd_path, tmp_path_factory):
         GradientState._reset_state()
         out[method] = folder
     return out
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each training run builds its own Accelerator; forget the previous one's singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def interrupt_at(monkeypatch, module, call: int):
+    """Make `module.diffusion_loss` raise KeyboardInterrupt at its `call`-th call (a kill mid-run)."""
+    calls = {"n": 0}
+    real = module.diffusion_loss
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "diffusion_loss", interrupted)
+

@@ -12,17 +12,12 @@ from dreambooth_dora.adapters import add_adapters, adapted_layers
 from dreambooth_dora.config import ConfigError, load_config
 from dreambooth_dora.data import BatchMaker, Example
 from dreambooth_dora.train import parameter_groups, train
+from conftest import interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def cfg(*flags):
@@ -163,16 +158,7 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tiny_sd_path, icon
     assert torch.allclose(raw_ckpt[keys[1]], seen[2][1].reshape(raw_ckpt[keys[1]].shape))  # checkpoints keep raw
 
     # killed after checkpoint-2, resumed: the same average as the uninterrupted run
-    calls = {"n": 0}
-    real_loss = train_module.diffusion_loss
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "diffusion_loss", interrupted)
+    interrupt_at(monkeypatch, train_module, 3)
     with pytest.raises(KeyboardInterrupt):
         train(load_config(ema_flags(tiny_sd_path, icon_dir, tmp_path / "resumed", "--checkpointing_steps", "2")))
     monkeypatch.undo()
@@ -276,16 +262,7 @@ def test_new_features_keep_resume_and_accumulation_exact(tiny_sd_path, tmp_path,
                                   *extra]))
 
     full = load_file(str(run("full")))
-    calls = {"n": 0}
-    real_loss = train_module.diffusion_loss
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "diffusion_loss", interrupted)
+    interrupt_at(monkeypatch, train_module, 3)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
     monkeypatch.undo()

@@ -19,13 +19,7 @@ from dreambooth_dora.train import train
 ADAPTER = "pytorch_lora_weights.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def flags(model, data, out, *extra):
