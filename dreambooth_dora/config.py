@@ -32,6 +32,24 @@ OPTIMIZERS = ("adamw", "prodigy")
 PROMPT_LISTS = {"validation_prompt", "subject_prompts", "class_prompts", "unrelated_prompts"}
 
 
+SUBJECT_SET_KEYS = ("instance_data_dir", "dataset_name", "instance_prompt", "repeats", "caption_column",
+                    "class_prompt", "class_data_dir", "num_class_images")
+
+
+@dataclass(frozen=True)
+class SubjectSet:
+    """One subject (or image set) of a run: its images, prompt, repeats and class images."""
+
+    instance_data_dir: str | None
+    dataset_name: str | None
+    instance_prompt: str
+    repeats: int
+    caption_column: str | None
+    class_prompt: str | None
+    class_data_dir: str | None
+    num_class_images: int
+
+
 @dataclass
 class TrainConfig:
     """Every field is a YAML key and a `--flag` of the same name (diffusers' names where they exist)."""
@@ -63,6 +81,11 @@ class TrainConfig:
     """Prompt with the identifier, e.g. 'a photo of sks dog'."""
     repeats: int = 1
     """How many times each instance image appears per epoch."""
+    datasets: list[dict] | None = None
+    """Several subjects or sets in one run (YAML only): a list of mappings with instance_data_dir
+    (or dataset_name), instance_prompt and optionally repeats, caption_column, class_prompt,
+    class_data_dir, num_class_images (the top-level values are the defaults). Batches draw across
+    the sets in proportion to images x repeats."""
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
@@ -165,15 +188,53 @@ class TrainConfig:
     """'tensorboard' or 'none'."""
     logging_dir: str = "logs"
 
+    def subject_sets(self) -> list[SubjectSet]:
+        """The run's subject sets: the `datasets` entries, or the single set of the top-level keys."""
+        entries = self.datasets or [{}]
+        top = {k: getattr(self, k) for k in SUBJECT_SET_KEYS}
+        if self.datasets:  # a set's data never falls back to the top level's
+            top.update(instance_data_dir=None, dataset_name=None)
+        return [SubjectSet(**{**top, **entry}) for entry in entries]
+
+    def _validate_datasets(self) -> None:
+        if self.instance_data_dir is not None or self.dataset_name is not None:
+            raise ConfigError("give either datasets (a list of sets) or instance_data_dir / dataset_name, not both")
+        for i, entry in enumerate(self.datasets):
+            if not isinstance(entry, dict):
+                raise ConfigError(f"datasets[{i}] must be a mapping (instance_data_dir: ..., instance_prompt: ...)")
+            unknown = sorted(set(entry) - set(SUBJECT_SET_KEYS))
+            if unknown:
+                raise ConfigError(f"datasets[{i}] has unknown key(s) {', '.join(unknown)}; "
+                                  f"known: {', '.join(SUBJECT_SET_KEYS)}")
+            types_ = _field_types()
+            for key, value in list(entry.items()):
+                entry[key] = _convert(f"datasets[{i}].{key}", value, types_[key])
+        if not self.instance_prompt:
+            self.instance_prompt = self.datasets[0].get("instance_prompt")
+        for i, s in enumerate(self.subject_sets()):
+            where = f"datasets[{i}]"
+            if (s.instance_data_dir is None) == (s.dataset_name is None):
+                raise ConfigError(f"{where}: give exactly one of instance_data_dir or dataset_name")
+            if s.instance_data_dir is not None and not Path(s.instance_data_dir).is_dir():
+                raise ConfigError(f"{where}: instance_data_dir {s.instance_data_dir!r} is not a folder")
+            if not s.instance_prompt:
+                raise ConfigError(f"{where}: instance_prompt is not set")
+            if s.repeats < 1 or s.num_class_images < 1:
+                raise ConfigError(f"{where}: repeats and num_class_images must be >= 1")
+            if self.with_prior_preservation and not (s.class_prompt and s.class_data_dir):
+                raise ConfigError(f"{where}: with_prior_preservation needs class_prompt and class_data_dir")
+
     def validate(self) -> "TrainConfig":
         """One clear ConfigError per problem, before anything heavy happens."""
-        if (self.instance_data_dir is None) == (self.dataset_name is None):
+        if self.datasets is not None:
+            self._validate_datasets()
+        elif (self.instance_data_dir is None) == (self.dataset_name is None):
             raise ConfigError("give exactly one of instance_data_dir (a folder of images) or dataset_name")
         if self.instance_data_dir is not None and not Path(self.instance_data_dir).is_dir():
             raise ConfigError(f"instance_data_dir {self.instance_data_dir!r} is not a folder")
         if not self.instance_prompt:
             raise ConfigError("instance_prompt is not set, e.g. 'a photo of sks dog'")
-        if self.with_prior_preservation:
+        if self.with_prior_preservation and self.datasets is None:
             if not self.class_data_dir:
                 raise ConfigError("with_prior_preservation needs class_data_dir (where class images are kept)")
             if not self.class_prompt:
@@ -282,8 +343,8 @@ def _convert(key: str, value, typ):
     if typing.get_origin(typ) is list:
         # prompts contain commas ("a sks dog, in a bucket"): several prompts are split on "|"
         sep = "|" if key in PROMPT_LISTS else ","
-        if isinstance(value, (dict, bool)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if isinstance(value, (dict, bool)) or (elem_is_dict(typ) and not isinstance(value, list)):
+            raise ConfigError(f"{key} must be a list{' of mappings (YAML)' if elem_is_dict(typ) else ''}, got {value!r}")
         items = value if isinstance(value, list) else [v for v in str(value).split(sep) if v.strip()]
         elem = (typing.get_args(typ) or (str,))[0]
         try:
@@ -291,6 +352,10 @@ def _convert(key: str, value, typ):
         except ConfigError:
             raise ConfigError(f"{key} must be a list of {elem.__name__}, got {value!r}") from None
     return _scalar(key, value, typ)
+
+
+def elem_is_dict(list_type) -> bool:
+    return (typing.get_args(list_type) or (str,))[0] is dict
 
 
 def _scalar(key: str, value, typ):
@@ -312,6 +377,10 @@ def _scalar(key: str, value, typ):
             except ValueError:
                 pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
+    if typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
     if typ is str:
         if isinstance(value, str):
             return value

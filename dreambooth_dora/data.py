@@ -290,7 +290,7 @@ class BatchMaker:
     batch_size: int  # per process
     num_processes: int
     process_index: int
-    repeats: int
+    order: list[int]  # one epoch of subject examples: indices into `examples`, each image x its set's repeats
     resolution: int
     center_crop: bool
     random_flip: bool
@@ -306,8 +306,8 @@ class BatchMaker:
     def __call__(self, micro_step: int) -> Batch:
         global_batch = self.batch_size * self.num_processes
         slots = range(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
-        inst = batch_indices(len(self.examples) * self.repeats, global_batch, micro_step, self.seed)
-        chosen = [(self.examples, inst[s] % len(self.examples), s, 0) for s in slots]
+        inst = batch_indices(len(self.order), global_batch, micro_step, self.seed)
+        chosen = [(self.examples, self.order[inst[s]], s, 0) for s in slots]
         if self.class_examples:
             cls = batch_indices(len(self.class_examples), global_batch, micro_step, self.seed + 1)
             chosen += [(self.class_examples, cls[s], s, 1) for s in slots]

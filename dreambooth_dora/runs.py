@@ -122,14 +122,15 @@ def check_output_dir(cfg) -> Path:
                                   "choose a folder outside it")
     except OutputError as err:
         raise ConfigError(str(err)) from None
-    for name in ("instance_data_dir", "class_data_dir"):
-        data = getattr(cfg, name)
-        if not data:
-            continue
-        data = Path(data).expanduser().resolve()
-        if out == data or out.is_relative_to(data) or data.is_relative_to(out):
-            raise ConfigError(f"output_dir {raw!r} and {name} {str(getattr(cfg, name))!r} overlap; "
-                              "keep the run's outputs apart from its images")
+    for s in cfg.subject_sets():
+        for name in ("instance_data_dir", "class_data_dir"):
+            given = getattr(s, name)
+            if not given:
+                continue
+            data = Path(given).expanduser().resolve()
+            if out == data or out.is_relative_to(data) or data.is_relative_to(out):
+                raise ConfigError(f"output_dir {raw!r} and {name} {str(given)!r} overlap; "
+                                  "keep the run's outputs apart from its images")
     return out
 
 

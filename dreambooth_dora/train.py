@@ -83,6 +83,18 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+def load_subject_sets(sets: list, cfg: TrainConfig) -> tuple[list[Example], list[int]]:
+    """Every set's examples, and one epoch's order: each example's index, its set's repeats times."""
+    examples, order = [], []
+    for s in sets:
+        found = load_examples(s.instance_data_dir, s.dataset_name, cfg.image_column, s.caption_column,
+                              default_caption=s.instance_prompt, masked=cfg.masked_loss,
+                              mask_data_dir=cfg.mask_data_dir)
+        order += list(range(len(examples), len(examples) + len(found))) * s.repeats
+        examples += found
+    return examples, order
+
+
 def make_accelerator(cfg: TrainConfig, out_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -182,19 +194,21 @@ def train(cfg: TrainConfig) -> Path:
     accelerator = make_accelerator(cfg, out_dir)
 
     # ---- data and the run folder (a new run, this run resumed, another replaced): before any model loads
-    examples = load_examples(cfg.instance_data_dir, cfg.dataset_name, cfg.image_column, cfg.caption_column,
-                             default_caption=cfg.instance_prompt, masked=cfg.masked_loss,
-                             mask_data_dir=cfg.mask_data_dir)
+    sets = cfg.subject_sets()
+    examples, order = load_subject_sets(sets, cfg)
     plan = plan_run(cfg, fingerprint_examples(examples))
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     class_examples: list[Example] = []
     if cfg.with_prior_preservation:
+        class_sets = list(dict.fromkeys((s.class_data_dir, s.class_prompt, s.num_class_images) for s in sets))
         if accelerator.is_main_process:
-            ensure_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, model_path,
-                                cfg.sample_batch_size, cfg.prior_generation_precision, cfg.revision, cfg.variant,
-                                accelerator.device, cfg.seed, vae_path=cfg.pretrained_vae_model_name_or_path)
+            for folder, prompt, count in class_sets:
+                ensure_class_images(folder, prompt, count, model_path, cfg.sample_batch_size,
+                                    cfg.prior_generation_precision, cfg.revision, cfg.variant, accelerator.device,
+                                    cfg.seed, vae_path=cfg.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
-        class_examples = load_image_folder(cfg.class_data_dir, cfg.class_prompt)[:cfg.num_class_images]
+        for folder, prompt, count in class_sets:
+            class_examples += load_image_folder(folder, prompt)[:count]
 
     # ---- models: frozen parts in the compute dtype, adapters in fp32
     tokenizers, text_encoders, vae, unet, noise_scheduler = load_components(
@@ -212,7 +226,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- caches: prompts (frozen text encoders), latents (frozen VAE)
     encode = PromptEncoder(tokenizers, text_encoders)
-    validation_prompts = cfg.validation_prompt or [cfg.instance_prompt]
+    validation_prompts = cfg.validation_prompt or list(dict.fromkeys(s.instance_prompt for s in sets))
     if not cfg.train_text_encoder:
         encode.freeze(sorted({ex.caption for ex in examples + class_examples}) + validation_prompts + [""])
         text_encoders = []
@@ -227,7 +241,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- optimiser and schedule
     global_batch = cfg.train_batch_size * accelerator.num_processes
-    steps_per_epoch = math.ceil(math.ceil(len(examples) * cfg.repeats / global_batch) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(math.ceil(len(order) / global_batch) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
     groups = parameter_groups(cfg, unet, text_encoders, lr_factor)
@@ -257,7 +271,7 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
     make_batch = BatchMaker(examples, class_examples, cfg.seed, cfg.train_batch_size, accelerator.num_processes,
-                            accelerator.process_index, cfg.repeats, cfg.resolution, cfg.center_crop, cfg.random_flip,
+                            accelerator.process_index, order, cfg.resolution, cfg.center_crop, cfg.random_flip,
                             cfg.noise_offset, cfg.caption_dropout_rate, noise_scheduler.config.num_train_timesteps,
                             vae, latent_cache, device, weight_dtype, masked=cfg.masked_loss)
 

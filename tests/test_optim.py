@@ -87,7 +87,7 @@ def test_caption_dropout_draws_from_its_own_generator():
     vae = types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=1.0), dtype=torch.float32)
 
     def maker(rate):
-        return BatchMaker(examples, classes, seed=3, batch_size=2, num_processes=1, process_index=0, repeats=1,
+        return BatchMaker(examples, classes, seed=3, batch_size=2, num_processes=1, process_index=0, order=[0, 1, 2, 3],
                           resolution=16, center_crop=True, random_flip=False, noise_offset=0.0,
                           caption_dropout_rate=rate, num_train_timesteps=1000, vae=vae, latent_cache=cache,
                           device=torch.device("cpu"), dtype=torch.float32)
@@ -275,3 +275,78 @@ def test_new_features_keep_resume_and_accumulation_exact(tiny_sd_path, tmp_path,
     assert max((big[k] - acc[k]).abs().max() for k in big) <= 8e-4
     plain = load_file(str(run("plain", "--caption_dropout_rate", "0", "--loraplus_lr_ratio", "1")))
     assert max((plain[k] - full[k]).abs().max() for k in full) > 1e-4  # the options do change training
+
+
+# ---- several subjects in one run ---------------------------------------------------------------
+
+def sets_yaml(tmp_path, body: str) -> Path:
+    path = tmp_path / "sets.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_subject_sets_config(tmp_path):
+    icon, lego = REPO / "sample_data" / "3d_icon", REPO / "sample_data" / "lego"
+    good = sets_yaml(tmp_path, f"datasets:\n  - instance_data_dir: {icon}\n    instance_prompt: a sks icon\n"
+                               f"  - instance_data_dir: {lego}\n    instance_prompt: a zwx brick\n    repeats: 2\n")
+    c = load_config(["--config", str(good)])
+    sets = c.subject_sets()
+    assert [(s.instance_prompt, s.repeats) for s in sets] == [("a sks icon", 1), ("a zwx brick", 2)]
+    assert c.instance_prompt == "a sks icon"  # the first set's, for the card and the default validation
+    assert [s.instance_prompt for s in load_config(["--instance_data_dir", str(icon), "--instance_prompt", "x"])
+            .subject_sets()] == ["x"]  # the single set of the top-level keys
+    for body, message in [
+        (f"instance_data_dir: {icon}\ndatasets:\n  - instance_data_dir: {lego}\n    instance_prompt: y\n", "not both"),
+        (f"datasets:\n  - instance_data_dir: {lego}\n    instance_prompt: y\n    prompt: z\n", "unknown key"),
+        (f"datasets:\n  - instance_data_dir: {lego}\n", r"datasets\[0\]: instance_prompt is not set"),
+        (f"datasets:\n  - instance_data_dir: {lego}\n    instance_prompt: y\n    repeats: 1.5\n", "whole number"),
+        (f"with_prior_preservation: true\ndatasets:\n  - instance_data_dir: {lego}\n    instance_prompt: y\n",
+         "needs class_prompt and class_data_dir"),
+        ("datasets: [a, b]\n", "datasets must be a list of dict"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(["--config", str(sets_yaml(tmp_path, body))])
+    with pytest.raises(ConfigError, match="must be a list of mappings"):
+        load_config(["--datasets", "a,b"])
+
+
+def test_two_subjects_in_one_run(tiny_sd_path, tmp_path):
+    from collections import Counter
+
+    from dreambooth_dora.data import batch_indices
+    from dreambooth_dora.train import load_subject_sets
+
+    icon, lego = REPO / "sample_data" / "3d_icon", REPO / "sample_data" / "lego"
+    config = sets_yaml(tmp_path, f"""datasets:
+  - instance_data_dir: {icon}
+    instance_prompt: a sks icon
+    class_prompt: an icon
+    class_data_dir: {tmp_path / 'class_icon'}
+  - instance_data_dir: {lego}
+    instance_prompt: a zwx brick
+    repeats: 2
+    class_prompt: a brick
+    class_data_dir: {tmp_path / 'class_brick'}
+""")
+    c = load_config(["--config", str(config), "--pretrained_model_name_or_path", str(tiny_sd_path),
+                     "--resolution", "64", "--max_train_steps", "2", "--output_dir", str(tmp_path / "out"),
+                     "--report_to", "none", "--with_prior_preservation", "--num_class_images", "1",
+                     "--validation_prompt", "a sks icon|a zwx brick", "--validation_steps", "2",
+                     "--validation_inference_steps", "1",
+                     "--num_validation_images", "1", "--learning_rate", "1e-2"])
+    examples, order = load_subject_sets(c.subject_sets(), c)
+    n_icon = sum(ex.caption == "a sks icon" for ex in examples)
+    n_lego = len(examples) - n_icon
+    assert len(order) == n_icon + 2 * n_lego
+    epoch = Counter(order[i] for i in batch_indices(len(order), len(order), 0, c.seed))  # one whole epoch
+    assert all(epoch[i] == (1 if examples[i].caption == "a sks icon" else 2) for i in range(len(examples)))
+    path = train(c)
+    assert path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("class_")) == ["class_brick", "class_icon"]
+    from PIL import Image as PILImage
+
+    grid = PILImage.open(tmp_path / "out" / "validation" / "step-000002.png")
+    assert grid.size[1] == 2 * 64  # one row per subject's prompt
+    import json
+
+    assert len(json.loads((tmp_path / "out" / "train_config.json").read_text())["datasets"]) == 2
