@@ -231,7 +231,9 @@ def test_page_in_a_real_browser(served_app, tmp_path):
         page.locator("#stop").click()
         page.wait_for_function("document.querySelector('#stop-status').innerText.includes('Stopped')",
                                timeout=60_000)
-        assert "running request ends" in page.locator("#stop-status").inner_text()
+        # normally the running request is stopped; on a slow machine it may still wait in the queue,
+        # where Stop cancels it ("nothing was running"); either way the next request runs
+        assert page.locator("#stop-status").inner_text().startswith("Stopped")
         page.locator("#steps input[type=number]").fill("2")
         page.locator("#steps input[type=number]").press("Enter")
         page.locator("#generate").click()
