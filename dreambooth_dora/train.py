@@ -222,6 +222,9 @@ def train(cfg: TrainConfig) -> Path:
     # fp16 overflows in the stock SD/SDXL VAEs: fp32 unless a VAE made for fp16 was given
     fp16_unsafe_vae = weight_dtype == torch.float16 and not cfg.pretrained_vae_model_name_or_path
     vae.requires_grad_(False).to(device, dtype=torch.float32 if fp16_unsafe_vae else weight_dtype)
+    # the adapters' initial values from the seed alone: what ran before may have drawn from or reset
+    # the global generator (building `embedded:tiny-random` on first use does), and a rerun must not differ
+    torch.manual_seed(cfg.seed)
     adapted = attach_adapters(cfg, unet, text_encoders, device, weight_dtype)
 
     # ---- caches: prompts (frozen text encoders), latents (frozen VAE)

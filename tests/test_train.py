@@ -316,3 +316,19 @@ def test_model_card_snippet_runs_as_written(tmp_path, icon_dir):
     namespace = {}
     exec(code, namespace)  # the card's own code, as a user pastes it
     assert isinstance(namespace["image"], PILImage.Image) and namespace["image"].size == (32, 32)
+
+
+def test_the_first_run_equals_a_rerun(tmp_path, icon_dir, monkeypatch):
+    """The first use of `embedded:tiny-random` builds the model (seeding the global generator) and
+    prior preservation generates class images; the adapters' initial values must come from the
+    seed alone, so the first run equals a rerun where both already exist."""
+    monkeypatch.setenv("DREAMBOOTH_DORA_CACHE", str(tmp_path / "cache"))
+    flags = ["--pretrained_model_name_or_path", "embedded:tiny-random", "--with_prior_preservation", "--class_data_dir",
+             str(tmp_path / "class"), "--class_prompt", "an icon", "--num_class_images", "2", "--max_train_steps", "2"]
+    first, _ = read_adapter(run(tmp_path, "unused", icon_dir, *flags, name="first"))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    again, _ = read_adapter(run(tmp_path, "unused", icon_dir, *flags, name="again"))  # model and images exist now
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
