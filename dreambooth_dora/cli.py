@@ -192,6 +192,12 @@ def info_main(argv: list[str]) -> int:
     return 0
 
 
+def app_main(argv: list[str]) -> int:
+    from app.main import main
+
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -199,20 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     quiet_libraries()
-    if command == "train":
-        return train_main(rest)
-    if command == "export":
-        return export_main(rest)
-    if command == "info":
-        return info_main(rest)
-    if command == "evaluate":
-        return evaluate_main(rest)
-    if command == "verify":
-        return verify_main(rest)
-    if command == "app":
-        from app.main import main as app_main
-
-        return app_main(rest)
+    commands = {"train": train_main, "export": export_main, "info": info_main, "evaluate": evaluate_main,
+                "verify": verify_main, "app": app_main}
+    if command in commands:
+        return commands[command](rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 
