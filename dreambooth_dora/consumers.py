@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter_file import layout_prefix
+from .adapters import adapted_layers
+
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 RULES = ("lycoris", "comfyui", "comfyui-15458", "a1111")
 RULE_NAMES = {
@@ -37,6 +40,19 @@ def kohya_key(prefix: str, module_name: str, sdxl: bool = False) -> str:
     then the diffusers module path with `_` for `.`."""
     start = "lora_te1_" if sdxl and prefix == "text_encoder" else KOHYA_PREFIX[prefix]
     return start + module_name.replace(".", "_")
+
+
+def layers_by_kohya_key(models: dict) -> dict:
+    """{kohya module name: adapted layer} for the adapted models of a pipeline ({part: model})."""
+    sdxl = "text_encoder_2" in models
+    return {kohya_key(prefix, layout_prefix(model) + name, sdxl): layer
+            for prefix, model in models.items() for name, layer in adapted_layers(model)}
+
+
+def relative_error(merged: torch.Tensor, w0: torch.Tensor, target: torch.Tensor) -> float:
+    """||W'_merged - W'|| / ||W' - W0||: a consumer's error relative to the adapter's own change
+    (1.0 is as wrong as leaving the adapter out)."""
+    return (merged - target).norm().item() / max((target - w0).norm().item(), 1e-30)
 
 
 def part_of(key: str) -> str | None:

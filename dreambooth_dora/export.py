@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_file import AdapterFile, apply_to_models, base_model_of, layout_prefix, read_adapter
-from .adapters import adapted_layers, merge_adapters
-from .consumers import RULES, KohyaModule, kohya_key, merge
+from .adapter_file import AdapterFile, apply_to_models, base_model_of, read_adapter
+from .adapters import merge_adapters
+from .consumers import RULES, KohyaModule, layers_by_kohya_key, merge, relative_error
 from .models import load_pipeline, pipeline_models
 from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target
 
@@ -81,27 +81,29 @@ def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path, sdxl: bool) -> d
             "dreambooth_dora_base_model": adapter.info.base_model or "unknown"}
 
 
-def _dtype_error(modules: dict, truths: dict, rule: str) -> float:
-    """max over layers of ||W'_file - W'|| / ||W' - W0|| with the file's (cast) tensors merged by `rule`."""
-    worst = 0.0
-    for key, mod in modules.items():
-        w0, target = truths[key]
-        change = (target - w0).norm().item()
-        worst = max(worst, (merge(rule, w0, mod) - target).norm().item() / max(change, 1e-30))
-    return worst
+def kohya_module(layer, comfyui_compatible: bool = False) -> KohyaModule:
+    """An adapted layer's kohya module (fp32): lora_down / lora_up, alpha so that alpha / r is its
+    scale, and for DoRA the output-axis `dora_scale`, pre-compensated for ComfyUI's rule if asked."""
+    mod = KohyaModule(down=layer.lora_A.weight.detach().float(), up=layer.lora_B.weight.detach().float(),
+                      alpha=float(layer.scaling * layer.rank))
+    if layer.use_dora:
+        m = layer.lora_magnitude_vector.detach().float().flatten()
+        if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
+            m = m * layer.weight.detach().float().flatten(1).norm(dim=1) / layer.weight_norm()
+        mod.dora_scale = m.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+    return mod
 
 
 @torch.no_grad()
 def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule: str, kind: str, dtype: str,
-                       build) -> tuple[dict, dict]:
-    """The shared part of kohya and full files: cast, measure the cast's error, metadata, write."""
-    sdxl = "text_encoder_2" in models
-    modules, truths = {}, {}
-    for prefix, model in models.items():
-        for name, layer in adapted_layers(model):
-            key = kohya_key(prefix, layout_prefix(model) + name, sdxl)
-            modules[key] = build(layer)
-            truths[key] = (layer.weight.detach().float(), layer.merged_weight().float())
+                       build, extra_metadata) -> Path:
+    """What kohya, full and SVD files share: every adapted layer's module from `build(layer, W0, W')`,
+    cast to `dtype`, the cast's error measured under the file's rule, the metadata, the atomic write.
+    `extra_metadata`: a dict, or a function giving one once every module is built."""
+    truths, modules = {}, {}
+    for key, layer in layers_by_kohya_key(models).items():
+        truths[key] = (layer.weight.detach().float(), layer.merged_weight().float())
+        modules[key] = build(layer, *truths[key])
     cast = {k: KohyaModule(**{f: (v.to(DTYPES[dtype]) if isinstance(v, torch.Tensor) else v)
                               for f, v in vars(m).items()}) for k, m in modules.items()}
     tensors = {}
@@ -113,11 +115,16 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
         if mod.alpha is not None:
             tensors[f"{key}.alpha"] = torch.tensor(mod.alpha, dtype=torch.float32)
     exact = EXACT_UNDER[rule]
-    error = _dtype_error(cast, truths, (exact or RULES)[0])
-    metadata = {**_webui_metadata(pipe, adapter, out_file, sdxl), RULE_KEY: rule, EXACT_KEY: ",".join(exact),
-                "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{error:.3e}",
-                EXPORT_KEY: kind}  # the export marker lets a later `--overwrite` recognise the file as ours
-    return metadata, tensors
+    measure = (exact or RULES)[0]
+    error = max((relative_error(merge(measure, w0, cast[key]), w0, target) for key, (w0, target) in truths.items()),
+                default=0.0)
+    metadata = {**_webui_metadata(pipe, adapter, out_file, "text_encoder_2" in models), RULE_KEY: rule,
+                EXACT_KEY: ",".join(exact), "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{error:.3e}",
+                EXPORT_KEY: kind,  # the export marker lets a later `--overwrite` recognise the file as ours
+                **(extra_metadata() if callable(extra_metadata) else extra_metadata)}
+    with atomic_path(out_file) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out_file
 
 
 @torch.no_grad()
@@ -130,32 +137,18 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
     out_file = check_output_target(out_file, "kohya", overwrite=overwrite, is_file=True,
                                    sources=(adapter.path.parent,))
     pipe, models = _adapted(adapter, base)
-
-    def build(layer) -> KohyaModule:
-        mod = KohyaModule(down=layer.lora_A.weight.detach().float(), up=layer.lora_B.weight.detach().float(),
-                          alpha=float(layer.scaling * layer.rank))
-        if layer.use_dora:
-            m = layer.lora_magnitude_vector.detach().float().flatten()
-            if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
-                m = m * layer.weight.detach().float().flatten(1).norm(dim=1) / layer.weight_norm()
-            mod.dora_scale = m.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
-        return mod
-
     rule = ("comfyui-compensated" if comfyui_compatible else "lycoris-exact") if adapter.use_dora else "lora"
-    metadata, tensors = _write_module_file(adapter, pipe, models, out_file, rule, "kohya", dtype, build)
     prefix = "unet" if adapter.part("unet") else adapter.prefixes[0]
     rank, alpha = adapter.rank_alpha(prefix)
-    metadata.update({
+    metadata = {
         "ss_network_module": "lycoris.kohya" if adapter.use_dora else "networks.lora",
         "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "wd_on_output": True} if adapter.use_dora
                                       else {"algo": "lora"}),
-    })
-    if adapter.use_dora:  # which dora_scale this is; only DoRA files carry it
-        metadata["dreambooth_dora_dora_scale"] = rule
-    with atomic_path(out_file) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return out_file
+        **({"dreambooth_dora_dora_scale": rule} if adapter.use_dora else {}),  # only DoRA files say which
+    }
+    return _write_module_file(adapter, pipe, models, out_file, rule, "kohya", dtype,
+                              lambda layer, w0, target: kohya_module(layer, comfyui_compatible), metadata)
 
 
 @torch.no_grad()
@@ -167,15 +160,9 @@ def export_full(adapter_dir: str | Path, out_file: str | Path, base: str | None 
     out_file = check_output_target(out_file, "full", overwrite=overwrite, is_file=True,
                                    sources=(adapter.path.parent,))
     pipe, models = _adapted(adapter, base)
-
-    def build(layer) -> KohyaModule:
-        return KohyaModule(diff=layer.merged_weight().float() - layer.weight.detach().float())
-
-    metadata, tensors = _write_module_file(adapter, pipe, models, out_file, "full", "full", dtype, build)
-    metadata.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
-    with atomic_path(out_file) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return out_file
+    return _write_module_file(adapter, pipe, models, out_file, "full", "full", dtype,
+                              lambda layer, w0, target: KohyaModule(diff=target - w0),
+                              {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
 
 
 @torch.no_grad()
@@ -193,10 +180,9 @@ def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, ba
     pipe, models = _adapted(adapter, base)
     worst = 0.0
 
-    def build(layer) -> KohyaModule:
+    def build(layer, w0, target) -> KohyaModule:
         nonlocal worst
-        w0 = layer.weight.detach().float()
-        change = (layer.merged_weight().float() - w0).flatten(1)  # (out, in·k·k)
+        change = (target - w0).flatten(1)  # (out, in·k·k)
         u, sv, vh = torch.linalg.svd(change, full_matrices=False)
         r = min(rank, sv.numel())
         root = sv[:r].sqrt()
@@ -206,11 +192,8 @@ def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, ba
             up, down = up.reshape(w0.shape[0], r, 1, 1), down.reshape(r, *w0.shape[1:])
         return KohyaModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r))
 
-    metadata, tensors = _write_module_file(adapter, pipe, models, out_file, "svd-lora", "kohya", dtype, build)
-    metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                     "ss_network_alpha": str(float(rank)), "ss_network_args": json.dumps({"algo": "lora"}),
-                     "dreambooth_dora_svd_error": f"{worst:.3e}"})
-    with atomic_path(out_file) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    _write_module_file(adapter, pipe, models, out_file, "svd-lora", "kohya", dtype, build,
+                       lambda: {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                "ss_network_alpha": str(float(rank)), "ss_network_args": json.dumps({"algo": "lora"}),
+                                "dreambooth_dora_svd_error": f"{worst:.3e}"})  # after the builds measured it
     return out_file, worst
-

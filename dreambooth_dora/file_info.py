@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .adapter_file import AdapterError, describe
 from .consumers import RULE_NAMES, RULES, part_of, read_kohya_modules
+from .models import PARTS
 from .outputs import ADAPTER_FILE, OUTPUT_MARKER
 
 # what an output-axis DoRA file is exact under when it does not say (LyCORIS's wd_on_output layout)
@@ -96,7 +97,7 @@ def file_info(path: str | Path) -> FileInfo:
         raise AdapterError(f"{str(file)!r}: only .safetensors files are read (a pickled .bin can run code)")
     tensors, meta = read_safetensors(file)
     roots = {k.split(".", 1)[0] for k in tensors}
-    if roots and roots <= {"unet", "text_encoder", "text_encoder_2"}:
+    if roots and roots <= set(PARTS):
         return _ours(file, tensors)
     if any(k.startswith("base_model.model.") for k in tensors):
         return _peft(file, tensors)

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 
 from .adapter_file import AdapterError, apply_to_models, base_model_of, layout_prefix, read_adapter
-from .adapters import adapted_layers
-from .consumers import RULE_NAMES, RULES, KohyaModule, kohya_key, merge, read_kohya_modules
+from .consumers import (RULE_NAMES, RULES, KohyaModule, kohya_key, layers_by_kohya_key, merge, read_kohya_modules,
+                        relative_error)
+from .export import kohya_module
 from .file_info import read_safetensors
-from .models import load_pipeline, pipeline_models
+from .models import PARTS, load_pipeline, pipeline_models
+from .outputs import ADAPTER_FILE
 
 EXACT = {"fp32": 1e-4, "16-bit": None}  # what "exact" allows: float rounding of the stored tensors
 
@@ -57,64 +59,56 @@ class VerifyReport:
         return lines
 
 
-def _file_modules(path: Path, base: str, adapted_keys: list[str], sdxl: bool) -> dict[str, KohyaModule]:
-    """The file as kohya modules keyed like the adapted layers."""
-    if path.is_dir() and (path / "model_index.json").is_file():  # fused: its weights are W' already
-        fused = pipeline_models(load_pipeline(str(path)))
-        out = {}
-        base_models = pipeline_models(load_pipeline(base))
-        for prefix, model in fused.items():
-            base_named = dict(base_models[prefix].named_modules())
-            for name, module in model.named_modules():
-                key = kohya_key(prefix, layout_prefix(model) + name, sdxl)
-                if key in adapted_keys:
-                    out[key] = KohyaModule(diff=module.weight.detach().float() - base_named[name].weight.detach().float())
-        return out
-    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+def _is_fused(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+def _read_file(path: Path):
+    """Before any model loads: our adapter (an AdapterFile), a kohya / LyCORIS file (its modules),
+    or None for a fused pipeline folder; a missing or unreadable file is one AdapterError."""
+    if not path.exists():
+        raise AdapterError(f"no file at {str(path)!r}")
+    if _is_fused(path):
+        return None
+    file = path / ADAPTER_FILE if path.is_dir() else path
     tensors, _ = read_safetensors(file)
-    if {k.split(".", 1)[0] for k in tensors} <= {"unet", "text_encoder", "text_encoder_2"}:
-        adapter = read_adapter(file)  # ours: its tensors as kohya modules (what `export --format kohya` writes)
-        models = pipeline_models(load_pipeline(base))
-        apply_to_models(adapter, models)
-        out = {}
-        for prefix, model in models.items():
-            for name, layer in adapted_layers(model):
-                mod = KohyaModule(down=layer.lora_A.weight.detach().float(), up=layer.lora_B.weight.detach().float(),
-                                  alpha=float(layer.scaling * layer.rank))
-                if layer.use_dora:
-                    mod.dora_scale = layer.lora_magnitude_vector.detach().float().reshape(
-                        (-1,) + (1,) * (layer.weight.dim() - 1))
-                out[kohya_key(prefix, layout_prefix(model) + name, sdxl)] = mod
-        return out
+    if {k.split(".", 1)[0] for k in tensors} <= set(PARTS):
+        return read_adapter(file)  # ours: compared as what `export --format kohya` writes from it
     return read_kohya_modules(tensors)
+
+
+def _file_modules(path: Path, read, base: str, truths: dict) -> dict[str, KohyaModule]:
+    """The file as kohya modules keyed like the adapted layers."""
+    if read is None:  # a fused pipeline: its weights are W' already, the difference to W0 is the module
+        fused = pipeline_models(load_pipeline(str(path)))
+        sdxl = "text_encoder_2" in fused
+        by_key = {kohya_key(prefix, layout_prefix(model) + name, sdxl): module
+                  for prefix, model in fused.items() for name, module in model.named_modules()}
+        return {key: KohyaModule(diff=by_key[key].weight.detach().float() - w0)
+                for key, (w0, _) in truths.items() if key in by_key}
+    if isinstance(read, dict):
+        return read
+    models = pipeline_models(load_pipeline(base))
+    apply_to_models(read, models)
+    return {key: kohya_module(layer) for key, layer in layers_by_kohya_key(models).items()}
 
 
 @torch.no_grad()
 def verify(file: str | Path, against: str | Path, base: str | None = None) -> VerifyReport:
+    path = Path(file)
+    read = _read_file(path)  # a missing or unreadable FILE stops before any model loads
     adapter = read_adapter(against)
     base = base_model_of(adapter, base)
-    pipe = load_pipeline(base)
-    models = pipeline_models(pipe)
+    models = pipeline_models(load_pipeline(base))
     apply_to_models(adapter, models)
-    sdxl = "text_encoder_2" in models
-    truths = {}
-    for prefix, model in models.items():
-        for name, layer in adapted_layers(model):
-            truths[kohya_key(prefix, layout_prefix(model) + name, sdxl)] = (layer.weight.detach().float(),
-                                                                           layer.merged_weight().float())
-    path = Path(file)
-    if not path.exists():
-        raise AdapterError(f"no file at {str(path)!r}")
-    modules = _file_modules(path, base, list(truths), sdxl)
+    truths = {key: (layer.weight.detach().float(), layer.merged_weight().float())
+              for key, layer in layers_by_kohya_key(models).items()}
+    modules = _file_modules(path, read, base, truths)
     layers = [k for k in truths if k in modules]
-    errors = {r: [] for r in RULES}
     sixteen = any(isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
                   for m in modules.values() for t in vars(m).values())
-    for key in layers:
-        w0, target = truths[key]
-        change = max((target - w0).norm().item(), 1e-30)
-        for rule in RULES:
-            errors[rule].append((merge(rule, w0, modules[key]) - target).norm().item() / change)
+    errors = {rule: [relative_error(merge(rule, truths[k][0], modules[k]), *truths[k]) for k in layers]
+              for rule in RULES}
     return VerifyReport(str(path), layers, errors, missing=[k for k in truths if k not in modules],
                         unmatched=sorted(k for k in modules if k not in truths),
                         bound=EXACT["16-bit" if sixteen else "fp32"])
