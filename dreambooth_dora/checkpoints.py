@@ -15,15 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from .adapters import load_adapter_state_dict
 from .adapter_file import AdapterInfo, layout_prefix, save_adapter
-from .outputs import ADAPTER_FILE, atomic_path, make_readable
+from .outputs import ADAPTER_FILE, CHECKPOINT, atomic_path, make_readable
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "checkpoint.json"
 
 

@@ -21,6 +21,8 @@ class OutputError(ValueError):
 OUTPUT_MARKER = ".dreambooth-dora-output.json"  # in folders the project wrote (fused export, report)
 EXPORT_KEY = "dreambooth_dora_export"  # safetensors metadata of single-file exports ("kohya")
 RUN_FILE = "run.json"  # a training run folder's record (see runs.py)
+TRAIN_CONFIG = "train_config.json"  # the settings beside a finished adapter
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # a finished checkpoint folder (see checkpoints.py)
 
 
 def umask() -> int:
@@ -119,7 +121,7 @@ def output_kind(path: Path) -> str | None:
     try:
         if path.is_dir():
             return json.loads((path / OUTPUT_MARKER).read_text()).get("kind")
-        if path.is_file() and path.suffix == ".safetensors":
+        if path.is_file() and path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
@@ -136,9 +138,21 @@ def holds_training_run(path: Path) -> bool:
     checkpoints): exports and reports never write into or over one."""
     if not path.is_dir():
         return False
-    if any((path / name).exists() for name in (RUN_FILE, "train_config.json", ADAPTER_FILE)):
+    if any((path / name).exists() for name in (RUN_FILE, TRAIN_CONFIG, ADAPTER_FILE)):
         return True
-    return any(p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) for p in path.iterdir())
+    return any(p.is_dir() and CHECKPOINT.match(p.name) for p in path.iterdir())
+
+
+def check_not_inside_outputs(path: Path, raw: str, what: str) -> None:
+    """No folder above `path` holds a training run or an output of the project: writing there would
+    blend with it (and a later --overwrite of that output would take this along)."""
+    for place in path.parents:
+        if holds_training_run(place):
+            raise OutputError(f"{what} {raw!r} is inside the training run / adapter folder {str(place)!r}; "
+                              "choose a folder outside it")
+        if (place / OUTPUT_MARKER).is_file():
+            raise OutputError(f"{what} {raw!r} is inside {str(place)!r}, an output of its own "
+                              f"({output_kind(place)}); write beside it, not into it")
 
 
 def check_writable_place(path: Path, what: str) -> None:
@@ -189,13 +203,10 @@ def check_output_target(target: str | os.PathLike, kind: str, *, overwrite: bool
             how = "into" if path != folder and path.is_relative_to(folder) else "over"
             raise OutputError(f"{what} {raw!r} would write {how} "
                               f"the source {str(folder)!r}; write it somewhere else")
-    for place in (path, *path.parents):
-        if holds_training_run(place):
-            raise OutputError(f"{what} {raw!r} {'is' if place == path else 'is inside'} the training run / adapter "
-                              f"folder {str(place)!r}; exports and reports go somewhere else")
-        if place != path and (place / OUTPUT_MARKER).is_file():  # a later --overwrite of it would take this along
-            raise OutputError(f"{what} {raw!r} is inside {str(place)!r}, an output of its own "
-                              f"({output_kind(place)}); write beside it, not into it")
+    if holds_training_run(path):
+        raise OutputError(f"{what} {raw!r} is the training run / adapter folder {str(path)!r}; "
+                          "exports and reports go somewhere else")
+    check_not_inside_outputs(path, raw, what)
     if path.exists():
         if is_file and path.is_dir():
             raise OutputError(f"{what} {raw!r} is a folder; give a .safetensors file path")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from .checkpoints import CHECKPOINT, checkpoint_problem, checkpoint_step, list_checkpoints, read_manifest
 from .config import ConfigError
-from .outputs import (ADAPTER_FILE, OUTPUT_MARKER, RUN_FILE, OutputError, atomic_path, check_not_degenerate,
-                      check_writable_place, holds_training_run)
+from .outputs import (ADAPTER_FILE, RUN_FILE, TRAIN_CONFIG, OutputError, atomic_path, check_not_degenerate,
+                      check_not_inside_outputs, check_writable_place)
 
 TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_path's leftovers: .<name>.<random>.tmp
 
@@ -83,7 +83,7 @@ def _differences(recorded: dict, current: dict) -> list[str]:
 
 def _known_entry(name: str, logging_dirs: set[str]) -> bool:
     """Whether a name in a run folder is something training writes there."""
-    return (name in {RUN_FILE, "train_config.json", ADAPTER_FILE, "README.md", "validation"} | logging_dirs
+    return (name in {RUN_FILE, TRAIN_CONFIG, ADAPTER_FILE, "README.md", "validation"} | logging_dirs
             or bool(CHECKPOINT.match(name.removesuffix(".tmp"))) or bool(TEMP_FILE.match(name))
             or name.startswith(".dreambooth-dora-probe."))
 
@@ -100,7 +100,7 @@ def _read_record(out: Path) -> dict | None:
         if manifest and "settings" in manifest:
             return {"run_id": manifest.get("run_id"), "settings": manifest["settings"], "data": None}
     try:
-        return {"run_id": None, "settings": json.loads((out / "train_config.json").read_text(encoding="utf-8")),
+        return {"run_id": None, "settings": json.loads((out / TRAIN_CONFIG).read_text(encoding="utf-8")),
                 "data": None}
     except (OSError, ValueError):
         return None
@@ -115,11 +115,7 @@ def check_output_dir(cfg) -> Path:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output_dir {raw!r} is a file; give a folder")
         check_writable_place(out / "x", "output_dir")
-        for parent in out.parents:  # a run inside another run's (or an export's) folder would blend with it
-            if holds_training_run(parent) or (parent / OUTPUT_MARKER).is_file():
-                raise OutputError(f"output_dir {raw!r} is inside {str(parent)!r}, which holds "
-                                  f"{'a training run' if holds_training_run(parent) else 'an export or report'}; "
-                                  "choose a folder outside it")
+        check_not_inside_outputs(out, raw, "output_dir")  # a run inside another run or export would blend
     except OutputError as err:
         raise ConfigError(str(err)) from None
     for s in cfg.subject_sets():

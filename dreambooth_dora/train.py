@@ -32,7 +32,7 @@ from .ema import AdapterEMA
 from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card
 from .models import load_components, resolve_model
-from .outputs import write_text
+from .outputs import TRAIN_CONFIG, write_text
 from .prior import ensure_class_images
 from .runs import RunPlan, fingerprint_examples, plan_run, start_run
 from .validation import validate
@@ -345,11 +345,11 @@ def train(cfg: TrainConfig) -> Path:
             train_text_encoder=cfg.train_text_encoder, architecture="sdxl" if sdxl else "sd",
             final_loss=logs.get("loss"), run_id=plan.run_id, settings=asdict(cfg))
         with saving(f"the adapter in {out_dir}", last_checkpoint):
-            for name in ("train_config.json", "README.md"):
+            for name in (TRAIN_CONFIG, "README.md"):
                 (out_dir / name).unlink(missing_ok=True)
             with ema.applied() if ema is not None else nullcontext():
                 path = save_adapter(out_dir, adapted, info)
-            write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
+            write_text(out_dir / TRAIN_CONFIG, json.dumps(asdict(cfg), indent=2))
             write_text(out_dir / "README.md", model_card(cfg, info))
     accelerator.end_training()
     return path

@@ -181,6 +181,8 @@ def test_webui_metadata_and_markers(adapters, tiny_sd2_path, tmp_path):
     with safe_open(str(tmp_path / "SD2.SafeTensors"), "pt") as f:  # the suffix check ignores case
         meta = f.metadata()
     assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+    assert main(["export", str(tmp_path / "sd2"), "--format", "kohya", "--out", str(tmp_path / "SD2.SafeTensors"),
+                 "--overwrite"]) == 0  # recognised as our own earlier export whatever the suffix's case
 
 
 def test_info_describes_every_format(adapters, tmp_path, capsys):
