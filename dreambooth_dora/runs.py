@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT, checkpoint_problem, checkpoint_step, list_checkpoints, read_manifest
+from .checkpoints import CHECKPOINT, checkpoint_problem, list_checkpoints, read_manifest
 from .config import ConfigError
 from .outputs import (ADAPTER_FILE, RUN_FILE, TRAIN_CONFIG, OutputError, atomic_path, check_not_degenerate,
                       check_not_inside_outputs, check_writable_place)
@@ -61,7 +61,7 @@ class RunPlan:
     out_dir: Path
     run_id: str
     record: dict  # what run.json will hold
-    resume: list[Path] = field(default_factory=list)  # checkpoints to try, newest first (verified)
+    resume: list[Path] = field(default_factory=list)  # checkpoints to try, newest first (the first verified)
     replace_old: bool = False  # --overwrite_output_dir: the old run goes before the new one comes
     messages: list[str] = field(default_factory=list)
 
@@ -189,19 +189,18 @@ def plan_run(cfg, data_fingerprint: str) -> RunPlan:
         if others:
             plan.messages.append(f"not resuming from {', '.join(others)}: written by another run")
         damaged = []
-        for ckpt in candidates:
+        for i, ckpt in enumerate(candidates):  # newest first; hashing stops at the first whole one
             problem = checkpoint_problem(ckpt)
-            if problem:
-                damaged.append((ckpt, problem))
-            else:
-                plan.resume.append(ckpt)
+            if not problem:
+                plan.resume = candidates[i:]  # the older ones are fallbacks, verified if ever needed
+                break
+            damaged.append((ckpt, problem))
         if damaged and not plan.resume:
             raise ConfigError(f"no checkpoint in {raw!r} loads completely ({', '.join(p.name for p, _ in damaged)}: "
                               "damaged); use --overwrite_output_dir to start afresh")
         for ckpt, problem in damaged:
-            if checkpoint_step(ckpt) > checkpoint_step(plan.resume[0]):  # older damaged ones are never used
-                warnings.warn(f"checkpoint {ckpt} is damaged ({problem}); resuming from {plan.resume[0].name}",
-                              stacklevel=2)
+            warnings.warn(f"checkpoint {ckpt} is damaged ({problem}); resuming from {plan.resume[0].name}",
+                          stacklevel=2)
         if not candidates:
             plan.messages.append(f"no checkpoint in {raw} yet: starting from scratch")
         return plan

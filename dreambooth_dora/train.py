@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .adapter_file import AdapterInfo, save_adapter
 from .adapters import adapter_parameters, adapter_parameters_by_role, add_adapters
-from .checkpoints import checkpoint_step, register_adapter_hooks, save_checkpoint
+from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
 from .data import BatchMaker, Example, cache_latents, load_examples, load_image_folder, step_rng
@@ -169,9 +169,13 @@ def parameter_groups(cfg: TrainConfig, unet, text_encoders: list, lr_factor: flo
 
 
 def resume(accelerator, plan: RunPlan) -> tuple[int, Path | None]:
-    """Load the newest checkpoint of the plan that loads (they were verified; one that still
-    fails falls back to the next); (0, None) when starting afresh."""
-    for candidate in plan.resume:
+    """Load the newest checkpoint of the plan that loads (the first was verified by the plan; one
+    that still fails falls back to the next, verified first); (0, None) when starting afresh."""
+    for i, candidate in enumerate(plan.resume):
+        problem = checkpoint_problem(candidate) if i else None
+        if problem:
+            warnings.warn(f"checkpoint {candidate} is damaged ({problem}); trying an earlier one", stacklevel=2)
+            continue
         try:
             accelerator.load_state(str(candidate))
         except Exception as err:  # torch / safetensors / pickle raise many types for a bad file
