@@ -48,8 +48,17 @@ class Example:
 def load_image(source) -> Image.Image:
     """Open a path or bytes as 8-bit RGB: EXIF rotation applied, alpha flattened on white,
     16-bit and 32-bit integer images rescaled, palette and grayscale converted."""
+    return _open_image(source, with_alpha=False)[0]
+
+
+def _open_image(source, with_alpha: bool) -> tuple[Image.Image, Image.Image | None]:
+    """`load_image`'s picture and, with `with_alpha`, its alpha channel (8-bit L; None without one),
+    from one opening of the file."""
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
         im = ImageOps.exif_transpose(im)
+        alpha = None
+        if with_alpha and (im.mode in ("RGBA", "LA", "PA", "La") or (im.mode == "P" and "transparency" in im.info)):
+            alpha = im.convert("RGBA").getchannel("A")
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             arr = np.asarray(im, dtype=np.float64)
             top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
@@ -57,16 +66,7 @@ def load_image(source) -> Image.Image:
         if im.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in im.info:
             im = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-        return im.convert("RGB")
-
-
-def load_alpha(source) -> Image.Image | None:
-    """The alpha channel (8-bit L, EXIF rotation applied) of a path or bytes, None without one."""
-    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA", "La") or (im.mode == "P" and "transparency" in im.info):
-            return im.convert("RGBA").getchannel("A")
-    return None
+        return im.convert("RGB"), alpha
 
 
 def _decode_rows(rows, image_column: str, caption_column: str | None, default_caption: str, where: str,
@@ -80,8 +80,7 @@ def _decode_rows(rows, image_column: str, caption_column: str | None, default_ca
                 source = _to_png_bytes(cell)
             else:
                 source = cell["bytes"] if cell.get("bytes") is not None else cell["path"]
-            image = load_image(source)
-            alpha = load_alpha(source) if keep_alpha else None
+            image, alpha = _open_image(source, with_alpha=keep_alpha)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             bad.append(f"{name} ({type(err).__name__})")
             continue
@@ -192,25 +191,26 @@ def training_view(im: Image.Image, resolution: int, center_crop: bool, flip: boo
     """Resize the short side to `resolution`, crop a square, maybe mirror: (3, H, W) in [-1, 1],
     and SDXL's size conditioning (original height, original width, crop top, crop left). The crop
     corner is given in the mirrored picture when mirrored, as if the mirror came first."""
-    (rw, rh), box = crop_box(im.size, resolution, center_crop, rng)
     original = (im.height, im.width)
-    im = im.resize((rw, rh), Image.BICUBIC).crop(box)
-    left = box[0]
-    if flip:
-        im = ImageOps.mirror(im)
-        left = rw - box[2]
+    im, (rw, rh), box = _resized_crop(im, resolution, center_crop, flip, rng, Image.BICUBIC)
+    left = rw - box[2] if flip else box[0]
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0, (*original, box[1], left)
+
+
+def _resized_crop(im: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random, resample):
+    """The geometry `training_view` and `mask_view` share: short side to `resolution`, a square
+    crop (drawn from `rng` unless centred), maybe mirrored; returns (picture, resized size, box)."""
+    size, box = crop_box(im.size, resolution, center_crop, rng)
+    im = im.resize(size, resample).crop(box)
+    return (ImageOps.mirror(im) if flip else im), size, box
 
 
 def mask_view(mask: Image.Image, resolution: int, center_crop: bool, flip: bool,
               rng: random.Random) -> torch.Tensor:
     """The mask through the same resize, crop and mirror as `training_view` with a generator in
     the same state: (1, resolution, resolution) in [0, 1]."""
-    (rw, rh), box = crop_box(mask.size, resolution, center_crop, rng)
-    mask = mask.resize((rw, rh), Image.BILINEAR).crop(box)
-    if flip:
-        mask = ImageOps.mirror(mask)
+    mask = _resized_crop(mask, resolution, center_crop, flip, rng, Image.BILINEAR)[0]
     return torch.from_numpy(np.asarray(mask, dtype=np.float32).copy())[None] / 255.0
 
 
