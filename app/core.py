@@ -124,8 +124,8 @@ class Comparison:
 
     def _load_adapter(self, slot: str, folder: Path) -> str:
         try:
-            info = describe(folder)
             adapter = read_adapter(folder)
+            info = describe(adapter)
         except AdapterError as err:
             raise AppError(str(err)) from None
         # under a new name: the column keeps its adapter until the new one has loaded completely

@@ -333,9 +333,10 @@ def apply_to_models(adapter: AdapterFile, models: dict[str, torch.nn.Module]) ->
         load_adapter_state_dict(models[prefix], part)
 
 
-def describe(path: str | Path) -> AdapterSummary:
-    """What `dreambooth-dora info` prints: method, rank, alpha, targets, sizes, base model."""
-    adapter = read_adapter(path)
+def describe(path: str | Path | AdapterFile) -> AdapterSummary:
+    """What `dreambooth-dora info` prints: method, rank, alpha, targets, sizes, base model (of a
+    path, or of an adapter file already read)."""
+    adapter = path if isinstance(path, AdapterFile) else read_adapter(path)
     parts = {}
     for prefix in adapter.prefixes:
         rank, alpha = adapter.rank_alpha(prefix)
