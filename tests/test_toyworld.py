@@ -71,6 +71,10 @@ def test_pretraining_command_never_writes_over_a_model_it_did_not_make(tmp_path,
     assert main([str(out), *steps]) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main([str(out), *steps, "--overwrite"]) == 0 and (out / "unet").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
+    capsys.readouterr()
+    for flag, value in (("--unet-steps", "0"), ("--batch", "-1"), ("--resolution", "30")):
+        assert main([str(tmp_path / "bad"), *steps, flag, value]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def test_the_embedded_model_draws_its_world():

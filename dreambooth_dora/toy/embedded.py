@@ -125,7 +125,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from ..outputs import OutputError, atomic_dir, check_output_target
 
+    bad = next((f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+                for name, low in (("vae_steps", 1), ("unet_steps", 1), ("batch", 1), ("classifier_steps", 0),
+                                  ("resolution", 8)) if getattr(args, name) < low), None)
+    if bad is None and args.resolution % 8:
+        bad = f"--resolution must be a multiple of 8, got {args.resolution}"
     try:  # a new folder, or (asked for) one this command wrote before; never the shipped model by accident
+        if bad:
+            raise OutputError(bad)
         out = check_output_target(args.out, "embedded-model", overwrite=args.overwrite, what="OUT")
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
