@@ -231,9 +231,7 @@ class Comparison:
             latents = torch.randn((int(num_images), self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor,
                                    width // self.pipe.vae_scale_factor), generator=gen, dtype=torch.float32)
             out = {}
-            for col in columns:
-                if col != "base" and col not in self.sources:
-                    continue
+            for col in shown:
                 pipe = self.merged.get(col, self.pipe)
                 if pipe is self.pipe:
                     if col == "base":
