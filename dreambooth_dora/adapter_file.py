@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from .adapters import adapted_layers, adapter_state_dict, add_adapters, load_adapter_state_dict
 from .models import PARTS as PREFIXES, pipeline_models, resolve_model
 from .outputs import ADAPTER_FILE, atomic_path
+from .pivotal import EMBEDDINGS_FILE, ENCODER_KEYS, read_embeddings
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads adapter configs from
 INFO_KEY = "dreambooth_dora"  # the key training's AdapterInfo is stored under
@@ -61,6 +62,7 @@ class AdapterInfo:
     final_loss: float | None = None
     run_id: str | None = None
     settings: dict | None = None  # the training settings that made it
+    tokens: dict | None = None  # pivotal tuning: {abstraction: [new token, ...]}, vectors in embeddings.safetensors
     checkpoint: bool = False  # a training checkpoint's copy, not a final adapter
 
     def to_json(self) -> str:
@@ -213,12 +215,16 @@ def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: f
 
     Uses the stock `pipe.load_lora_weights`, then checks every tensor of the file against the
     model and restores what the stock loader dropped (text-encoder DoRA magnitudes with the
-    pinned versions). Returns a report: {"restored": [...keys...]}. `scale` activates this
-    adapter alone at that weight (diffusers' `set_adapters`).
+    pinned versions). With pivotal tuning the new tokens load too, the stock way
+    (`load_textual_inversion`, from `embeddings.safetensors` beside the adapter). Returns a report:
+    {"restored": [...keys...], "tokens": {abstraction: [token, ...]}} (write the tokens where a
+    prompt has the abstraction: `pivotal.insert_tokens`). `scale` activates this adapter alone at
+    that weight (diffusers' `set_adapters`).
     """
     adapter = read_adapter(path)
     models = pipeline_models(pipe)
     check_fits(adapter, models)
+    tokens, vectors = token_plan(pipe, adapter, adapter_name)  # checked before the pipeline changes
     with warnings.catch_warnings():  # PEFT warns for every named adapter after the first; several are normal here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         pipe.load_lora_weights(str(adapter.path.parent), weight_name=adapter.path.name, adapter_name=adapter_name)
@@ -240,7 +246,49 @@ def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: f
                     len(restored), adapter.path, restored[0])
     if scale != 1.0:
         pipe.set_adapters([adapter_name], adapter_weights=[scale])
-    return {"restored": restored}
+    names = [t for group in tokens.values() for t in group]
+    for key, tokenizer, encoder in zip(ENCODER_KEYS, *_token_parts(pipe)):
+        pipe.load_textual_inversion(vectors[key], token=names, text_encoder=encoder, tokenizer=tokenizer)
+    return {"restored": restored, "tokens": tokens}
+
+
+def _token_parts(pipe) -> tuple[list, list]:
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+    return tokenizers, encoders
+
+
+def token_plan(pipe, adapter: AdapterFile, adapter_name: str) -> tuple[dict[str, list[str]], dict]:
+    """Pivotal tuning's new tokens for this pipeline: ({abstraction: token names}, vectors).
+
+    The file's own names (`<s0>`...) when the tokenizers do not know them yet, so prompts written
+    for stock diffusers work; otherwise (another adapter brought `<s0>` already) names made unique
+    with the adapter name (`<dora_2_s0>`). ({}, {}) for an adapter without new tokens."""
+    if not adapter.info.tokens:
+        return {}, {}
+    file = adapter.path.parent / EMBEDDINGS_FILE
+    if not file.is_file():
+        raise AdapterError(f"{adapter.path} was trained with new tokens (pivotal tuning) but {file} is missing; "
+                           "keep the adapter's folder together")
+    try:
+        vectors, _ = read_embeddings(file)
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise AdapterError(f"{file} does not load ({type(err).__name__})") from None
+    tokenizers, encoders = _token_parts(pipe)
+    count = sum(len(t) for t in adapter.info.tokens.values())
+    for key, encoder in zip(ENCODER_KEYS, encoders):
+        rows = vectors.get(key)
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if rows is None or rows.shape != (count, width):
+            raise AdapterError(f"{file}: {key} is {None if rows is None else tuple(rows.shape)}, this pipeline needs "
+                               f"({count}, {width}) (embeddings for another base model?)")
+    tokens = adapter.info.tokens
+    if any(t in tok.get_vocab() for names in tokens.values() for t in names for tok in tokenizers):
+        tokens = {a: [f"<{adapter_name}_{t.strip('<>')}>" for t in names] for a, names in tokens.items()}
+        taken = [t for names in tokens.values() for t in names for tok in tokenizers if t in tok.get_vocab()]
+        if taken:
+            raise AdapterError(f"the pipeline already has the token {taken[0]!r}; load under another adapter_name")
+    return tokens, vectors
 
 
 # ---- writing ------------------------------------------------------------------------------

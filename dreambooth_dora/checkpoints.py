@@ -21,6 +21,7 @@ from pathlib import Path
 from .adapters import load_adapter_state_dict
 from .adapter_file import AdapterInfo, layout_prefix, save_adapter
 from .outputs import ADAPTER_FILE, CHECKPOINT, atomic_path, make_readable
+from .pivotal import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 
 MANIFEST = "checkpoint.json"
 
@@ -104,8 +105,10 @@ def checkpoint_step(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def register_adapter_hooks(accelerator, models: dict) -> None:
-    """Make `save_state`/`load_state` store only adapter tensors for the prepared models.
+def register_adapter_hooks(accelerator, models: dict, pivotal=None) -> None:
+    """Make `save_state`/`load_state` store only adapter tensors for the prepared models, and with
+    pivotal tuning the new tokens' rows (`embeddings.safetensors`, so a checkpoint is a complete
+    adapter with its tokens).
 
     `models` maps a prefix ('unet', 'text_encoder') to the unwrapped model."""
 
@@ -118,7 +121,10 @@ def register_adapter_hooks(accelerator, models: dict) -> None:
 
     def save_hook(prepared, weights, output_dir):
         if accelerator.is_main_process:
-            save_adapter(output_dir, dict(models), AdapterInfo(checkpoint=True))
+            if pivotal is not None:
+                save_embeddings(output_dir, pivotal.vectors(), pivotal.tokens, webui=False)
+            save_adapter(output_dir, dict(models), AdapterInfo(checkpoint=True,
+                                                               tokens=pivotal.tokens if pivotal else None))
         for i in reversed(range(len(prepared))):  # keep accelerate from writing whole models
             if prefix_of(prepared[i]) is not None and i < len(weights):
                 weights.pop(i)
@@ -127,6 +133,8 @@ def register_adapter_hooks(accelerator, models: dict) -> None:
         from safetensors.torch import load_file
 
         tensors = load_file(str(Path(input_dir) / ADAPTER_FILE))
+        if pivotal is not None:
+            pivotal.load_vectors(read_embeddings(Path(input_dir) / EMBEDDINGS_FILE)[0])
         for i in reversed(range(len(prepared))):
             prefix = prefix_of(prepared.pop(i))
             if prefix is not None:

@@ -110,6 +110,18 @@ class TrainConfig:
     """UNet modules to adapt; add 'proj_in', 'proj_out', 'ff.net.0.proj', 'ff.net.2' for more."""
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    # ---- pivotal tuning (diffusers' advanced scripts' names and meanings)
+    train_text_encoder_ti: bool = False
+    """Pivotal tuning: learn new tokens (textual inversion) for each token_abstraction together with
+    the adapter; only their embedding rows train (not with train_text_encoder)."""
+    token_abstraction: str = "TOK"
+    """The identifier(s) in the prompts, comma-separated ('TOK' or 'TOK,DOG'), each replaced by its
+    new tokens <s0><s1>...; also the web UIs' trigger word (the webui embedding's file name)."""
+    num_new_tokens_per_abstraction: int = 2
+    train_text_encoder_ti_frac: float = 0.5
+    """Share of the steps during which the new tokens train (then they freeze: the pivot)."""
+    initializer_concept: str | None = None
+    """Start the new tokens from this text's token embeddings (default: random, the table's std)."""
     # ---- optimisation
     train_batch_size: int = 1
     max_train_steps: int | None = None
@@ -224,6 +236,28 @@ class TrainConfig:
             if self.with_prior_preservation and not (s.class_prompt and s.class_data_dir):
                 raise ConfigError(f"{where}: with_prior_preservation needs class_prompt and class_data_dir")
 
+    def token_abstractions(self) -> list[str]:
+        return [a.strip() for a in self.token_abstraction.split(",") if a.strip()]
+
+    def _validate_pivotal(self) -> None:
+        from .pivotal import ABSTRACTION
+
+        if self.train_text_encoder:
+            raise ConfigError("give only one of train_text_encoder (adapters on the text encoder) or "
+                              "train_text_encoder_ti (new tokens, pivotal tuning)")
+        if not 0 < self.train_text_encoder_ti_frac <= 1:
+            raise ConfigError(f"train_text_encoder_ti_frac must be in (0, 1], got {self.train_text_encoder_ti_frac}")
+        names = self.token_abstractions()
+        if not names:
+            raise ConfigError("token_abstraction is empty; give the identifier used in the prompts, e.g. TOK")
+        for name in names:
+            if not ABSTRACTION.fullmatch(name):
+                raise ConfigError(f"token_abstraction {name!r} must be letters, digits, '_' or '-' (it also names "
+                                  "the web UI embedding file)")
+        if len(set(names)) != len(names) or any(a != b and a in b for a in names for b in names):
+            raise ConfigError(f"token_abstraction {self.token_abstraction!r}: each identifier must be distinct and "
+                              "not part of another")
+
     def validate(self) -> "TrainConfig":
         """One clear ConfigError per problem, before anything heavy happens."""
         if self.datasets is not None:
@@ -263,8 +297,10 @@ class TrainConfig:
             "prior_loss_weight": (">=", 0), "max_grad_norm": (">=", 0), "snr_gamma": (">", 0),
             "noise_offset": (">=", 0), "lr_power": (">", 0), "magnitude_lr": (">", 0),
             "magnitude_weight_decay": (">=", 0), "loraplus_lr_ratio": (">", 0), "caption_dropout_rate": ("[0,1]", None),
-            "ema_decay": ("[0,1)", None),
+            "ema_decay": ("[0,1)", None), "num_new_tokens_per_abstraction": (">=", 1),
         })
+        if self.train_text_encoder_ti:
+            self._validate_pivotal()
         if self.mask_data_dir is not None and not self.masked_loss:
             raise ConfigError("mask_data_dir is set but masked_loss is off")
         if self.mask_data_dir is not None and not Path(self.mask_data_dir).is_dir():

@@ -155,3 +155,37 @@ def merge(rule: str, w0: torch.Tensor, mod: KohyaModule) -> torch.Tensor:
     if rule in ("lycoris", "comfyui-15458"):
         return v * d / (_row_norm(v) + eps)
     raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
+
+
+# ---- textual-inversion embeddings (pivotal tuning's web UI files) -------------------------------
+#
+# A1111 (`modules/textual_inversion/textual_inversion.py`, `create_embedding_from_data`):
+# `string_to_param` -> its tensor; `clip_g` and `clip_l` both present -> SDXL, one tensor per
+# encoder; any other mapping of tensors must hold exactly one ("multiple terms" otherwise), which
+# is the embedding (a 1-D tensor is one vector). ComfyUI (`comfy/sd1_clip.py`, `load_embed`):
+# `string_to_param` -> its tensor; the encoder's key (`clip_l` / `clip_g`) when present; else the
+# first tensor. Both insert all rows, in order, where the prompt names the file.
+
+def a1111_embedding(data: dict) -> dict[str, torch.Tensor]:
+    """The vectors A1111 reads from an embedding file: {"clip_l": (n, D)} or, SDXL, clip_l + clip_g."""
+    if "string_to_param" in data:
+        return {"clip_l": next(iter(data["string_to_param"].values()))}
+    if "clip_g" in data and "clip_l" in data:
+        return {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    if len(data) != 1:
+        raise ValueError("embedding file has multiple terms in it")  # A1111 skips such a file
+    emb = next(iter(data.values()))
+    return {"clip_l": emb.unsqueeze(0) if emb.dim() == 1 else emb}
+
+
+def comfyui_embedding(data: dict, embed_key: str, embedding_size: int) -> torch.Tensor:
+    """The vectors ComfyUI's text encoder `embed_key` ('clip_l' / 'clip_g') reads from the file."""
+    if "string_to_param" in data:
+        out = next(iter(data["string_to_param"].values()))
+    elif embed_key in data:
+        out = data[embed_key]
+    else:
+        out = next(iter(data.values()))
+    if out.shape[-1] != embedding_size:
+        raise ValueError(f"embedding width {out.shape[-1]}, the encoder's is {embedding_size}")
+    return out

@@ -7,10 +7,13 @@ from .config import TrainConfig
 from .models import EMBEDDED_PREFIX
 
 
-def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str) -> str:
+def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str, pivotal: bool = False) -> str:
     """Python that loads the adapter exactly and draws one picture; it runs as written (an
-    `embedded:` base is resolved to its folder first, which `from_pretrained` needs)."""
+    `embedded:` base is resolved to its folder first, which `from_pretrained` needs). With
+    `pivotal`, the new tokens come with the adapter and replace the identifier in the prompt."""
     imports = [f"from diffusers import {pipeline}", "from dreambooth_dora import load_adapter"]
+    if pivotal:
+        imports.append("from dreambooth_dora.pivotal import insert_tokens")
     source = repr(base)
     if base.startswith(EMBEDDED_PREFIX):
         imports.append("from dreambooth_dora.models import resolve_model")
@@ -18,9 +21,41 @@ def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str) -> str
     return "\n".join([
         *imports,
         f"pipe = {pipeline}.from_pretrained({source})",
-        f"load_adapter(pipe, {adapter_dir!r})  # exact; stock pipe.load_lora_weights drops text-encoder DoRA magnitudes",
-        f"image = pipe({prompt!r}).images[0]",
+        ("report = " if pivotal else "") + f"load_adapter(pipe, {adapter_dir!r})  # exact; stock pipe.load_lora_weights "
+        "drops text-encoder DoRA magnitudes" + ("; the new tokens too" if pivotal else ""),
+        f"image = pipe(insert_tokens({prompt!r}, report['tokens'])).images[0]" if pivotal
+        else f"image = pipe({prompt!r}).images[0]",
     ])
+
+
+def pivotal_section(cfg: TrainConfig, info: AdapterInfo, sdxl: bool) -> str:
+    """How to use the new tokens in diffusers (stock), A1111 / Forge and ComfyUI."""
+    if not info.tokens:
+        return ""
+    rows = "\n".join(f"| `{a}` | `{''.join(t)}` | `webui_embeddings/{a}.safetensors` |" for a, t in info.tokens.items())
+    first, names = next(iter(info.tokens.items()))
+    loads = [f'pipe.load_textual_inversion(emb["clip_l"], token={names!r}, text_encoder=pipe.text_encoder, '
+             'tokenizer=pipe.tokenizer)']
+    if sdxl:
+        loads.append(f'pipe.load_textual_inversion(emb["clip_g"], token={names!r}, text_encoder=pipe.text_encoder_2, '
+                     'tokenizer=pipe.tokenizer_2)')
+    return f"""
+## New tokens (pivotal tuning)
+
+{cfg.num_new_tokens_per_abstraction} new token(s) per identifier, trained for the first
+{cfg.train_text_encoder_ti_frac:g} of the steps{f' from "{cfg.initializer_concept}"' if cfg.initializer_concept else ''}.
+
+| identifier | tokens (diffusers) | web UI embedding (trigger word = identifier) |
+|---|---|---|
+{rows}
+
+- dreambooth-dora: `load_adapter` loads the tokens with the adapter (above).
+- stock diffusers: `pipe.load_lora_weights(dir)`, then, from `embeddings.safetensors`
+  (`emb = safetensors.torch.load_file(...)`{'' if len(info.tokens) == 1 else ', rows of all identifiers in order'}):
+  `{'`; `'.join(loads)}`; write `{''.join(names)}` where the prompt had `{first}`.
+- A1111 / Forge / ComfyUI: copy `webui_embeddings/{first}.safetensors` into the `embeddings` folder and write
+  `{first}` (ComfyUI: `embedding:{first}`) in the prompt, with an export of the adapter (`dreambooth-dora export`).
+"""
 
 
 def dora_groups(cfg: TrainConfig) -> str:
@@ -38,7 +73,8 @@ def model_card(cfg: TrainConfig, info: AdapterInfo) -> str:
     sdxl = info.architecture == "sdxl"
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     loss = "n/a" if info.final_loss is None else round(info.final_loss, 5)
-    snippet = load_snippet(pipeline, cfg.pretrained_model_name_or_path, cfg.output_dir, cfg.instance_prompt)
+    snippet = load_snippet(pipeline, cfg.pretrained_model_name_or_path, cfg.output_dir, cfg.instance_prompt,
+                           pivotal=bool(info.tokens))
     return f"""---
 base_model: {cfg.pretrained_model_name_or_path}
 tags: [dreambooth, {method.lower()}, {'stable-diffusion-xl' if sdxl else 'stable-diffusion'}, dreambooth-dora]
@@ -53,7 +89,8 @@ Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
 | class prompt (prior preservation) | {f'`{cfg.class_prompt}`' if cfg.with_prior_preservation else 'none'} |
 | method | {method}, rank {cfg.rank}, alpha {cfg.lora_alpha:g}{', rsLoRA' if cfg.use_rslora else ''} |
 | UNet targets | {', '.join(cfg.unet_target_modules)} |
-| text encoder | {'adapted: ' + ', '.join(cfg.text_encoder_target_modules) if cfg.train_text_encoder else 'frozen'} |
+| text encoder | {'adapted: ' + ', '.join(cfg.text_encoder_target_modules) if cfg.train_text_encoder
+                  else 'new tokens only (pivotal tuning)' if info.tokens else 'frozen'} |
 | steps | {info.steps} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
 | learning rate | {cfg.learning_rate} ({cfg.optimizer}, {cfg.lr_scheduler}){dora_groups(cfg)} |
 | final loss | {loss} |
@@ -61,6 +98,6 @@ Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
 ```python
 {snippet}
 ```
-
+{pivotal_section(cfg, info, sdxl)}
 The settings that made it are in `train_config.json` (and inside the adapter file's metadata).
 """

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .pivotal import EMBEDDINGS_FILE, WEBUI_FOLDER
 from .checkpoints import CHECKPOINT, checkpoint_problem, list_checkpoints, read_manifest
 from .config import ConfigError
 from .outputs import (ADAPTER_FILE, RUN_FILE, TRAIN_CONFIG, OutputError, atomic_path, check_not_degenerate,
@@ -83,9 +84,11 @@ def _differences(recorded: dict, current: dict) -> list[str]:
 
 def _known_entry(name: str, logging_dirs: set[str]) -> bool:
     """Whether a name in a run folder is something training writes there."""
-    return (name in {RUN_FILE, TRAIN_CONFIG, ADAPTER_FILE, "README.md", "validation"} | logging_dirs
+    return (name in {RUN_FILE, TRAIN_CONFIG, ADAPTER_FILE, "README.md", "validation", EMBEDDINGS_FILE,
+                     WEBUI_FOLDER} | logging_dirs
             or bool(CHECKPOINT.match(name.removesuffix(".tmp"))) or bool(TEMP_FILE.match(name))
-            or name.startswith(".dreambooth-dora-probe."))
+            or name.startswith(".dreambooth-dora-probe.")
+            or bool(re.fullmatch(rf"\.{WEBUI_FOLDER}\.(tmp|old)-\d+", name)))  # atomic_dir's leftovers
 
 
 def _read_record(out: Path) -> dict | None:

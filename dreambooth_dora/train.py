@@ -16,7 +16,7 @@ import json
 import math
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card
 from .models import load_components, resolve_model
 from .outputs import TRAIN_CONFIG, write_text
+from .pivotal import PivotalTokens, insert_tokens, new_token_names
 from .prior import ensure_class_images
 from .runs import RunPlan, fingerprint_examples, plan_run, start_run
 from .validation import validate
@@ -93,6 +94,19 @@ def load_subject_sets(sets: list, cfg: TrainConfig) -> tuple[list[Example], list
         order += list(range(len(examples), len(examples) + len(found))) * s.repeats
         examples += found
     return examples, order
+
+
+def pivotal_tokens(cfg: TrainConfig, examples: list[Example]) -> dict[str, list[str]]:
+    """{abstraction: new tokens} with pivotal tuning ({} without); each abstraction must occur in
+    some caption, or its tokens would never train."""
+    if not cfg.train_text_encoder_ti:
+        return {}
+    tokens = new_token_names(cfg.token_abstractions(), cfg.num_new_tokens_per_abstraction)
+    for abstraction in tokens:
+        if not any(abstraction in ex.caption for ex in examples):
+            raise ConfigError(f"train_text_encoder_ti: token_abstraction {abstraction!r} is in no caption or "
+                              f"instance_prompt (e.g. instance_prompt 'a photo of {abstraction} dog')")
+    return tokens
 
 
 def make_accelerator(cfg: TrainConfig, out_dir: Path):
@@ -201,6 +215,8 @@ def train(cfg: TrainConfig) -> Path:
     sets = cfg.subject_sets()
     examples, order = load_subject_sets(sets, cfg)
     plan = plan_run(cfg, fingerprint_examples(examples))
+    tokens = pivotal_tokens(cfg, examples)
+    examples = [replace(ex, caption=insert_tokens(ex.caption, tokens)) for ex in examples]
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     class_examples: list[Example] = []
     if cfg.with_prior_preservation:
@@ -230,11 +246,18 @@ def train(cfg: TrainConfig) -> Path:
     # the global generator (building `embedded:tiny-random` on first use does), and a rerun must not differ
     torch.manual_seed(cfg.seed)
     adapted = attach_adapters(cfg, unet, text_encoders, device, weight_dtype)
+    pivotal = None
+    if tokens:
+        try:
+            pivotal = PivotalTokens(tokenizers, text_encoders, tokens, cfg.initializer_concept, cfg.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     # ---- caches: prompts (frozen text encoders), latents (frozen VAE)
     encode = PromptEncoder(tokenizers, text_encoders)
-    validation_prompts = cfg.validation_prompt or list(dict.fromkeys(s.instance_prompt for s in sets))
-    if not cfg.train_text_encoder:
+    validation_prompts = [insert_tokens(p, tokens)
+                          for p in cfg.validation_prompt or list(dict.fromkeys(s.instance_prompt for s in sets))]
+    if not cfg.train_text_encoder and pivotal is None:
         encode.freeze(sorted({ex.caption for ex in examples + class_examples}) + validation_prompts + [""])
         text_encoders = []
         gc.collect()
@@ -252,17 +275,24 @@ def train(cfg: TrainConfig) -> Path:
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
     groups = parameter_groups(cfg, unet, text_encoders, lr_factor)
+    adapter_params = [p for g in groups for p in g["params"]]
+    if pivotal is not None:  # the new tokens' rows: the text encoder's learning rate and decay
+        decay_te = cfg.adam_weight_decay_text_encoder
+        groups.append({"params": pivotal.parameters(), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
+                       "weight_decay": cfg.adam_weight_decay if decay_te is None else decay_te})
     params = [p for g in groups for p in g["params"]]
+    ti_steps = max(1, int(cfg.train_text_encoder_ti_frac * max_steps))  # the pivot
     optimizer = build_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-    unet, *text_encoders, optimizer, lr_scheduler = accelerator.prepare(unet, *text_encoders, optimizer, lr_scheduler)
+    trained_te = text_encoders if cfg.train_text_encoder else []  # with pivotal tuning alone: not wrapped
+    unet, *trained_te, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_te, optimizer, lr_scheduler)
     if cfg.train_text_encoder:
-        encode.text_encoders = text_encoders  # the prepared (wrapped) ones
-    register_adapter_hooks(accelerator, adapted)
-    ema = AdapterEMA(params, cfg.ema_decay) if cfg.use_ema else None
+        text_encoders = encode.text_encoders = trained_te  # the prepared (wrapped) ones
+    register_adapter_hooks(accelerator, adapted, pivotal)
+    ema = AdapterEMA(adapter_params, cfg.ema_decay) if cfg.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
 
@@ -289,6 +319,8 @@ def train(cfg: TrainConfig) -> Path:
     logs = {}
     with tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process) as bar:
         while step < max_steps:
+            if pivotal is not None:
+                pivotal.train_rows(step < ti_steps)
             for micro in range(cfg.gradient_accumulation_steps):
                 micro_step = step * cfg.gradient_accumulation_steps + micro
                 torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
@@ -308,6 +340,10 @@ def train(cfg: TrainConfig) -> Path:
                                                  mask=batch.masks)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        if pivotal is not None and accelerator.num_processes > 1:  # not in a DDP wrapper
+                            for p in pivotal.parameters():
+                                if p.grad is not None:
+                                    p.grad = accelerator.reduce(p.grad, "mean")
                         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                         grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
                         if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
@@ -347,10 +383,12 @@ def train(cfg: TrainConfig) -> Path:
             base_model=cfg.pretrained_model_name_or_path, instance_prompt=cfg.instance_prompt,
             class_prompt=cfg.class_prompt if cfg.with_prior_preservation else None, steps=step,
             train_text_encoder=cfg.train_text_encoder, architecture="sdxl" if sdxl else "sd",
-            final_loss=logs.get("loss"), run_id=plan.run_id, settings=asdict(cfg))
+            final_loss=logs.get("loss"), run_id=plan.run_id, settings=asdict(cfg), tokens=tokens or None)
         with saving(f"the adapter in {out_dir}", last_checkpoint):
             for name in (TRAIN_CONFIG, "README.md"):
                 (out_dir / name).unlink(missing_ok=True)
+            if pivotal is not None:  # before the adapter that names them
+                pivotal.save(out_dir)
             with ema.applied() if ema is not None else nullcontext():
                 path = save_adapter(out_dir, adapted, info)
             write_text(out_dir / TRAIN_CONFIG, json.dumps(asdict(cfg), indent=2))

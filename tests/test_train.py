@@ -227,10 +227,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, icon_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_sd_path, icon_dir):
+@pytest.mark.parametrize("text", [["--train_text_encoder"],
+                                  ["--train_text_encoder_ti", "--token_abstraction", "sks"]], ids=["te", "pivotal"])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_sd_path, icon_dir, text):
+    """Text-encoder adapters (DDP-wrapped) or pivotal tuning's new rows (averaged by hand)."""
     common = ["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", icon_dir,
               "--instance_prompt", "a sks icon", "--resolution", "64", "--random_flip", "--learning_rate", "1e-2",
-              "--max_train_steps", "3", "--report_to", "none", "--train_text_encoder", "--seed", "0"]
+              "--max_train_steps", "3", "--report_to", "none", *text, "--seed", "0"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
               str(REPO / "train_dreambooth_dora.py")]
@@ -242,6 +245,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     assert one.returncode == 0, one.stderr[-2000:]
     a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    if "--train_text_encoder_ti" in text:
+        ea, eb = (load_file(str(tmp_path / n / "embeddings.safetensors"))["clip_l"] for n in ("one", "two"))
+        from transformers import CLIPTextModel
+
+        table = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder").get_input_embeddings().weight
+        start = torch.randn(2, table.shape[1], generator=torch.Generator().manual_seed(0)) * table.detach().std()
+        assert (ea - eb).abs().max() <= 2e-4 < (ea - start).abs().max()  # equal, and trained from the start
     assert a.keys() == b.keys()
     # the same gradients up to summation order (DDP averages two halves); Adam's first steps
     # (about lr x sign(g)) magnify that only for entries whose gradient is ~0

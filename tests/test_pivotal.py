@@ -1,0 +1,209 @@
+"""Pivotal tuning: new tokens learned as textual-inversion embeddings with the adapter, checked
+against stock diffusers (`load_lora_weights` + `load_textual_inversion`), the web UIs' published
+loading rules, and an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth_dora.adapter_file import AdapterError, load_adapter
+from dreambooth_dora.config import ConfigError, load_config
+from dreambooth_dora.consumers import a1111_embedding, comfyui_embedding
+from dreambooth_dora.pivotal import NewTokenEmbedding, insert_tokens, new_token_names
+from dreambooth_dora.train import train
+from conftest import interrupt_at
+
+REPO = Path(__file__).resolve().parents[1]
+ICONS = str(REPO / "sample_data" / "3d_icon")
+PROMPT = "a TOK icon"
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def reset():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(model, out, *extra):
+    reset()
+    return train(load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", ICONS,
+                              "--instance_prompt", PROMPT, "--resolution", "32", "--learning_rate", "3e-2",
+                              "--max_train_steps", "4", "--output_dir", str(out), "--report_to", "none", "--seed", "2",
+                              "--train_text_encoder_ti", "--validation_prompt", PROMPT, "--validation_steps", "4",
+                              "--num_validation_images", "2", "--validation_inference_steps", "2",
+                              "--checkpointing_steps", "1", *extra]))
+
+
+def test_token_names_and_prompts():
+    tokens = new_token_names(["TOK", "DOG"], 2)
+    assert tokens == {"TOK": ["<s0>", "<s1>"], "DOG": ["<s2>", "<s3>"]}  # diffusers' numbering
+    assert insert_tokens("a TOK icon with DOG", tokens) == "a <s0><s1> icon with <s2><s3>"
+
+
+def test_lookup_equals_a_resized_table_and_only_new_rows_learn():
+    base = torch.nn.Embedding(10, 4)
+    new = torch.randn(2, 4)
+    table = NewTokenEmbedding(base, new)
+    resized = torch.nn.Embedding(12, 4)
+    with torch.no_grad():
+        resized.weight.copy_(torch.cat([base.weight, new]))
+    ids = torch.tensor([[0, 10, 3, 11, 9]])
+    assert torch.equal(table(ids), resized(ids))
+    base.weight.requires_grad_(False)
+    table(ids).sum().backward()
+    assert table.new.grad is not None and base.weight.grad is None
+    assert torch.equal(table.new.grad, torch.ones(2, 4))  # one use of each new row
+
+
+def test_settings_are_checked(tmp_path):
+    flags = ["--instance_data_dir", ICONS, "--instance_prompt", PROMPT, "--train_text_encoder_ti"]
+    for extra, message in [(["--train_text_encoder"], "give only one of train_text_encoder"),
+                           (["--token_abstraction", "T K"], "letters, digits"),
+                           (["--token_abstraction", "TOK,TO"], "distinct and not part of another"),
+                           (["--train_text_encoder_ti_frac", "0"], r"in \(0, 1\]"),
+                           (["--num_new_tokens_per_abstraction", "0"], ">= 1")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(flags + extra)
+    cfg = load_config(flags + ["--token_abstraction", "DOG", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match="'DOG' is in no caption"):
+        train(cfg)  # before any model loads
+    assert not (tmp_path / "x").exists()
+
+
+def _grid_cells(path: Path, count: int, size: int) -> list[np.ndarray]:
+    """The images of the validation grid's first row (the label column is on the left)."""
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    left = grid.shape[1] - count * size
+    return [grid[:size, left + j * size:left + (j + 1) * size] for j in range(count)]
+
+
+def _draw(pipe, prompt, count=2):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator("cpu").manual_seed(2 + j) for j in range(count)]
+    images = pipe(prompt, num_images_per_prompt=count, num_inference_steps=2, generator=gens, height=32, width=32,
+                  guidance_scale=7.5).images
+    return [np.asarray(im).astype(int) for im in images]
+
+
+@pytest.fixture(scope="module")
+def ti_run(tiny_sd_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ti") / "run"
+    run(tiny_sd_path, out, "--train_text_encoder_ti_frac", "0.5")
+    reset()
+    return out
+
+
+def test_stock_loading_reproduces_the_validation_images(ti_run, tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    emb = load_file(str(ti_run / "embeddings.safetensors"))
+    assert set(emb) == {"clip_l"} and emb["clip_l"].shape == (2, 32)
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    base_table = stock.text_encoder.get_input_embeddings().weight.detach().clone()
+    stock.load_lora_weights(str(ti_run))
+    stock.load_textual_inversion(emb["clip_l"], token=["<s0>", "<s1>"], text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    # the base rows untouched, the new ones appended
+    table = stock.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(table[:len(base_table)], base_table) and torch.equal(table[len(base_table):], emb["clip_l"])
+    stock_images = _draw(stock, "a <s0><s1> icon")
+    cells = _grid_cells(ti_run / "validation" / "step-000004.png", 2, 32)
+    assert max(np.abs(a - b).max() for a, b in zip(stock_images, cells)) <= 2  # uint8 rounding at most
+
+    ours = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    report = load_adapter(ours, ti_run)
+    assert report["tokens"] == {"TOK": ["<s0>", "<s1>"]}
+    mine = _draw(ours, insert_tokens(PROMPT, report["tokens"]))
+    assert all(np.array_equal(a, b) for a, b in zip(mine, stock_images))
+    # a second adapter with the same token names gets its own (the names would collide)
+    again = load_adapter(ours, ti_run, adapter_name="second")
+    assert again["tokens"] == {"TOK": ["<second_s0>", "<second_s1>"]}
+    without_tokens = _draw(StableDiffusionPipeline.from_pretrained(tiny_sd_path), PROMPT)
+    assert max(np.abs(a - b).max() for a, b in zip(without_tokens, stock_images)) > 2  # the tokens matter
+
+
+def test_rows_train_until_the_pivot_then_freeze(ti_run):
+    # max_train_steps 4, frac 0.5: the rows change at steps 1 and 2, never after
+    rows = {s: load_file(str(ti_run / f"checkpoint-{s}" / "embeddings.safetensors"))["clip_l"] for s in (1, 2, 3)}
+    final = load_file(str(ti_run / "embeddings.safetensors"))["clip_l"]
+    assert not torch.equal(rows[1], rows[2])
+    assert torch.equal(rows[2], rows[3]) and torch.equal(rows[3], final)
+    adapter = load_file(str(ti_run / "pytorch_lora_weights.safetensors"))
+    assert not any(k.startswith("text_encoder") for k in adapter)  # the encoder itself carries no adapter
+
+
+def test_webui_files_load_under_the_consumers_rules(ti_run):
+    final = load_file(str(ti_run / "embeddings.safetensors"))["clip_l"]
+    webui = load_file(str(ti_run / "webui_embeddings" / "TOK.safetensors"))
+    assert set(webui) == {"emb_params"}
+    assert torch.equal(a1111_embedding(webui)["clip_l"], final)
+    assert torch.equal(comfyui_embedding(webui, "clip_l", 32), final)
+    card = (ti_run / "README.md").read_text()
+    assert "<s0><s1>" in card and "webui_embeddings/TOK.safetensors" in card
+
+
+def test_missing_embeddings_file_is_one_line(ti_run, tiny_sd_path, tmp_path):
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(ti_run / "pytorch_lora_weights.safetensors", copy)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    with pytest.raises(AdapterError, match="embeddings.safetensors is missing"):
+        load_adapter(pipe, copy)
+    assert not getattr(pipe.unet, "peft_config", None)  # checked before anything loaded
+
+
+def test_resume_equals_uninterrupted_with_pivotal_tuning(ti_run, tiny_sd_path, tmp_path, monkeypatch):
+    import dreambooth_dora.train as train_module
+
+    interrupt_at(monkeypatch, train_module, 2)  # killed during step 2, before the pivot
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_sd_path, tmp_path / "resumed", "--train_text_encoder_ti_frac", "0.5")
+    monkeypatch.undo()
+    run(tiny_sd_path, tmp_path / "resumed", "--train_text_encoder_ti_frac", "0.5", "--resume_from_checkpoint", "latest")
+    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors"):
+        full, resumed = load_file(str(ti_run / name)), load_file(str(tmp_path / "resumed" / name))
+        assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
+
+
+def test_sdxl_pivotal_tuning_both_encoders(tiny_sdxl_path, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "xl"
+    run(tiny_sdxl_path, out, "--initializer_concept", "icon", "--num_new_tokens_per_abstraction", "3",
+        "--checkpointing_steps", "10")
+    emb = load_file(str(out / "embeddings.safetensors"))
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    widths = [stock.text_encoder.get_input_embeddings().weight.shape[1],
+              stock.text_encoder_2.get_input_embeddings().weight.shape[1]]
+    assert emb["clip_l"].shape == (3, widths[0]) and emb["clip_g"].shape == (3, widths[1])
+    webui = load_file(str(out / "webui_embeddings" / "TOK.safetensors"))
+    assert a1111_embedding(webui) == {"clip_l": webui["clip_l"], "clip_g": webui["clip_g"]}
+    assert torch.equal(comfyui_embedding(webui, "clip_g", widths[1]), emb["clip_g"])
+    names = ["<s0>", "<s1>", "<s2>"]
+    stock.load_lora_weights(str(out))
+    stock.load_textual_inversion(emb["clip_l"], token=names, text_encoder=stock.text_encoder, tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(emb["clip_g"], token=names, text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    stock_images = _draw(stock, "a <s0><s1><s2> icon")
+    cells = _grid_cells(out / "validation" / "step-000004.png", 2, 32)
+    assert max(np.abs(a - b).max() for a, b in zip(stock_images, cells)) <= 2
+    ours = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    report = load_adapter(ours, out)
+    assert all(np.array_equal(a, b) for a, b in zip(_draw(ours, insert_tokens(PROMPT, report["tokens"])),
+                                                     stock_images))
