@@ -9,6 +9,7 @@ model: its learned magnitudes still apply).
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 import warnings
@@ -22,6 +23,7 @@ from PIL import Image
 from dreambooth_dora.models import load_pipeline, resolve_model
 from dreambooth_dora.outputs import ADAPTER_FILE
 from dreambooth_dora.adapter_file import AdapterError, describe, load_adapter, read_adapter
+from dreambooth_dora.pivotal import insert_tokens
 
 SLOTS = ("base", "lora", "dora")
 SCHEDULERS = {
@@ -104,6 +106,7 @@ class Comparison:
         self.sources: dict[str, Source] = {}
         self.merged: dict[str, object] = {}
         self.names: dict[str, str] = {}  # column -> the PEFT adapter name it uses now
+        self.tokens: dict[str, dict] = {}  # column -> pivotal tuning's {identifier: new tokens} for its prompts
         self._serial = itertools.count(1)
         self.lock = threading.Lock()  # one generation at a time: columns never mix
         self.stop = threading.Event()  # set by the Stop button; checked after every sampling step
@@ -131,7 +134,7 @@ class Comparison:
         # under a new name: the column keeps its adapter until the new one has loaded completely
         name = f"{slot}_{next(self._serial)}"
         try:
-            load_adapter(self.pipe, folder, adapter_name=name)
+            report = load_adapter(self.pipe, folder, adapter_name=name)
         except Exception as err:
             self._drop(name)
             if isinstance(err, AdapterError):
@@ -146,7 +149,8 @@ class Comparison:
         if recorded and recorded != self.base_name and resolve_model(recorded) != self.base_path:
             warn = f" (trained on {recorded})"
         caption = (f"{info.method} · rank {part.rank} · {info.steps or '?'} steps · "
-                   f"{folder.name}/{adapter.path.name}{warn}")
+                   f"{folder.name}/{adapter.path.name}{warn}{token_note(report['tokens'])}")
+        self.tokens[slot] = report["tokens"]
         self.sources[slot] = Source(folder, False, caption)
         self.merged.pop(slot, None)
         return f"loaded {caption} as {slot}"
@@ -166,7 +170,9 @@ class Comparison:
                     raise AppError(f"merged pipeline {folder.name!r} is for another base model: unet {k} "
                                    f"is {tuple(v.shape)}, here {tuple(shape)}")
         self.merged[slot] = pipe.to(self.device)
-        self.sources[slot] = Source(folder, True, f"merged pipeline · {folder.name}")
+        tokens_file = folder / "tokens.json"  # a fused export of a pivotal-tuning adapter
+        self.tokens[slot] = json.loads(tokens_file.read_text(encoding="utf-8")) if tokens_file.is_file() else {}
+        self.sources[slot] = Source(folder, True, f"merged pipeline · {folder.name}{token_note(self.tokens[slot])}")
         self._drop(self.names.pop(slot, None))
         return f"loaded merged pipeline {folder.name} as {slot}"
 
@@ -243,7 +249,9 @@ class Comparison:
                 pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
                 t0 = time.perf_counter()
                 try:
-                    images = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
+                    tokens = self.tokens.get(col, {})  # the column's own new tokens where the prompt names them
+                    images = pipe(insert_tokens(prompt, tokens),
+                                  negative_prompt=insert_tokens(negative_prompt, tokens) or None, num_inference_steps=int(steps),
                                   guidance_scale=float(guidance), width=width, height=height,
                                   latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
                                   num_images_per_prompt=int(num_images), callback_on_step_end=check_stop,
@@ -258,6 +266,10 @@ class Comparison:
             if self._loaded_adapters():
                 self.pipe.enable_lora()
         return out
+
+
+def token_note(tokens: dict) -> str:
+    return (" · tokens " + ", ".join(f"{a}={''.join(t)}" for a, t in tokens.items())) if tokens else ""
 
 
 def difference_map(a: Image.Image, b: Image.Image) -> Image.Image:

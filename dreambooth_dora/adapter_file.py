@@ -246,10 +246,17 @@ def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: f
                     len(restored), adapter.path, restored[0])
     if scale != 1.0:
         pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    load_tokens(pipe, tokens, vectors)
+    return {"restored": restored, "tokens": tokens}
+
+
+def load_tokens(pipe, tokens: dict[str, list[str]], vectors: dict) -> None:
+    """Add the new tokens to the pipeline the stock way (`load_textual_inversion`, per encoder)."""
     names = [t for group in tokens.values() for t in group]
+    if not names:
+        return
     for key, tokenizer, encoder in zip(ENCODER_KEYS, *_token_parts(pipe)):
         pipe.load_textual_inversion(vectors[key], token=names, text_encoder=encoder, tokenizer=tokenizer)
-    return {"restored": restored, "tokens": tokens}
 
 
 def _token_parts(pipe) -> tuple[list, list]:

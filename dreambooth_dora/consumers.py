@@ -101,6 +101,8 @@ def read_kohya_modules(tensors: dict[str, torch.Tensor]) -> dict[str, KohyaModul
     """Group `<module>.<kind>` keys into modules (names keep kohya's `lora_unet_...` form)."""
     modules: dict[str, KohyaModule] = {}
     for key, value in tensors.items():
+        if key.startswith(BUNDLE):  # embeddings bundled with the LoRA, not a module
+            continue
         name, _, kind = key.partition(".")
         mod = modules.setdefault(name, KohyaModule())
         if kind == "lora_down.weight":
@@ -165,6 +167,26 @@ def merge(rule: str, w0: torch.Tensor, mod: KohyaModule) -> torch.Tensor:
 # is the embedding (a 1-D tensor is one vector). ComfyUI (`comfy/sd1_clip.py`, `load_embed`):
 # `string_to_param` -> its tensor; the encoder's key (`clip_l` / `clip_g`) when present; else the
 # first tensor. Both insert all rows, in order, where the prompt names the file.
+
+BUNDLE = "bundle_emb."
+
+
+def a1111_bundled_embeddings(tensors: dict) -> dict[str, dict]:
+    """A1111's `networks.load_network`: keys `bundle_emb.<name>.<vec>` of a LoRA file grouped
+    into {name: {vec: tensor}} (`string_to_param.<k>` nested), each then read by
+    `a1111_embedding` under the trigger word <name>."""
+    out: dict[str, dict] = {}
+    for key, weight in tensors.items():
+        root, _, rest = key.partition(".")
+        if root != "bundle_emb":
+            continue
+        name, vec = rest.split(".", 1)
+        if vec.split(".")[0] == "string_to_param":
+            out.setdefault(name, {})["string_to_param"] = {vec.split(".", 1)[1]: weight}
+        else:
+            out.setdefault(name, {})[vec] = weight
+    return out
+
 
 def a1111_embedding(data: dict) -> dict[str, torch.Tensor]:
     """The vectors A1111 reads from an embedding file: {"clip_l": (n, D)} or, SDXL, clip_l + clip_g."""

@@ -33,12 +33,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_file import AdapterFile, apply_to_models, base_model_of, read_adapter
+from .adapter_file import AdapterFile, apply_to_models, base_model_of, load_tokens, read_adapter, token_plan
 from .adapters import merge_adapters
 from .consumers import RULES, KohyaModule, layers_by_kohya_key, merge, relative_error
 from .models import load_pipeline, pipeline_models
 from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target
+from .pivotal import bundled_embeddings
 
+TOKENS_FILE = "tokens.json"  # a fused export's new tokens (pivotal tuning): {abstraction: [token, ...]}
+TOKENS_KEY = "dreambooth_dora_tokens"  # the same in a kohya / full file's metadata
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RULE_KEY = "dreambooth_dora_rule"  # the rule a file is exact under: lycoris-exact, comfyui-compensated, full, lora
 EXACT_KEY = "dreambooth_dora_exact_in"  # the consumers (consumers.RULES) that apply it exactly
@@ -65,9 +68,13 @@ def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None 
     pipe, models = _adapted(adapter, base)
     for model in models.values():
         merge_adapters(model)
+    tokens, vectors = token_plan(pipe, adapter, "fused")
+    load_tokens(pipe, tokens, vectors)  # pivotal tuning: the tokenizers and tables gain the new tokens
     pipe.to(DTYPES[dtype])
     with atomic_dir(out_dir, "fused-pipeline") as tmp:
         pipe.save_pretrained(tmp)
+        if tokens:
+            (tmp / TOKENS_FILE).write_text(json.dumps(tokens, indent=1) + "\n", encoding="utf-8")
     return out_dir
 
 
@@ -122,6 +129,10 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
                 EXACT_KEY: ",".join(exact), "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{error:.3e}",
                 EXPORT_KEY: kind,  # the export marker lets a later `--overwrite` recognise the file as ours
                 **(extra_metadata() if callable(extra_metadata) else extra_metadata)}
+    tokens, vectors = token_plan(pipe, adapter, "export")
+    if tokens:  # pivotal tuning: the web UI embeddings ride along (A1111 / Forge load them with the LoRA)
+        tensors.update({k: v.to(DTYPES[dtype]).contiguous() for k, v in bundled_embeddings(vectors, tokens).items()})
+        metadata[TOKENS_KEY] = json.dumps(tokens)
     with atomic_path(out_file) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out_file

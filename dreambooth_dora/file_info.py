@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from .adapter_file import AdapterError, describe
-from .consumers import RULE_NAMES, RULES, part_of, read_kohya_modules
+from .consumers import RULE_NAMES, RULES, a1111_bundled_embeddings, part_of, read_kohya_modules
 from .models import PARTS
 from .outputs import ADAPTER_FILE, OUTPUT_MARKER
 
@@ -89,7 +89,9 @@ def file_info(path: str | Path) -> FileInfo:
         return FileInfo(str(path), "fused diffusers pipeline" + (" (dreambooth-dora export)" if kind else ""),
                         "merged (plain weights)", "see the model files", "itself", 0,
                         exact_in=[RULE_NAMES[r] for r in RULES] + ["diffusers"],
-                        notes=["a complete model: load it as the base model, no adapter rule involved"])
+                        notes=["a complete model: load it as the base model, no adapter rule involved"]
+                        + ([f"new tokens (pivotal tuning), write them where a prompt had the identifier: "
+                            f"{(path / 'tokens.json').read_text().strip()}"] if (path / "tokens.json").is_file() else []))
     file = path / ADAPTER_FILE if path.is_dir() else path
     if not file.is_file():
         raise AdapterError(f"no adapter file at {str(file)!r}")
@@ -189,6 +191,11 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
     if meta.get("dreambooth_dora_dtype_error") and rule != "svd-lora":
         notes.append(f"casting to {meta.get('dreambooth_dora_dtype', '?')} changed the merged weights by "
                      f"{float(meta['dreambooth_dora_dtype_error']):.2e} of the adapter's own change (max over layers)")
+    bundled = a1111_bundled_embeddings(tensors)
+    if bundled:
+        notes.append("bundled embeddings, loaded with the LoRA by A1111 / Forge (write the trigger word in the "
+                     "prompt): " + ", ".join(f"{name} ({next(iter(d.values())).shape[0]} vectors)"
+                                             for name, d in bundled.items()))
     if meta.get("ss_v2") == "True":
         notes.append("SD 2.x file (ss_v2): A1111 lists it with an SD 2.x checkpoint loaded")
     base = meta.get("dreambooth_dora_base_model") or meta.get("ss_base_model_version") or "not recorded"

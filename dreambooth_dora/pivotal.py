@@ -157,15 +157,27 @@ def save_embeddings(out_dir: str | Path, vectors: dict[str, torch.Tensor], token
         save_file(vectors, str(tmp), metadata=meta)
     if not webui:
         return [out / EMBEDDINGS_FILE]
-    sdxl = len(vectors) == 2
     with atomic_dir(out / WEBUI_FOLDER, kind="webui-embeddings") as folder:
-        start = 0
-        for abstraction, names in tokens.items():
-            rows = {k: v[start:start + len(names)].contiguous() for k, v in vectors.items()}
-            start += len(names)
-            save_file(rows if sdxl else {"emb_params": rows["clip_l"]}, str(folder / f"{abstraction}.safetensors"),
-                      metadata={"format": "pt"})
+        for abstraction, data in webui_embeddings(vectors, tokens).items():
+            save_file(data, str(folder / f"{abstraction}.safetensors"), metadata={"format": "pt"})
     return [out / EMBEDDINGS_FILE, out / WEBUI_FOLDER]
+
+
+def webui_embeddings(vectors: dict[str, torch.Tensor], tokens: dict[str, list[str]]) -> dict[str, dict]:
+    """{abstraction: its web UI embedding}: `emb_params` (n, D) for SD 1.x/2.x, `clip_l` + `clip_g`
+    for SDXL (what A1111, Forge and ComfyUI read; see consumers.a1111_embedding)."""
+    out, start = {}, 0
+    for abstraction, names in tokens.items():
+        rows = {k: v[start:start + len(names)].contiguous() for k, v in vectors.items()}
+        start += len(names)
+        out[abstraction] = rows if len(rows) == 2 else {"emb_params": rows["clip_l"]}
+    return out
+
+
+def bundled_embeddings(vectors: dict[str, torch.Tensor], tokens: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """The web UI embeddings as kohya "bundled embeddings" inside a LoRA file:
+    `bundle_emb.<abstraction>.<emb_params | clip_l | clip_g>` (A1111 and Forge load them with the LoRA)."""
+    return {f"bundle_emb.{a}.{k}": v for a, data in webui_embeddings(vectors, tokens).items() for k, v in data.items()}
 
 
 def read_embeddings(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:

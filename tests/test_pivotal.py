@@ -207,3 +207,77 @@ def test_sdxl_pivotal_tuning_both_encoders(tiny_sdxl_path, tmp_path):
     report = load_adapter(ours, out)
     assert all(np.array_equal(a, b) for a, b in zip(_draw(ours, insert_tokens(PROMPT, report["tokens"])),
                                                      stock_images))
+
+
+def test_exports_carry_the_tokens(ti_run, tiny_sd_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_dora.consumers import a1111_bundled_embeddings, read_kohya_modules
+    from dreambooth_dora.export import export_full, export_fused, export_kohya
+    from dreambooth_dora.file_info import file_info
+
+    trained = load_file(str(ti_run / "embeddings.safetensors"))["clip_l"]
+    fused = export_fused(ti_run, tmp_path / "fused")
+    assert (fused / "tokens.json").read_text().count("<s0>") == 1
+    pipe = StableDiffusionPipeline.from_pretrained(fused)  # the tokens are part of the saved pipeline
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])], trained)
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    load_adapter(stock, ti_run)
+    merged, exact = _draw(pipe, "a <s0><s1> icon"), _draw(stock, "a <s0><s1> icon")
+    assert max(np.abs(a - b).max() for a, b in zip(merged, exact)) <= 2
+    assert any("new tokens" in n for n in file_info(fused).notes)
+
+    for export in (export_kohya, export_full):
+        file = export(ti_run, tmp_path / f"{export.__name__}.safetensors")
+        tensors = load_file(str(file))
+        bundled = a1111_bundled_embeddings(tensors)  # A1111's reading of the LoRA file
+        assert list(bundled) == ["TOK"] and torch.equal(a1111_embedding(bundled["TOK"])["clip_l"], trained)
+        assert "bundle_emb" not in read_kohya_modules(tensors)  # not mistaken for a module
+        info = file_info(file)
+        assert "other" not in info.method and any("bundled embeddings" in n and "TOK (2 vectors)" in n
+                                                  for n in info.notes)
+
+
+def test_app_and_evaluate_write_the_tokens_into_prompts(ti_run, tiny_sd_path, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from app.core import Comparison
+    from dreambooth_dora.evaluation import evaluate, load_eval_config
+
+    comp = Comparison(str(tiny_sd_path), device="cpu")
+    comp.load("dora", ti_run)
+    assert "tokens TOK=<s0><s1>" in comp.captions()["dora"]
+    by_identifier = comp.generate(PROMPT, steps=2, seed=1, columns=("dora",))["dora"][0][0]
+    by_tokens = comp.generate("a <s0><s1> icon", steps=2, seed=1, columns=("dora",))["dora"][0][0]
+    assert np.array_equal(np.asarray(by_identifier), np.asarray(by_tokens))
+    comp.load("dora", ti_run)  # loaded again: the names are taken, the column gets its own
+    assert "<dora_2_s0>" in comp.captions()["dora"]
+    again = comp.generate(PROMPT, steps=2, seed=1, columns=("dora",))["dora"][0][0]
+    assert np.array_equal(np.asarray(again), np.asarray(by_identifier))
+
+    seen = []
+    real = StableDiffusionPipeline.__call__
+
+    def spy(self, prompt=None, *args, **kwargs):
+        seen.append(prompt)
+        return real(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    cfg = load_eval_config(["--base_model", str(tiny_sd_path), "--adapters", str(ti_run), "--instance_data_dir", ICONS,
+                            "--class_prompts", "an icon", "--seeds", "0", "--images_per_prompt", "1",
+                            "--num_inference_steps", "2", "--dino_model", "none", "--clip_model", "none",
+                            "--output_dir", str(tmp_path / "eval")])
+    evaluate(cfg, progress=False)
+    assert seen.count(PROMPT) == 1 and seen.count("a <s0><s1> icon") == 1  # base as written, the adapter with tokens
+
+
+def test_model_card_code_runs_with_the_tokens(ti_run):
+    import re
+
+    card = (ti_run / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "insert_tokens('a TOK icon', report['tokens'])" in code
+    namespace = {}
+    exec(code, namespace)  # the card's own code, as a user pastes it
+    assert namespace["report"]["tokens"] == {"TOK": ["<s0>", "<s1>"]} and namespace["image"].size == (64, 64)  # the model's own size

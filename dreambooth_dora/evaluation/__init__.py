@@ -83,10 +83,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
 
     pipe = load_pipeline(cfg.base_model, torch_dtype=torch.float16 if device.type == "cuda" else torch.float32)
     pipe.to(device)
-    for i, (_, path, _) in enumerate(sources):
-        load_adapter(pipe, path, adapter_name=f"adapter{i}")
+    tokens = [{}] + [load_adapter(pipe, path, adapter_name=f"adapter{i}")["tokens"]
+                     for i, (_, path, _) in enumerate(sources)]
     size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = generate(pipe, ["base"] + [label for label, _, _ in sources], prompts, cfg, size, progress)
+    images = generate(pipe, ["base"] + [label for label, _, _ in sources], prompts, cfg, size, progress, tokens)
     del pipe
 
     if (base_path / "classifier" / "model.safetensors").is_file():  # the embedded world's judge

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapter_file import AdapterFile, read_adapter
+from ..pivotal import insert_tokens
 from .config import EvalConfig
 
 
@@ -31,9 +32,10 @@ def parse_sources(entries: list[str]) -> list[tuple[str, Path, AdapterFile]]:
 
 @torch.no_grad()
 def generate(pipe, names: list[str], prompts: list[tuple[str, str]], cfg: EvalConfig, size: int,
-             progress: bool = True) -> dict:
+             progress: bool = True, tokens: list[dict] | None = None) -> dict:
     """{model: {(prompt index, seed): [images]}}; model 'base' runs with every adapter disabled,
-    adapter i alone as `adapter<i>`. Each (prompt, seed) starts from the same latents for all."""
+    adapter i alone as `adapter<i>`. Each (prompt, seed) starts from the same latents for all.
+    `tokens[m]`: model m's new tokens (pivotal tuning), written where its prompts name the identifier."""
     out = {}
     bar = tqdm(total=len(names) * len(prompts) * len(cfg.seeds), desc="generating", disable=not progress)
     for m, name in enumerate(names):
@@ -45,7 +47,8 @@ def generate(pipe, names: list[str], prompts: list[tuple[str, str]], cfg: EvalCo
         out[name] = {}
         for j, (_, prompt) in enumerate(prompts):
             for seed in cfg.seeds:
-                out[name][(j, seed)] = pipe(prompt, num_images_per_prompt=cfg.images_per_prompt,
+                out[name][(j, seed)] = pipe(insert_tokens(prompt, tokens[m] if tokens else {}),
+                                            num_images_per_prompt=cfg.images_per_prompt,
                                             num_inference_steps=cfg.num_inference_steps,
                                             guidance_scale=cfg.guidance_scale, width=size, height=size,
                                             generator=torch.Generator("cpu").manual_seed(seed)).images
