@@ -89,6 +89,16 @@ class TrainConfig:
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
+    aspect_buckets: bool = False
+    """Train each picture at the shape nearest its aspect ratio (buckets of about resolution² pixels)
+    instead of a square crop; every batch from one bucket."""
+    bucket_sizes: list[str] | None = None
+    """The buckets, 'WIDTHxHEIGHT' (e.g. 512x768,768x512,640x640); default: from resolution at equal
+    area in steps of bucket_step, sides within resolution/2 .. 2 x resolution."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (64 for SD/SDXL UNets)."""
+    bucket_max_upscale: float | None = None
+    """Enlarge a picture at most this much (e.g. 1.0: never); a smaller one gets a bucket of its own."""
     # ---- prior preservation
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
@@ -236,6 +246,34 @@ class TrainConfig:
             if self.with_prior_preservation and not (s.class_prompt and s.class_data_dir):
                 raise ConfigError(f"{where}: with_prior_preservation needs class_prompt and class_data_dir")
 
+    def buckets(self) -> list[tuple[int, int]]:
+        """The aspect buckets (w, h) of the run ([] without aspect_buckets)."""
+        from .buckets import default_buckets, parse_buckets
+
+        if not self.aspect_buckets:
+            return []
+        if self.bucket_sizes:
+            return parse_buckets(self.bucket_sizes, self.bucket_step)
+        return default_buckets(self.resolution, self.bucket_step)
+
+    def _validate_buckets(self) -> None:
+        if not self.aspect_buckets:
+            used = [n for n in ("bucket_sizes", "bucket_max_upscale") if getattr(self, n) is not None]
+            if used:
+                raise ConfigError(f"{used[0]} applies with aspect_buckets only")
+            return
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            raise ConfigError(f"bucket_step must be a positive multiple of 8 (the VAE's factor), got {self.bucket_step}")
+        if self.bucket_max_upscale is not None and self.bucket_max_upscale < 1:
+            raise ConfigError(f"bucket_max_upscale must be >= 1 (1: never enlarge), got {self.bucket_max_upscale}")
+        try:
+            found = self.buckets()
+        except ValueError as err:
+            raise ConfigError(f"bucket_sizes: {err}") from None
+        if not found:
+            raise ConfigError(f"resolution {self.resolution} gives no buckets in steps of {self.bucket_step}; "
+                              "lower bucket_step or give bucket_sizes")
+
     def token_abstractions(self) -> list[str]:
         return [a.strip() for a in self.token_abstraction.split(",") if a.strip()]
 
@@ -297,10 +335,12 @@ class TrainConfig:
             "prior_loss_weight": (">=", 0), "max_grad_norm": (">=", 0), "snr_gamma": (">", 0),
             "noise_offset": (">=", 0), "lr_power": (">", 0), "magnitude_lr": (">", 0),
             "magnitude_weight_decay": (">=", 0), "loraplus_lr_ratio": (">", 0), "caption_dropout_rate": ("[0,1]", None),
+            "bucket_step": (">=", 8),
             "ema_decay": ("[0,1)", None), "num_new_tokens_per_abstraction": (">=", 1),
         })
         if self.train_text_encoder_ti:
             self._validate_pivotal()
+        self._validate_buckets()
         if self.mask_data_dir is not None and not self.masked_loss:
             raise ConfigError("mask_data_dir is set but masked_loss is off")
         if self.mask_data_dir is not None and not Path(self.mask_data_dir).is_dir():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .buckets import bucket_batch
 from .conditioning import time_ids
 from .losses import sample_noise
 
@@ -174,21 +175,29 @@ def load_image_folder(folder: str | Path, caption: str = "") -> list[Example]:
 
 # ---- transforms ---------------------------------------------------------------------------
 
-def crop_box(size: tuple[int, int], resolution: int, center_crop: bool, rng: random.Random):
-    """Resize target (w, h) with the short side = resolution, and the square crop box in it."""
+def target_size(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a training picture: a square side, or an aspect bucket (w, h)."""
+    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+
+
+def crop_box(size: tuple[int, int], resolution: int | tuple[int, int], center_crop: bool, rng: random.Random):
+    """Resize target (w, h) that just covers the target (a square side `resolution`, or a bucket
+    (tw, th)), and the crop box of the target's size in it."""
     w, h = size
-    scale = resolution / min(w, h)
-    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    tw, th = target_size(resolution)
+    scale = max(tw / w, th / h)  # a square target: resolution / the short side
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
     if center_crop:
-        left, top = (rw - resolution) // 2, (rh - resolution) // 2
+        left, top = (rw - tw) // 2, (rh - th) // 2
     else:
-        left, top = rng.randint(0, rw - resolution), rng.randint(0, rh - resolution)
-    return (rw, rh), (left, top, left + resolution, top + resolution)
+        left, top = rng.randint(0, rw - tw), rng.randint(0, rh - th)
+    return (rw, rh), (left, top, left + tw, top + th)
 
 
-def training_view(im: Image.Image, resolution: int, center_crop: bool, flip: bool,
+def training_view(im: Image.Image, resolution: int | tuple[int, int], center_crop: bool, flip: bool,
                   rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Resize the short side to `resolution`, crop a square, maybe mirror: (3, H, W) in [-1, 1],
+    """Resize to cover `resolution` (a square side, or an aspect bucket (w, h)), crop it, maybe
+    mirror: (3, H, W) in [-1, 1],
     and SDXL's size conditioning (original height, original width, crop top, crop left). The crop
     corner is given in the mirrored picture when mirrored, as if the mirror came first."""
     original = (im.height, im.width)
@@ -198,18 +207,18 @@ def training_view(im: Image.Image, resolution: int, center_crop: bool, flip: boo
     return arr / 127.5 - 1.0, (*original, box[1], left)
 
 
-def _resized_crop(im: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random, resample):
-    """The geometry `training_view` and `mask_view` share: short side to `resolution`, a square
-    crop (drawn from `rng` unless centred), maybe mirrored; returns (picture, resized size, box)."""
+def _resized_crop(im: Image.Image, resolution, center_crop: bool, flip: bool, rng: random.Random, resample):
+    """The geometry `training_view` and `mask_view` share: resized to cover the target, a crop
+    of its size (drawn from `rng` unless centred), maybe mirrored; returns (picture, resized size, box)."""
     size, box = crop_box(im.size, resolution, center_crop, rng)
     im = im.resize(size, resample).crop(box)
     return (ImageOps.mirror(im) if flip else im), size, box
 
 
-def mask_view(mask: Image.Image, resolution: int, center_crop: bool, flip: bool,
+def mask_view(mask: Image.Image, resolution, center_crop: bool, flip: bool,
               rng: random.Random) -> torch.Tensor:
     """The mask through the same resize, crop and mirror as `training_view` with a generator in
-    the same state: (1, resolution, resolution) in [0, 1]."""
+    the same state: (1, H, W) in [0, 1]."""
     mask = _resized_crop(mask, resolution, center_crop, flip, rng, Image.BILINEAR)[0]
     return torch.from_numpy(np.asarray(mask, dtype=np.float32).copy())[None] / 255.0
 
@@ -256,15 +265,19 @@ def example_generator(seed: int, position: int, is_class: int) -> torch.Generato
 
 
 @torch.no_grad()
-def cache_latents(vae, examples: list[Example], resolution: int, flips: tuple[bool, ...], device, dtype):
+def cache_latents(vae, examples: list[Example], resolution, flips: tuple[bool, ...], device, dtype, *,
+                  first: int = 0, buckets: bool = False, progress: bool = True):
     """{(example index, flip): (latent mean, latent std, size conditioning)} from center crops;
-    one entry per flip variant."""
+    one entry per flip variant. `resolution`: a square side, a bucket (w, h), or a list with each
+    example's bucket; with `buckets` the keys are (index, flip, bucket). Indices start at `first`."""
     cache = {}
-    for i, ex in enumerate(tqdm(examples, desc="cache latents", leave=False)):
+    for i, ex in enumerate(tqdm(examples, desc="cache latents", leave=False, disable=not progress)):
+        target = resolution[i] if isinstance(resolution, list) else resolution
         for flip in flips:
-            pixels, size = training_view(ex.image, resolution, True, flip, step_rng(0, 0))
+            pixels, size = training_view(ex.image, target, True, flip, step_rng(0, 0))
             dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
-            cache[(i, flip)] = (dist.mean, dist.std, size)  # sampled per step, as without the cache
+            key = (first + i, flip, tuple(target)) if buckets else (first + i, flip)
+            cache[key] = (dist.mean, dist.std, size)  # sampled per step, as without the cache
     return cache
 
 
@@ -302,11 +315,20 @@ class BatchMaker:
     device: torch.device
     dtype: torch.dtype  # of the returned latents and noise
     masked: bool = False
+    buckets: list | None = None  # aspect buckets: (w, h) per example of `examples`; None: square `resolution`
+
+    def __post_init__(self):
+        self.keys = None if self.buckets is None else tuple(tuple(self.buckets[i]) for i in self.order)
 
     def __call__(self, micro_step: int) -> Batch:
         global_batch = self.batch_size * self.num_processes
         slots = range(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
-        inst = batch_indices(len(self.order), global_batch, micro_step, self.seed)
+        if self.keys is None:
+            inst, target = batch_indices(len(self.order), global_batch, micro_step, self.seed), self.resolution
+        else:  # the whole global batch from one bucket: every process's slice has its shape
+            inst = list(bucket_batch(self.keys, global_batch, micro_step, self.seed))
+            target = self.keys[inst[0]]
+        tw, th = target_size(target)
         chosen = [(self.examples, self.order[inst[s]], s, 0) for s in slots]
         if self.class_examples:
             cls = batch_indices(len(self.class_examples), global_batch, micro_step, self.seed + 1)
@@ -320,20 +342,27 @@ class BatchMaker:
             crop_rng.setstate(rng.getstate())  # the mask is cropped by the same draws as the image
             gen = example_generator(self.seed, position, is_class)
             if self.latent_cache is not None:
-                mean, std, size = self.latent_cache[(idx + (len(self.examples) if is_class else 0), flip)]
+                key = (idx + (len(self.examples) if is_class else 0), flip)
+                if self.keys is not None:  # per bucket; a class image meets the buckets of its batches
+                    key += (target,)
+                    if key not in self.latent_cache:
+                        self.latent_cache.update(cache_latents(self.vae, [source[idx]], target, (flip,), self.device,
+                                                               self.vae.dtype, first=key[0], buckets=True,
+                                                               progress=False))
+                mean, std, size = self.latent_cache[key]
             else:
-                pixels, size = training_view(source[idx].image, self.resolution, self.center_crop, flip, rng)
+                pixels, size = training_view(source[idx].image, target, self.center_crop, flip, rng)
                 with torch.no_grad():
                     dist = self.vae.encode(pixels[None].to(self.device, self.vae.dtype)).latent_dist
                 mean, std = dist.mean, dist.std
-            sizes.append(time_ids(size[:2], size[2:], (self.resolution, self.resolution)))
+            sizes.append(time_ids(size[:2], size[2:], (th, tw)))
             if self.masked:
                 mask = source[idx].mask if not is_class else None
                 if mask is None:
                     masks.append(torch.ones(1, *mean.shape[-2:]))
                 else:
                     cached = self.latent_cache is not None  # cached latents are center crops
-                    m = mask_view(mask, self.resolution, cached or self.center_crop, flip,
+                    m = mask_view(mask, target, cached or self.center_crop, flip,
                                   step_rng(0, 0) if cached else crop_rng)
                     masks.append(F.interpolate(m[None], size=mean.shape[-2:], mode="area")[0])
             eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)

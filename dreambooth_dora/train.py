@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .adapter_file import AdapterInfo, save_adapter
 from .adapters import adapter_parameters, adapter_parameters_by_role, add_adapters
+from .buckets import assign, batches_per_epoch
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
@@ -107,6 +108,18 @@ def pivotal_tokens(cfg: TrainConfig, examples: list[Example]) -> dict[str, list[
             raise ConfigError(f"train_text_encoder_ti: token_abstraction {abstraction!r} is in no caption or "
                               f"instance_prompt (e.g. instance_prompt 'a photo of {abstraction} dog')")
     return tokens
+
+
+def example_buckets(cfg: TrainConfig, examples: list[Example], say=print) -> list[tuple[int, int]] | None:
+    """Each subject image's aspect bucket (None without aspect_buckets), and a line saying how
+    many pictures each bucket holds."""
+    if not cfg.aspect_buckets:
+        return None
+    found = [assign(ex.image.size, cfg.buckets(), cfg.resolution, cfg.bucket_step, cfg.bucket_max_upscale)
+             for ex in examples]
+    counts = {b: found.count(b) for b in sorted(set(found), key=lambda b: b[0] / b[1])}
+    say("aspect buckets (images): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items()))
+    return found
 
 
 def make_accelerator(cfg: TrainConfig, out_dir: Path):
@@ -217,6 +230,7 @@ def train(cfg: TrainConfig) -> Path:
     plan = plan_run(cfg, fingerprint_examples(examples))
     tokens = pivotal_tokens(cfg, examples)
     examples = [replace(ex, caption=insert_tokens(ex.caption, tokens)) for ex in examples]
+    buckets = example_buckets(cfg, examples, accelerator.print)
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     class_examples: list[Example] = []
     if cfg.with_prior_preservation:
@@ -267,11 +281,16 @@ def train(cfg: TrainConfig) -> Path:
             warnings.warn("cache_latents uses center crops (random crops would need one latent per crop)",
                           stacklevel=2)
         flips = (False, True) if cfg.random_flip else (False,)
-        latent_cache = cache_latents(vae, examples + class_examples, cfg.resolution, flips, device, vae.dtype)
+        if buckets is None:
+            latent_cache = cache_latents(vae, examples + class_examples, cfg.resolution, flips, device, vae.dtype)
+        else:  # each subject image in its bucket; class images when a batch of a bucket first needs them
+            latent_cache = cache_latents(vae, examples, buckets, flips, device, vae.dtype, buckets=True)
 
     # ---- optimiser and schedule
     global_batch = cfg.train_batch_size * accelerator.num_processes
-    steps_per_epoch = math.ceil(math.ceil(len(order) / global_batch) / cfg.gradient_accumulation_steps)
+    micro_per_epoch = (math.ceil(len(order) / global_batch) if buckets is None else
+                       batches_per_epoch(tuple(buckets[i] for i in order), global_batch))
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
     groups = parameter_groups(cfg, unet, text_encoders, lr_factor)
@@ -310,7 +329,7 @@ def train(cfg: TrainConfig) -> Path:
     make_batch = BatchMaker(examples, class_examples, cfg.seed, cfg.train_batch_size, accelerator.num_processes,
                             accelerator.process_index, order, cfg.resolution, cfg.center_crop, cfg.random_flip,
                             cfg.noise_offset, cfg.caption_dropout_rate, noise_scheduler.config.num_train_timesteps,
-                            vae, latent_cache, device, weight_dtype, masked=cfg.masked_loss)
+                            vae, latent_cache, device, weight_dtype, masked=cfg.masked_loss, buckets=buckets)
 
     # ---- the loop (the bar closes before an error is printed, so the error stands on its own line)
     unet.train()

@@ -228,9 +228,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, icon_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", [["--train_text_encoder"],
-                                  ["--train_text_encoder_ti", "--token_abstraction", "sks"]], ids=["te", "pivotal"])
+                                  ["--train_text_encoder_ti", "--token_abstraction", "sks"],
+                                  ["--aspect_buckets", "--bucket_step", "16"]], ids=["te", "pivotal", "buckets"])
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_sd_path, icon_dir, text):
-    """Text-encoder adapters (DDP-wrapped) or pivotal tuning's new rows (averaged by hand)."""
+    """Text-encoder adapters (DDP-wrapped), pivotal tuning's new rows (averaged by hand), or
+    aspect buckets on non-square pictures (each global batch one bucket)."""
+    if "--aspect_buckets" in text:
+        from PIL import Image
+
+        folder = tmp_path / "mixed"
+        folder.mkdir()
+        for i, (p, size) in enumerate(zip(sorted(icon_dir.glob("*.png")), [(96, 64), (64, 96), (96, 64), (72, 72)])):
+            Image.open(p).convert("RGB").resize(size).save(folder / f"{i}.png")
+        icon_dir = folder
     common = ["--pretrained_model_name_or_path", tiny_sd_path, "--instance_data_dir", icon_dir,
               "--instance_prompt", "a sks icon", "--resolution", "64", "--random_flip", "--learning_rate", "1e-2",
               "--max_train_steps", "3", "--report_to", "none", *text, "--seed", "0"]
@@ -255,7 +265,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     assert a.keys() == b.keys()
     # the same gradients up to summation order (DDP averages two halves); Adam's first steps
     # (about lr x sign(g)) magnify that only for entries whose gradient is ~0
-    assert max((a[k] - b[k]).abs().max() for k in a) <= 2e-4
+    worst = max((a[k] - b[k]).abs().max() for k in a)
+    if "--aspect_buckets" in text:  # measured: 2 of 9,216 entries above 1e-4 (max 3e-4), B up to 3e-2
+        assert worst <= 1e-3 and sum(int(((a[k] - b[k]).abs() > 1e-4).sum()) for k in a) <= 10
+    else:
+        assert worst <= 2e-4
     assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 5e-3  # it did train
 
 

@@ -1,0 +1,101 @@
+"""Aspect-ratio buckets: portrait and landscape pictures trained at their own shape, not cropped square.
+
+Buckets are (width, height) pairs of about the area of `resolution`²: for each width a multiple
+of `step` between resolution/2 and 2·resolution, the tallest height (a multiple of `step`) that
+keeps w·h <= resolution² (both sides within [resolution/2, 2·resolution]), and the transposes;
+so 512 gives 512x512, 576x448, 640x384, 704x320, 768x320, 832x256 ... 1024x256 and their
+transposes, as kohya's `make_bucket_resolutions` does with its defaults (256 .. 1024, 64). Each picture goes to the
+bucket nearest its aspect ratio (in log ratio), resized to cover it and cropped. With
+`max_upscale`, a picture that would be enlarged more than that gets a bucket of its own instead,
+its size times at most `max_upscale` (in steps, area at most resolution²): no blurry upscales.
+
+Every global batch comes from one bucket (one tensor shape). An epoch: the examples shuffled as
+without buckets, grouped by bucket in that order, cut into global batches (a bucket's last batch
+filled from its start), the batches shuffled; all keyed by (seed, epoch) only, so a resumed run
+and N processes (each taking its slice of the global batch) see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import re
+
+Bucket = tuple[int, int]  # (width, height)
+
+
+def default_buckets(resolution: int, step: int) -> list[Bucket]:
+    """kohya's rule: for every width w in steps of `step` from resolution/2 to 2·resolution, the
+    height min(2·resolution, ⌊resolution² / w⌋ rounded down to `step`) if at least resolution/2;
+    with every bucket its transpose; the square bucket always."""
+    area, lo, hi = resolution * resolution, resolution / 2, 2 * resolution
+    side = int(resolution // step * step)
+    out = {(side, side)} if side >= step else set()
+    for w in range(step, int(hi) + 1, step):
+        if w < lo:
+            continue
+        h = min(int(hi), (area // w) // step * step)
+        if h >= lo:
+            out |= {(w, h), (h, w)}
+    return sorted(out, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def parse_buckets(items: list[str], step: int) -> list[Bucket]:
+    """'512x768' strings -> buckets; each side a positive multiple of `step`."""
+    out = []
+    for item in items:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
+        if not m:
+            raise ValueError(f"bucket {item!r} is not WIDTHxHEIGHT (e.g. 512x768)")
+        w, h = int(m.group(1)), int(m.group(2))
+        if w < step or h < step or w % step or h % step:
+            raise ValueError(f"bucket {item!r}: both sides must be positive multiples of bucket_step {step}")
+        out.append((w, h))
+    return sorted(set(out), key=lambda b: b[0] / b[1])
+
+
+def assign(size: tuple[int, int], buckets: list[Bucket], resolution: int, step: int,
+           max_upscale: float | None) -> Bucket:
+    """The bucket of a picture of `size` (w, h): the nearest aspect ratio; with `max_upscale`, a
+    bucket of its own when covering that one would enlarge it more."""
+    w, h = size
+    ratio = math.log(w / h)
+    bucket = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+    if max_upscale is None or max(bucket[0] / w, bucket[1] / h) <= max_upscale:
+        return bucket
+    s = min(max_upscale, resolution / math.sqrt(w * h))
+    return max(step, int(w * s) // step * step), max(step, int(h * s) // step * step)
+
+
+@functools.lru_cache(maxsize=16)
+def batches_per_epoch(keys: tuple, global_batch: int) -> int:
+    counts: dict = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return sum(math.ceil(c / global_batch) for c in counts.values())
+
+
+@functools.lru_cache(maxsize=16)
+def bucket_epoch(keys: tuple, global_batch: int, seed: int, epoch: int) -> tuple[tuple[int, ...], ...]:
+    """The epoch's global batches as positions into the epoch order (`keys[i]`: position i's
+    bucket), each from one bucket; see the module docstring."""
+    from .data import epoch_order
+
+    groups: dict = {}
+    for i in epoch_order(len(keys), seed, epoch):
+        groups.setdefault(keys[i], []).append(i)
+    batches = []
+    for key in sorted(groups):
+        g = groups[key]
+        for start in range(0, len(g), global_batch):
+            chunk = g[start:start + global_batch]
+            batches.append(tuple(chunk + [g[j % len(g)] for j in range(global_batch - len(chunk))]))
+    random.Random(f"buckets:{seed}:{epoch}").shuffle(batches)
+    return tuple(batches)
+
+
+def bucket_batch(keys: tuple, global_batch: int, micro_step: int, seed: int) -> tuple[int, ...]:
+    """Positions (into the epoch order) of global micro-batch `micro_step`."""
+    epoch, k = divmod(micro_step, batches_per_epoch(keys, global_batch))
+    return bucket_epoch(keys, global_batch, seed, epoch)[k]
