@@ -9,17 +9,12 @@ bucket nearest its aspect ratio (in log ratio), resized to cover it and cropped.
 `max_upscale`, a picture that would be enlarged more than that gets a bucket of its own instead,
 its size times at most `max_upscale` (in steps, area at most resolution²): no blurry upscales.
 
-Every global batch comes from one bucket (one tensor shape). An epoch: the examples shuffled as
-without buckets, grouped by bucket in that order, cut into global batches (a bucket's last batch
-filled from its start), the batches shuffled; all keyed by (seed, epoch) only, so a resumed run
-and N processes (each taking its slice of the global batch) see exactly the same batches.
+Every global batch comes from one bucket (one tensor shape): see `data.bucket_epoch`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import random
 import re
 
 Bucket = tuple[int, int]  # (width, height)
@@ -66,36 +61,3 @@ def assign(size: tuple[int, int], buckets: list[Bucket], resolution: int, step: 
         return bucket
     s = min(max_upscale, resolution / math.sqrt(w * h))
     return max(step, int(w * s) // step * step), max(step, int(h * s) // step * step)
-
-
-@functools.lru_cache(maxsize=16)
-def batches_per_epoch(keys: tuple, global_batch: int) -> int:
-    counts: dict = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    return sum(math.ceil(c / global_batch) for c in counts.values())
-
-
-@functools.lru_cache(maxsize=16)
-def bucket_epoch(keys: tuple, global_batch: int, seed: int, epoch: int) -> tuple[tuple[int, ...], ...]:
-    """The epoch's global batches as positions into the epoch order (`keys[i]`: position i's
-    bucket), each from one bucket; see the module docstring."""
-    from .data import epoch_order
-
-    groups: dict = {}
-    for i in epoch_order(len(keys), seed, epoch):
-        groups.setdefault(keys[i], []).append(i)
-    batches = []
-    for key in sorted(groups):
-        g = groups[key]
-        for start in range(0, len(g), global_batch):
-            chunk = g[start:start + global_batch]
-            batches.append(tuple(chunk + [g[j % len(g)] for j in range(global_batch - len(chunk))]))
-    random.Random(f"buckets:{seed}:{epoch}").shuffle(batches)
-    return tuple(batches)
-
-
-def bucket_batch(keys: tuple, global_batch: int, micro_step: int, seed: int) -> tuple[int, ...]:
-    """Positions (into the epoch order) of global micro-batch `micro_step`."""
-    epoch, k = divmod(micro_step, batches_per_epoch(keys, global_batch))
-    return bucket_epoch(keys, global_batch, seed, epoch)[k]

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .buckets import bucket_batch
 from .conditioning import time_ids
 from .losses import sample_noise
 
@@ -253,6 +252,40 @@ def batch_indices(n: int, global_batch: int, micro_step: int, seed: int) -> list
         epoch, offset = divmod(pos, n)
         out.append(epoch_order(n, seed, epoch)[offset])
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def batches_per_epoch(keys: tuple, global_batch: int) -> int:
+    counts: dict = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return sum(math.ceil(c / global_batch) for c in counts.values())
+
+
+@functools.lru_cache(maxsize=16)
+def bucket_epoch(keys: tuple, global_batch: int, seed: int, epoch: int) -> tuple[tuple[int, ...], ...]:
+    """The epoch's global batches as positions into the epoch order (`keys[i]`: position i's
+    aspect bucket), each from one bucket: the positions shuffled as without buckets, grouped by
+    bucket in that order, cut into global batches (a bucket's last batch filled from its start),
+    the batches shuffled. Keyed by (seed, epoch) only, so a resumed run and N processes (each
+    taking its slice of the global batch) see exactly the same batches."""
+    groups: dict = {}
+    for i in epoch_order(len(keys), seed, epoch):
+        groups.setdefault(keys[i], []).append(i)
+    batches = []
+    for key in sorted(groups):
+        g = groups[key]
+        for start in range(0, len(g), global_batch):
+            chunk = g[start:start + global_batch]
+            batches.append(tuple(chunk + [g[j % len(g)] for j in range(global_batch - len(chunk))]))
+    random.Random(f"buckets:{seed}:{epoch}").shuffle(batches)
+    return tuple(batches)
+
+
+def bucket_batch(keys: tuple, global_batch: int, micro_step: int, seed: int) -> tuple[int, ...]:
+    """Positions (into the epoch order) of global micro-batch `micro_step`."""
+    epoch, k = divmod(micro_step, batches_per_epoch(keys, global_batch))
+    return bucket_epoch(keys, global_batch, seed, epoch)[k]
 
 
 def micro_steps_per_epoch(n: int, global_batch: int) -> int:

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from .adapter_file import AdapterInfo, save_adapter
 from .adapters import adapter_parameters, adapter_parameters_by_role, add_adapters
-from .buckets import assign, batches_per_epoch
+from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
-from .data import BatchMaker, Example, cache_latents, load_examples, load_image_folder, step_rng
+from .data import BatchMaker, Example, batches_per_epoch, cache_latents, load_examples, load_image_folder, step_rng
 from .ema import AdapterEMA
 from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card

@@ -5,7 +5,6 @@ determinism guarantees (resume, N processes) with non-square pictures."""
 from __future__ import annotations
 
 import random
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth_dora.buckets import assign, batches_per_epoch, bucket_epoch, default_buckets
+from dreambooth_dora.buckets import assign, default_buckets
 from dreambooth_dora.config import ConfigError, load_config
-from dreambooth_dora.data import BatchMaker, Example, cache_latents, training_view
+from dreambooth_dora.data import BatchMaker, Example, batches_per_epoch, bucket_epoch, cache_latents, training_view
 from dreambooth_dora.train import train
 from conftest import interrupt_at
 

@@ -281,3 +281,23 @@ def test_model_card_code_runs_with_the_tokens(ti_run):
     namespace = {}
     exec(code, namespace)  # the card's own code, as a user pastes it
     assert namespace["report"]["tokens"] == {"TOK": ["<s0>", "<s1>"]} and namespace["image"].size == (64, 64)  # the model's own size
+
+
+@pytest.mark.parametrize("recipe", ["sd15_3d_icon_pivotal_dora.yaml", "sdxl_3d_icon_pivotal_dora.yaml"])
+def test_pivotal_recipes_run_on_local_models_in_bf16(recipe, tiny_sd_path, tiny_sdxl_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    model = tiny_sdxl_path if recipe.startswith("sdxl") else tiny_sd_path
+    reset()
+    cfg = load_config(["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(model),
+                       *(["--pretrained_vae_model_name_or_path", str(model)] if recipe.startswith("sdxl") else []),
+                       "--resolution", "64", "--max_train_steps", "2", "--mixed_precision", "bf16",
+                       "--num_class_images", "2", "--class_data_dir", str(tmp_path / "class"),
+                       "--output_dir", str(tmp_path / "out"), "--validation_steps", "2", "--num_validation_images",
+                       "1", "--validation_inference_steps", "2", "--gradient_accumulation_steps", "1",
+                       "--report_to", "none"])
+    assert cfg.train_text_encoder_ti and not cfg.train_text_encoder and cfg.initializer_concept
+    train(cfg)
+    emb = load_file(str(tmp_path / "out" / "embeddings.safetensors"))
+    assert set(emb) == ({"clip_l", "clip_g"} if recipe.startswith("sdxl") else {"clip_l"})
+    assert all(v.shape[0] == 2 and torch.isfinite(v).all() for v in emb.values())
+    assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
