@@ -1,6 +1,16 @@
 """Training-step time: our DoRA vs our LoRA vs PEFT's DoRA on a UNet with SD 1.5's architecture.
 
     python benchmarks/bench_train.py [--steps 4] [--resolution 256] [--rank 8] [--device cpu]
+    python benchmarks/bench_train.py --options [--runs 3] [--baseline REV]
+
+`--options`: what the trainer's optional features cost. The real `train()` on the embedded
+toy-world model (the quick start's settings, DoRA, batch 2) is timed at the code of `--baseline`
+(default: the revision before the first of them was added, checked out into a temporary git
+worktree), at this revision with every option off (the defaults), and with them on (pivotal
+tuning, aspect buckets, masked loss, EMA, LoRA+, a magnitude learning rate, caption dropout).
+Each measurement is one fresh process training 40 steps; the loop's progress bar stamps the time
+of every step, and the median gap after 5 warm-up steps is its time per step (loading and
+start-up do not count). Rounds are interleaved; the table gives medians over rounds.
 
 Random weights (no hub), batch 1, adapters on to_q/to_k/to_v/to_out.0, AdamW; one full step is
 noise -> UNet forward -> MSE -> backward -> clip -> optimiser step. "cached" feeds stored latents,
@@ -40,13 +50,86 @@ def sd15_vae():
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "2ad6180^"  # the revision before the DoRA-aware optimiser, the first of the options
+ON = ["--train_text_encoder", "false", "--train_text_encoder_ti", "--token_abstraction", "sks",
+      "--aspect_buckets", "--bucket_step", "8", "--masked_loss", "--mask_data_dir", str(REPO / "sample_data" / "3d_icon"),
+      "--use_ema", "--loraplus_lr_ratio", "4", "--magnitude_lr", "1e-4", "--caption_dropout_rate", "0.1"]
+RUN = """
+import statistics, sys, time
+import dreambooth_dora.train as train_module
+from dreambooth_dora.config import load_config
+
+class Clock(train_module.tqdm):  # the loop's progress bar: a time stamp per finished step
+    stamps = []
+
+    def update(self, n=1):
+        Clock.stamps.append(time.perf_counter())
+        return super().update(n)
+
+train_module.tqdm = Clock
+train_module.train(load_config(sys.argv[1:]))
+gaps = [b - a for a, b in zip(Clock.stamps[5:], Clock.stamps[6:])]  # after 5 warm-up steps
+print("SECONDS", statistics.median(gaps))
+"""
+
+
+def step_seconds(code: Path, flags: list[str], out: Path, steps: int = 40) -> float:
+    """Median time per optimiser step of `train()` at the code in `code`, in a fresh process."""
+    import os
+    import subprocess
+
+    argv = ["--config", str(REPO / "train_configs" / "quickstart_tiny_icon_dora.yaml"), "--instance_data_dir",
+            str(REPO / "sample_data" / "3d_icon"), "--max_train_steps", str(steps), "--output_dir", str(out),
+            "--report_to", "none", "--validation_prompt", "none", "--checkpointing_steps", "1000", *flags]
+    env = {**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", RUN, *argv], cwd=code, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"training at {code} failed: {proc.stderr.strip().splitlines()[-1]}")
+    return float(proc.stdout.split("SECONDS")[-1])
+
+
+def options(args) -> int:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "baseline"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.baseline],
+                       check=True, capture_output=True)
+        try:
+            variants = {"before the options": (old, []), "options off": (REPO, []), "options on": (REPO, ON)}
+            per_step = {name: [] for name in variants}
+            names = list(variants)
+            for r in range(args.runs):
+                for name in names[r % 3:] + names[:r % 3]:  # each variant first in turn: no order bias
+                    code, flags = variants[name]
+                    per_step[name].append(step_seconds(code, flags, Path(tmp) / f"{r}-{name}".replace(" ", "_")))
+                    print(f"round {r + 1}: {name}: {per_step[name][-1] * 1000:.1f} ms/step", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+    base = med["before the options"]
+    print(f"\ntorch={torch.__version__} threads={torch.get_num_threads()} baseline={args.baseline} runs={args.runs}")
+    print("| code | ms / step (median) | / before the options |")
+    print("|---|---|---|")
+    for name, value in med.items():
+        print(f"| {name} | {value * 1000:.1f} | {value / base:.3f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--options", action="store_true", help="time the trainer's options (see above)")
+    parser.add_argument("--runs", type=int, default=6, help="--options: interleaved rounds")
+    parser.add_argument("--baseline", default=BASELINE, help="--options: the revision before the options")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and mode (after 1 warm-up)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.options:
+        return options(args)
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(0)
