@@ -96,6 +96,7 @@ class AdapterSummary:
     instance_prompt: str | None
     parameters: int
     parts: dict[str, PartSummary]
+    tokens: dict | None = None  # pivotal tuning: {identifier: [new token, ...]}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -404,4 +405,4 @@ def describe(path: str | Path | AdapterFile) -> AdapterSummary:
         file=str(adapter.path), method="DoRA" if adapter.use_dora else "LoRA",
         base_model=adapter.info.base_model or "unknown (not recorded)", steps=adapter.info.steps,
         instance_prompt=adapter.info.instance_prompt,
-        parameters=sum(v.numel() for v in adapter.tensors.values()), parts=parts)
+        parameters=sum(v.numel() for v in adapter.tensors.values()), parts=parts, tokens=adapter.info.tokens)

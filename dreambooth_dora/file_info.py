@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from .adapter_file import AdapterError, describe
+from .pivotal import EMBEDDINGS_FILE
 from .consumers import RULE_NAMES, RULES, a1111_bundled_embeddings, part_of, read_kohya_modules
 from .models import PARTS
 from .outputs import ADAPTER_FILE, OUTPUT_MARKER
@@ -117,6 +118,10 @@ def _ours(file: Path, tensors: dict) -> FileInfo:
     dora = d.method == "DoRA"
     notes = ["load it with dreambooth_dora.load_adapter (exact); stock diffusers load_lora_weights is exact "
              "for the UNet" + (" but drops text-encoder DoRA magnitudes" if dora and len(parts) > 1 else "")]
+    if d.tokens:
+        beside = file.parent / EMBEDDINGS_FILE
+        notes.append("new tokens (pivotal tuning): " + ", ".join(f"{a}={''.join(t)}" for a, t in d.tokens.items())
+                     + (f"; vectors in {beside.name} beside it" if beside.is_file() else f"; {beside.name} is MISSING"))
     return FileInfo(str(file), "diffusers / PEFT adapter (dreambooth-dora)", d.method, _dtype_of(tensors),
                     d.base_model, d.parameters, parts, exact_in=["diffusers / PEFT"],
                     notes=notes + ["A1111, Forge, ComfyUI: export it (--format kohya, --comfyui or full)"])

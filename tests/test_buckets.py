@@ -187,3 +187,41 @@ def test_sdxl_and_prior_preservation_with_buckets(tiny_sdxl_path, mixed_folder, 
     adapter = load_file(str(path))
     assert adapter and all(torch.isfinite(v).all() for v in adapter.values())
     assert sorted(p.name for p in classes.iterdir()) == before  # enough class images: none generated
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_sdxl_with_every_option_resumes_exactly(tiny_sdxl_path, tmp_path, monkeypatch):
+    """SDXL with pivotal tuning, aspect buckets on non-square RGBA pictures, masked loss from their
+    alpha, EMA, LoRA+, a magnitude learning rate and caption dropout: a resumed run ends with the
+    uninterrupted run's adapter and tokens."""
+    import dreambooth_dora.train as train_module
+    from accelerate.state import AcceleratorState, GradientState
+
+    data = tmp_path / "rgba"
+    data.mkdir()
+    for i, size in enumerate([(48, 32), (32, 48), (48, 32), (40, 40)]):
+        im = Image.new("RGBA", size, (200, 40 * i, 90, 0))
+        im.paste((30, 160, 220, 255), (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+        im.save(data / f"{i}.png")
+
+    def run(name, *extra):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return train(load_config(["--pretrained_model_name_or_path", str(tiny_sdxl_path), "--instance_data_dir",
+                                  str(data), "--instance_prompt", "a TOK icon", "--resolution", "32",
+                                  "--train_text_encoder_ti", "--aspect_buckets", "--bucket_step", "8", "--masked_loss",
+                                  "--use_ema", "--ema_decay", "0.9", "--loraplus_lr_ratio", "4", "--magnitude_lr",
+                                  "5e-3", "--caption_dropout_rate", "0.3", "--random_flip", "--train_batch_size", "2",
+                                  "--learning_rate", "1e-2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                  "--output_dir", str(tmp_path / name), "--report_to", "none", *extra]))
+
+    run("full")
+    interrupt_at(monkeypatch, train_module, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    monkeypatch.undo()
+    run("resumed", "--resume_from_checkpoint", "latest")
+    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors"):
+        full, resumed = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full), name
+    assert set(load_file(str(tmp_path / "full" / "embeddings.safetensors"))) == {"clip_l", "clip_g"}

@@ -152,6 +152,10 @@ def test_webui_files_load_under_the_consumers_rules(ti_run):
     assert torch.equal(comfyui_embedding(webui, "clip_l", 32), final)
     card = (ti_run / "README.md").read_text()
     assert "<s0><s1>" in card and "webui_embeddings/TOK.safetensors" in card
+    from dreambooth_dora.file_info import file_info
+
+    assert "new tokens (pivotal tuning): TOK=<s0><s1>; vectors in embeddings.safetensors beside it" in \
+        file_info(ti_run).notes
 
 
 def test_missing_embeddings_file_is_one_line(ti_run, tiny_sd_path, tmp_path):
