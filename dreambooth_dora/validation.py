@@ -11,25 +11,66 @@ from PIL import Image, ImageDraw
 from .outputs import atomic_path
 
 
+MIN_CELL = 256  # small models' pictures are enlarged (nearest neighbour) to at least this many pixels
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels (words kept whole where they fit)."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+        while draw.textlength(line, font=font) > width and len(line) > 1:  # a word wider than the cell
+            cut = max(1, int(len(line) * width / draw.textlength(line, font=font)))
+            lines.append(line[:cut])
+            line = line[cut:]
+    return lines + ([line] if line else [])
+
+
+def cell_scale(size: tuple[int, int], min_cell: int = MIN_CELL) -> int:
+    """The whole-number enlargement that brings a picture's longer side to at least `min_cell`."""
+    return max(1, -(-min_cell // max(size)))
+
+
 def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None,
-               column_labels: list[str] | None = None) -> Image.Image:
-    """Rows of equally sized images in one picture, each row optionally captioned on its left and
-    each column on top."""
-    w, h = rows[0][0].size
-    label_w = 0 if not labels else max(96, 7 * max(len(s) for s in labels) // 2)
-    head = 14 if column_labels else 0
-    grid = Image.new("RGB", (label_w + w * max(len(r) for r in rows), head + h * len(rows)), "white")
+               column_labels: list[str] | None = None, min_cell: int = MIN_CELL) -> Image.Image:
+    """Rows of equally sized pictures in one image, enlarged by a whole factor (nearest
+    neighbour: every pixel stays visible) to at least `min_cell` pixels, each row optionally
+    captioned on its left and each column on top, captions wrapped, never cut off."""
+    k = cell_scale(rows[0][0].size, min_cell)
+    w, h = rows[0][0].width * k, rows[0][0].height * k
+    font, line_h = _font(16), 20
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 0 if not labels else min(320, max(120, max(int(probe.textlength(s, font=font)) for s in labels) + 12))
+    heads = [_wrap(probe, t, font, w - 8) for t in column_labels] if column_labels else []
+    head = (max(len(x) for x in heads) * line_h + 8) if heads else 0
+    row_lines = [_wrap(probe, t, font, label_w - 12) for t in labels] if labels else []
+    rows_h = [max(h, len(row_lines[i]) * line_h + 8 if row_lines else 0) for i in range(len(rows))]
+    grid = Image.new("RGB", (label_w + w * max(len(r) for r in rows), head + sum(rows_h)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, text in enumerate(column_labels or []):
-        draw.text((label_w + j * w + 2, 1), text[: max(1, w // 6)], fill="black")
+    for j, lines in enumerate(heads):
+        for n, line in enumerate(lines):
+            draw.text((label_w + j * w + 4, 4 + n * line_h), line, fill="black", font=font)
+    y = head
     for i, row in enumerate(rows):
-        if labels:
-            text, y = labels[i], head + i * h + 2
-            for k in range(0, len(text), max(1, label_w // 7)):  # crude wrap, no font files needed
-                draw.text((2, y), text[k:k + label_w // 7], fill="black")
-                y += 11
+        for n, line in enumerate(row_lines[i] if row_lines else []):
+            draw.text((6, y + 4 + n * line_h), line, fill="black", font=font)
         for j, im in enumerate(row):
-            grid.paste(im, (label_w + j * w, head + i * h))
+            grid.paste(im.resize((w, h), Image.NEAREST) if k > 1 else im, (label_w + j * w, y))
+        y += rows_h[i]
     return grid
 
 

@@ -346,7 +346,7 @@ def test_two_subjects_in_one_run(tiny_sd_path, tmp_path):
     from PIL import Image as PILImage
 
     grid = PILImage.open(tmp_path / "out" / "validation" / "step-000002.png")
-    assert grid.size[1] == 2 * 64  # one row per subject's prompt
+    assert grid.size[1] == 2 * 64 * 4  # one row per subject's prompt (64 px cells enlarged 4x)
     import json
 
     assert len(json.loads((tmp_path / "out" / "train_config.json").read_text())["datasets"]) == 2

@@ -80,10 +80,14 @@ def test_settings_are_checked(tmp_path):
 
 
 def _grid_cells(path: Path, count: int, size: int) -> list[np.ndarray]:
-    """The images of the validation grid's first row (the label column is on the left)."""
+    """The images of the validation grid's first row (the label column is on the left; cells
+    enlarged by a whole factor, nearest neighbour, so every k-th pixel is the original)."""
+    from dreambooth_dora.validation import cell_scale
+
+    k = cell_scale((size, size))
     grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    left = grid.shape[1] - count * size
-    return [grid[:size, left + j * size:left + (j + 1) * size] for j in range(count)]
+    left = grid.shape[1] - count * size * k
+    return [grid[:size * k:k, left + j * size * k:left + (j + 1) * size * k:k] for j in range(count)]
 
 
 def _draw(pipe, prompt, count=2):
