@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ import torch
 from PIL import Image
 
 from dreambooth_dora.models import load_pipeline, resolve_model
-from dreambooth_dora.outputs import ADAPTER_FILE
+from dreambooth_dora.checkpoints import checkpoint_step
+from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path
 from dreambooth_dora.adapter_file import AdapterError, describe, load_adapter, read_adapter
 from dreambooth_dora.pivotal import insert_tokens
 
@@ -83,56 +85,99 @@ def find_adapters(root: Path | None) -> list[str]:
     return sorted(found)
 
 
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+@=#-]{0,47}")
+RULES = {"comfyui": "ComfyUI", "a1111": "A1111"}  # the consumers' views of a DoRA column (consumers.py)
+
+
+def find_runs(root: Path | None) -> list[str]:
+    """Training run folders under `root` that hold checkpoints, relative to it."""
+    from dreambooth_dora.outputs import CHECKPOINT
+
+    if root is None or not root.is_dir():
+        return []
+    return sorted({str(p.parent.relative_to(root)) for p in root.rglob("checkpoint-*")
+                   if p.is_dir() and CHECKPOINT.match(p.name) and (p / ADAPTER_FILE).is_file()})
+
+
 @dataclass
-class Source:
-    path: Path
-    merged: bool
+class Column:
+    """One column of the comparison: the base, an adapter in the shared pipeline (PEFT name
+    `name`), a merged pipeline folder, or a consumer's view of an adapter column (own pipeline)."""
+
+    label: str
+    kind: str  # "base", "adapter", "merged" or "view"
     caption: str
+    path: Path | None = None
+    name: str | None = None
+    pipe: object | None = None
+    tokens: dict = field(default_factory=dict)  # pivotal tuning's {identifier: tokens} for this column's prompts
+    step: int | None = None
+    source: str | None = None  # a view: the column it shows
+    rule: str | None = None  # a view: the consumer's rule
+
+    def record(self) -> dict:
+        """What the saved grid's JSON says about this column (enough to rebuild it)."""
+        return {k: v for k, v in {"kind": self.kind, "path": str(self.path) if self.path else None,
+                                  "step": self.step, "source": self.source, "rule": self.rule,
+                                  "caption": self.caption}.items() if v is not None}
 
 
 class Comparison:
-    """One pipeline with the adapters loaded under the names 'lora' and 'dora', plus separate
-    pipelines for merged (fused) folders."""
+    """One pipeline with every adapter column loaded under its own PEFT name, plus separate
+    pipelines for merged folders and consumers' views. Columns are kept in the order added; the
+    base column is always there and first."""
 
     def __init__(self, base: str, adapters_root: str | Path | None = None, device: str | None = None,
-                 max_work: int | None = None):
+                 max_work: int | None = None, grids_dir: str | Path | None = None):
         self.base_name = base
         self.base_path = resolve_model(base)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(base, torch_dtype=self.dtype).to(self.device)
         self.root = Path(adapters_root).resolve() if adapters_root else None
+        self.grids_dir = Path(grids_dir) if grids_dir else (self.root / "grids" if self.root else None)
         self.max_work = int(max_work or DEFAULT_MAX_WORK["cpu" if self.device.type == "cpu" else "gpu"])
-        self.sources: dict[str, Source] = {}
-        self.merged: dict[str, object] = {}
-        self.names: dict[str, str] = {}  # column -> the PEFT adapter name it uses now
-        self.tokens: dict[str, dict] = {}  # column -> pivotal tuning's {identifier: new tokens} for its prompts
+        self.columns: dict[str, Column] = {"base": Column("base", "base", f"base · {base}")}
         self._serial = itertools.count(1)
+        self.seconds_per_unit: float | None = None  # measured: seconds per pixel-step of one image
         self.lock = threading.Lock()  # one generation at a time: columns never mix
         self.stop = threading.Event()  # set by the Stop button; checked after every sampling step
 
-    # ---- loading ------------------------------------------------------------------------
+    # ---- columns ------------------------------------------------------------------------
 
-    def load(self, slot: str, path: str | Path, from_ui: bool = False) -> str:
-        """Load an adapter folder or a merged pipeline folder into column `slot`."""
-        if slot not in ("lora", "dora"):
-            raise AppError(f"unknown column {slot!r}")
-        folder = resolve_under_root(self.root, str(path)) if from_ui else Path(path)
+    def _path(self, path: str | Path, from_ui: bool) -> Path:
+        return resolve_under_root(self.root, str(path)) if from_ui else Path(path)
+
+    @staticmethod
+    def _label(label: str) -> str:
+        label = (label or "").strip()
+        if label == "base":
+            raise AppError("'base' is the base model's column; give the new column another label")
+        if not LABEL.fullmatch(label):
+            raise AppError(f"label {label!r}: 1-48 letters, digits, spaces or _ . + @ = # -, starting with a "
+                           "letter or digit")
+        return label
+
+    def load(self, label: str, path: str | Path, from_ui: bool = False) -> str:
+        """Load an adapter folder (or file) or a merged pipeline folder as column `label` (new, or
+        replacing that column once the new source has loaded completely)."""
+        label = self._label(label)
+        folder = self._path(path, from_ui)
         with self.lock:
             if (folder / "model_index.json").is_file():
-                return self._load_merged(slot, folder)
+                return self._load_merged(label, folder)
             if not folder.is_dir() and folder.suffix != ".safetensors":
                 raise AppError(f"{str(path)!r} is not an adapter folder")
-            return self._load_adapter(slot, folder)
+            return self._load_adapter(label, folder)
 
-    def _load_adapter(self, slot: str, folder: Path) -> str:
+    def _load_adapter(self, label: str, folder: Path, step: int | None = None) -> str:
         try:
             adapter = read_adapter(folder)
             info = describe(adapter)
         except AdapterError as err:
             raise AppError(str(err)) from None
         # under a new name: the column keeps its adapter until the new one has loaded completely
-        name = f"{slot}_{next(self._serial)}"
+        name = f"{re.sub(r'[^A-Za-z0-9]', '_', label)[:24]}_{next(self._serial)}"
         try:
             report = load_adapter(self.pipe, folder, adapter_name=name)
         except Exception as err:
@@ -141,21 +186,23 @@ class Comparison:
                 raise AppError(str(err)) from None
             raise AppError(f"could not load {folder.name!r}: {type(err).__name__}: "
                            f"{(str(err).splitlines() or [''])[0]}") from None
-        self._drop(self.names.get(slot))
-        self.names[slot] = name
+        old = self.columns.get(label)
+        if old is not None:
+            self._drop(old.name)
         part = info.parts.get("unet") or next(iter(info.parts.values()))
         warn = ""
         recorded = adapter.info.base_model
         if recorded and recorded != self.base_name and resolve_model(recorded) != self.base_path:
             warn = f" (trained on {recorded})"
-        caption = (f"{info.method} · rank {part.rank} · {info.steps or '?'} steps · "
-                   f"{folder.name}/{adapter.path.name}{warn}{token_note(report['tokens'])}")
-        self.tokens[slot] = report["tokens"]
-        self.sources[slot] = Source(folder, False, caption)
-        self.merged.pop(slot, None)
-        return f"loaded {caption} as {slot}"
+        steps = step if step is not None else info.steps
+        where = adapter.path.relative_to(self.root) if self.root and adapter.path.is_relative_to(self.root) else \
+            Path(folder.name) / adapter.path.name
+        caption = (f"{info.method} · rank {part.rank} · {steps or '?'} steps · {where}{warn}"
+                   f"{token_note(report['tokens'])}")
+        self.columns[label] = Column(label, "adapter", caption, folder, name, tokens=report["tokens"], step=steps)
+        return f"loaded {caption} as {label}"
 
-    def _load_merged(self, slot: str, folder: Path) -> str:
+    def _load_merged(self, label: str, folder: Path) -> str:
         try:
             pipe = load_pipeline(str(folder), torch_dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError) as err:
@@ -165,16 +212,69 @@ class Comparison:
                        if "lora_" not in k}
         for k, v in pipe.unet.state_dict().items():
             shape = base_shapes.get(k)
-            if shape is not None:
-                if tuple(shape) != tuple(v.shape):
-                    raise AppError(f"merged pipeline {folder.name!r} is for another base model: unet {k} "
-                                   f"is {tuple(v.shape)}, here {tuple(shape)}")
-        self.merged[slot] = pipe.to(self.device)
+            if shape is not None and tuple(shape) != tuple(v.shape):
+                raise AppError(f"merged pipeline {folder.name!r} is for another base model: unet {k} "
+                               f"is {tuple(v.shape)}, here {tuple(shape)}")
         tokens_file = folder / "tokens.json"  # a fused export of a pivotal-tuning adapter
-        self.tokens[slot] = json.loads(tokens_file.read_text(encoding="utf-8")) if tokens_file.is_file() else {}
-        self.sources[slot] = Source(folder, True, f"merged pipeline · {folder.name}{token_note(self.tokens[slot])}")
-        self._drop(self.names.pop(slot, None))
-        return f"loaded merged pipeline {folder.name} as {slot}"
+        tokens = json.loads(tokens_file.read_text(encoding="utf-8")) if tokens_file.is_file() else {}
+        old = self.columns.get(label)
+        if old is not None:
+            self._drop(old.name)
+        self.columns[label] = Column(label, "merged", f"merged pipeline · {folder.name}{token_note(tokens)}", folder,
+                                     pipe=pipe.to(self.device), tokens=tokens)
+        return f"loaded merged pipeline {folder.name} as {label}"
+
+    def add_run(self, path: str | Path, prefix: str | None = None, from_ui: bool = False) -> list[str]:
+        """A training run's checkpoints and final adapter as columns, in step order, labelled
+        '<prefix> step <N>' (prefix: the run folder's name). Returns the labels."""
+        folder = self._path(path, from_ui)
+        found = run_snapshots(folder)
+        if not found:
+            raise AppError(f"{str(path)!r} holds no checkpoint-<step> folders with an adapter and no final adapter")
+        prefix = self._label(prefix or folder.name)
+        labels = []
+        with self.lock:
+            for step, snapshot in found:
+                label = self._label(f"{prefix} step {step}")
+                self._load_adapter(label, snapshot, step=step)
+                labels.append(label)
+        return labels
+
+    def add_view(self, source: str, rule: str, label: str | None = None) -> str:
+        """Column `source` (an adapter) as a consumer draws its exported kohya file: 'comfyui'
+        (ComfyUI and Forge today: output-axis DoRA over the base weight's norm) or 'a1111' (the
+        built-in Lora extension: per input column). Built from the file's own tensors and the
+        consumer's published rule (consumers.merge); compare it with the exact column."""
+        from dreambooth_dora.export import consumer_view
+
+        col = self.columns.get(source)
+        if col is None or col.kind != "adapter":
+            raise AppError(f"{source!r} is not an adapter column; a view shows how a UI draws an adapter's export")
+        if rule not in RULES:
+            raise AppError(f"unknown UI {rule!r}; one of {', '.join(RULES)}")
+        label = self._label(label or f"{source} as {RULES[rule]}")
+        with self.lock:
+            try:
+                pipe = consumer_view(col.path, rule, base=str(self.base_path))
+            except AdapterError as err:
+                raise AppError(str(err)) from None
+            old = self.columns.get(label)
+            if old is not None:
+                self._drop(old.name)
+            caption = f"{source} as {RULES[rule]} draws the exported file (--format kohya)"
+            self.columns[label] = Column(label, "view", caption, col.path, pipe=pipe.to(self.device, self.dtype),
+                                         tokens=col.tokens, step=col.step, source=source, rule=rule)
+        return f"added {label}: {caption}"
+
+    def remove(self, label: str) -> str:
+        if label == "base":
+            raise AppError("the base column stays")
+        with self.lock:
+            col = self.columns.pop(label, None)
+            if col is None:
+                raise AppError(f"no column {label!r}")
+            self._drop(col.name)
+        return f"removed {label}"
 
     def _drop(self, name: str | None) -> None:
         if name in self._loaded_adapters():
@@ -197,19 +297,11 @@ class Comparison:
         return True
 
     def captions(self) -> dict[str, str]:
-        out = {"base": f"base · {self.base_name}"}
-        for slot in ("lora", "dora"):
-            out[slot] = self.sources[slot].caption if slot in self.sources else f"{slot}: nothing loaded"
-        return out
+        return {label: col.caption for label, col in self.columns.items()}
 
     # ---- generation ---------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
-                 guidance: float = 7.5, width: int | None = None, height: int | None = None,
-                 scheduler: str = "DPM++ 2M", scale: float = 1.0, num_images: int = 1,
-                 columns=SLOTS) -> dict[str, list[tuple[Image.Image, float]]]:
-        """{column: [(image, seconds), ...]} for every requested column that has a source."""
+    def _check(self, prompt: str, scheduler: str, width, height) -> tuple[int, int]:
         if not prompt or not prompt.strip():
             raise AppError("type a prompt first")
         if scheduler not in SCHEDULERS:
@@ -218,54 +310,253 @@ class Comparison:
         width, height = int(width or size), int(height or size)
         if width % 8 or height % 8:
             raise AppError("width and height must be multiples of 8")
-        shown = [c for c in columns if c == "base" or c in self.sources]
-        work = request_work(width, height, steps, num_images, len(shown))
-        if work > self.max_work:
-            raise AppError(f"this request is too large: {width}x{height} px x {int(steps)} steps x {int(num_images)} "
-                           f"image(s) x {len(shown)} column(s) = {work:,} > the limit {self.max_work:,}; use fewer "
-                           "pixels, steps, images or columns (the server's --max-work raises the limit)")
+        return width, height
+
+    def _latents(self, seed: int, num_images: int, width: int, height: int) -> torch.Tensor:
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        f = self.pipe.vae_scale_factor
+        return torch.randn((int(num_images), self.pipe.unet.config.in_channels, height // f, width // f),
+                           generator=gen, dtype=torch.float32)
+
+    def _draw(self, label: str, prompt: str, negative: str, latents: torch.Tensor, seed: int, steps: int,
+              guidance: float, width: int, height: int, scheduler: str, scale: float) -> list[Image.Image]:
+        """Column `label`'s pictures from `latents` (the caller holds the lock)."""
         import diffusers
+
+        col = self.columns[label]
+        pipe = col.pipe or self.pipe
+        if pipe is self.pipe:
+            if col.kind == "base":
+                if self._loaded_adapters():
+                    self.pipe.disable_lora()
+            else:
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([col.name], adapter_weights=[float(scale)])
 
         def check_stop(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end
             if self.stop.is_set():
                 raise Stopped(step + 1)
             return kwargs
 
-        with self.lock:
-            self.stop.clear()
-            gen = torch.Generator("cpu").manual_seed(int(seed))
-            latents = torch.randn((int(num_images), self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor,
-                                   width // self.pipe.vae_scale_factor), generator=gen, dtype=torch.float32)
-            out = {}
-            for col in shown:
-                pipe = self.merged.get(col, self.pipe)
-                if pipe is self.pipe:
-                    if col == "base":
-                        if self._loaded_adapters():
-                            self.pipe.disable_lora()
-                    else:
-                        self.pipe.enable_lora()
-                        self.pipe.set_adapters([self.names[col]], adapter_weights=[float(scale)])
-                pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-                t0 = time.perf_counter()
-                try:
-                    tokens = self.tokens.get(col, {})  # the column's own new tokens where the prompt names them
-                    images = pipe(insert_tokens(prompt, tokens),
-                                  negative_prompt=insert_tokens(negative_prompt, tokens) or None, num_inference_steps=int(steps),
-                                  guidance_scale=float(guidance), width=width, height=height,
-                                  latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
-                                  num_images_per_prompt=int(num_images), callback_on_step_end=check_stop,
-                                  generator=torch.Generator("cpu").manual_seed(int(seed))).images
-                except Stopped as stopped:
-                    if self._loaded_adapters():
-                        self.pipe.enable_lora()
-                    raise AppError(f"stopped after step {stopped.args[0]} of {int(steps)} of the {col} column; "
-                                   "nothing was kept from this request") from None
-                seconds = (time.perf_counter() - t0) / max(len(images), 1)
-                out[col] = [(im, seconds) for im in images]
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        try:
+            return pipe(insert_tokens(prompt, col.tokens), negative_prompt=insert_tokens(negative, col.tokens) or None,
+                        num_inference_steps=int(steps), guidance_scale=float(guidance), width=width, height=height,
+                        latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
+                        num_images_per_prompt=latents.shape[0], callback_on_step_end=check_stop,
+                        generator=torch.Generator("cpu").manual_seed(int(seed))).images
+        except Stopped as stopped:
+            raise AppError(f"stopped after step {stopped.args[0]} of {int(steps)} of the {label} column; "
+                           "nothing was kept from this request") from None
+        finally:
             if self._loaded_adapters():
                 self.pipe.enable_lora()
+
+    def _bound(self, width: int, height: int, steps: int, images: int, columns: int, what: str) -> int:
+        work = request_work(width, height, steps, images, columns)
+        if work > self.max_work:
+            raise AppError(f"this {what} is too large: {width}x{height} px x {int(steps)} steps x {int(images)} "
+                           f"image(s) x {columns} column(s) = {work:,} > the limit {self.max_work:,}; use fewer "
+                           "pixels, steps, images or columns (the server's --max-work raises the limit)")
+        return work
+
+    @torch.no_grad()
+    def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+                 guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                 scheduler: str = "DPM++ 2M", scale: float = 1.0, num_images: int = 1,
+                 columns=None) -> dict[str, list[tuple[Image.Image, float]]]:
+        """{column: [(image, seconds), ...]} for every requested column (default: all) that exists."""
+        width, height = self._check(prompt, scheduler, width, height)
+        shown = [c for c in (self.columns if columns is None else columns) if c in self.columns]
+        self._bound(width, height, steps, num_images, len(shown), "request")
+        with self.lock:
+            self.stop.clear()
+            latents = self._latents(seed, num_images, width, height)
+            out = {}
+            for col in shown:
+                t0 = time.perf_counter()
+                images = self._draw(col, prompt, negative_prompt, latents, seed, steps, guidance, width, height,
+                                    scheduler, scale)
+                seconds = (time.perf_counter() - t0) / max(len(images), 1)
+                self.seconds_per_unit = seconds / (width * height * int(steps))
+                out[col] = [(im, seconds) for im in images]
         return out
+
+    def view_differences(self, result: dict) -> dict[str, tuple[Image.Image, int]]:
+        """For every view column in `result` whose source is there too: (|view - exact| heat map,
+        the largest per-pixel difference of 255), first image."""
+        out = {}
+        for label, images in result.items():
+            col = self.columns.get(label)
+            if col is not None and col.kind == "view" and col.source in result and images:
+                a, b = images[0][0], result[col.source][0][0]
+                top = int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+                out[label] = (difference_map(a, b), top)
+        return out
+
+    # ---- X/Y grids -------------------------------------------------------------------------
+
+    def plan_grid(self, spec: "GridSpec") -> list["Cell"]:
+        """The grid's cells, row by row, checked (columns exist, scales apply, the work bound)."""
+        width, height = self._check(spec.prompt, spec.scheduler, spec.width, spec.height)
+        spec.width, spec.height = width, height
+        if spec.rows not in ROW_AXES or spec.cols not in COL_AXES:
+            raise AppError(f"rows are one of {', '.join(ROW_AXES)}; columns one of {', '.join(COL_AXES)}")
+        if spec.rows == "scales" and spec.cols == "scales":
+            raise AppError("scales can be the rows or the columns, not both")
+        if not spec.row_values or not spec.col_values:
+            raise AppError("give at least one row value and one column value")
+        if spec.cols == "columns":
+            missing = [c for c in spec.col_values if c not in self.columns]
+            if missing:
+                raise AppError(f"no column {missing[0]!r}; the columns are {', '.join(self.columns)}")
+        scaled = spec.cols == "scales" or spec.rows == "scales"
+        target = spec.column if spec.cols == "scales" else None
+        if spec.cols == "scales" and (target not in self.columns or self.columns[target].kind != "adapter"):
+            raise AppError("scales as columns need one adapter column to draw (the grid's 'column')")
+        if scaled and spec.cols == "columns":
+            fixed = [c for c in spec.col_values if self.columns[c].kind != "adapter"]
+            if fixed:
+                raise AppError(f"{fixed[0]!r} has no adapter scale (base, merged and view columns are fixed); "
+                               "leave it out of a scale grid")
+        cells = []
+        for r, rv in enumerate(spec.row_values):
+            for c, cv in enumerate(spec.col_values):
+                cells.append(Cell(r, c, label=target if spec.cols == "scales" else cv,
+                                  prompt=rv if spec.rows == "prompts" else spec.prompt,
+                                  seed=int(rv) if spec.rows == "seeds" else int(spec.seed),
+                                  scale=float(cv) if spec.cols == "scales" else
+                                  float(rv) if spec.rows == "scales" else float(spec.scale)))
+        self._bound(width, height, spec.steps, 1, len(cells), "grid")
+        return cells
+
+    def grid_cost(self, spec: "GridSpec") -> str:
+        """What the grid will cost, before it starts (or why it cannot run)."""
+        try:
+            cells = self.plan_grid(spec)
+        except AppError as err:
+            return f"Cannot draw: {err}"
+        work = request_work(spec.width, spec.height, spec.steps, 1, len(cells))
+        guess = (f", about {work * self.seconds_per_unit:.0f} s at this server's last measured speed"
+                 if self.seconds_per_unit else "")
+        return (f"{len(spec.row_values)} x {len(spec.col_values)} = {len(cells)} cells, {work:,} units of work "
+                f"(limit {self.max_work:,}){guess}")
+
+    @torch.no_grad()
+    def draw_grid(self, spec: "GridSpec"):
+        """Draw the grid cell by cell: yields (cells done, total, the captioned grid so far);
+        every cell of a row starts from the same initial latents (its row's seed)."""
+        cells = self.plan_grid(spec)
+        pictures: dict[tuple[int, int], Image.Image] = {}
+        yield 0, len(cells), grid_picture(spec, pictures, self.captions())
+        with self.lock:
+            self.stop.clear()
+            latents = {}
+            for n, cell in enumerate(cells, 1):
+                if cell.r not in latents:
+                    latents[cell.r] = self._latents(cell.seed, 1, spec.width, spec.height)
+                t0 = time.perf_counter()
+                pictures[(cell.r, cell.c)] = self._draw(cell.label, cell.prompt, spec.negative, latents[cell.r],
+                                                        cell.seed, spec.steps, spec.guidance, spec.width,
+                                                        spec.height, spec.scheduler, cell.scale)[0]
+                self.seconds_per_unit = (time.perf_counter() - t0) / (spec.width * spec.height * spec.steps)
+                yield n, len(cells), grid_picture(spec, pictures, self.captions())
+        self.last_grid = (spec, pictures)
+
+    def save_grid(self, spec: "GridSpec", pictures: dict, folder: str | Path | None = None) -> tuple[Path, Path]:
+        """The grid as one captioned PNG and a JSON of the settings that reproduce it, under new
+        names in `folder` (default: the server's grids folder); nothing is replaced."""
+        folder = Path(folder) if folder else self.grids_dir
+        if folder is None:
+            raise AppError("no folder for grids: start the app with --adapters-root or --grids-dir")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = time.strftime("grid-%Y%m%d-%H%M%S")
+        n = 0
+        while (folder / f"{stem}{f'-{n}' if n else ''}.png").exists() or \
+                (folder / f"{stem}{f'-{n}' if n else ''}.json").exists():
+            n += 1
+        png, js = folder / f"{stem}{f'-{n}' if n else ''}.png", folder / f"{stem}{f'-{n}' if n else ''}.json"
+        labels = [spec.column] if spec.cols == "scales" else list(spec.col_values)
+        labels += [self.columns[lbl].source for lbl in labels if lbl in self.columns and self.columns[lbl].source]
+        labels = list(dict.fromkeys(lbl for lbl in labels if lbl != "base"))  # views need their source column
+        settings = {"grid": asdict(spec), "base_model": self.base_name,
+                    "columns": {lbl: self.columns[lbl].record() for lbl in labels if lbl in self.columns},
+                    "cell_size": [spec.width, spec.height],
+                    "cells": [[r, c] for (r, c) in sorted(pictures)],
+                    "reproduce": "python -m app.grid THIS.json --out NEW.png (the same base model and files)"}
+        with atomic_path(png) as tmp:
+            grid_picture(spec, pictures, self.captions()).save(tmp, format="PNG")
+        with atomic_path(js) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+        return png, js
+
+
+ROW_AXES = ("seeds", "prompts", "scales")
+COL_AXES = ("columns", "scales")
+
+
+@dataclass
+class GridSpec:
+    """An X/Y grid: rows are seeds, prompts or adapter scales; columns are columns of the
+    comparison (adapters, checkpoints, views, base) or scales of one adapter column."""
+
+    prompt: str
+    rows: str = "seeds"
+    row_values: list = field(default_factory=lambda: [0])
+    cols: str = "columns"
+    col_values: list = field(default_factory=list)
+    column: str | None = None  # the adapter column drawn at each scale when the columns are scales
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    scheduler: str = "DPM++ 2M"
+    scale: float = 1.0
+
+
+@dataclass
+class Cell:
+    r: int
+    c: int
+    label: str
+    prompt: str
+    seed: int
+    scale: float
+
+
+def axis_names(spec: GridSpec, captions: dict) -> tuple[list[str], list[str]]:
+    rows = [f"seed {v}" if spec.rows == "seeds" else f"scale {float(v):g}" if spec.rows == "scales" else str(v)
+            for v in spec.row_values]
+    cols = ([f"{spec.column} · scale {float(v):g}" for v in spec.col_values] if spec.cols == "scales"
+            else [str(v) for v in spec.col_values])
+    return rows, cols
+
+
+def grid_picture(spec: GridSpec, pictures: dict, captions: dict) -> Image.Image:
+    """The grid as drawn so far: captioned rows and columns, cells not drawn yet in grey."""
+    from dreambooth_dora.validation import image_grid
+
+    w, h = int(spec.width), int(spec.height)
+    blank = Image.new("RGB", (w, h), (225, 225, 225))
+    rows, cols = axis_names(spec, captions)
+    cells = [[pictures.get((r, c), blank) for c in range(len(cols))] for r in range(len(rows))]
+    return image_grid(cells, rows, column_labels=cols)
+
+
+def run_snapshots(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of a run's checkpoints holding an adapter, and its final adapter, by step."""
+    from dreambooth_dora.checkpoints import list_checkpoints
+
+    found = [(checkpoint_step(p), p) for p in list_checkpoints(folder) if (p / ADAPTER_FILE).is_file()]
+    if (folder / ADAPTER_FILE).is_file():
+        try:
+            steps = read_adapter(folder).info.steps
+        except AdapterError:
+            steps = None
+        found.append((steps if steps is not None else (found[-1][0] + 1 if found else 0), folder))
+    return sorted(found, key=lambda x: x[0])
 
 
 def token_note(tokens: dict) -> str:

@@ -1,7 +1,8 @@
 """`python -m app` / `dreambooth-dora app`: start the comparison app.
 
-    python -m app --base MODEL --dora DIR --lora DIR [--port N] [--host 127.0.0.1] [--adapters-root DIR]
-                  [--max-work N]
+    python -m app --base MODEL [--adapter LABEL=PATH ...] [--run [PREFIX=]RUN_DIR ...] [--view LABEL:comfyui|a1111]
+                  [--dora DIR] [--lora DIR] [--port N] [--host 127.0.0.1] [--adapters-root DIR]
+                  [--grids-dir DIR] [--max-work N]
 
 With no arguments: the embedded default model and the quick start's outputs when they exist.
 Safe by default: listens on 127.0.0.1, no public share link unless --share, reads only
@@ -20,8 +21,15 @@ QUICKSTART = {"dora": Path("outputs/quickstart_tiny_icon_dora"), "lora": Path("o
 def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m app", description="base | LoRA | DoRA comparison")
     parser.add_argument("--base", default="embedded:toy-world", help="hub id, local diffusers folder or embedded:NAME")
-    parser.add_argument("--dora", help="DoRA adapter folder or merged pipeline folder")
-    parser.add_argument("--lora", help="LoRA adapter folder or merged pipeline folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="LABEL=PATH",
+                        help="a column: an adapter folder or file, or a merged pipeline folder (repeat for more)")
+    parser.add_argument("--run", action="append", default=[], metavar="[PREFIX=]RUN_DIR",
+                        help="a training run's checkpoints and final adapter as columns '<PREFIX> step <N>'")
+    parser.add_argument("--view", action="append", default=[], metavar="LABEL:comfyui|a1111",
+                        help="adapter column LABEL as ComfyUI / A1111 draws its exported kohya file")
+    parser.add_argument("--dora", help="the column 'dora' (same as --adapter dora=DIR)")
+    parser.add_argument("--lora", help="the column 'lora' (same as --adapter lora=DIR)")
+    parser.add_argument("--grids-dir", help="where saved grids go (default: ADAPTERS_ROOT/grids)")
     parser.add_argument("--adapters-root", help="the only folder the UI may open adapters from (default: outputs/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
@@ -64,16 +72,40 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    columns, problem = [], None
+    for item in args.adapter:
+        name, eq, path = item.partition("=")
+        if not eq or not name.strip() or not path.strip():
+            problem = f"--adapter {item!r}: give LABEL=PATH"
+        columns.append((name.strip(), path.strip()))
+    for item in args.view:
+        name, colon, rule = item.rpartition(":")
+        if not colon or rule not in ("comfyui", "a1111"):
+            problem = f"--view {item!r}: give LABEL:comfyui or LABEL:a1111"
+    for item in [*(p for _, p in columns), *(r.rpartition("=")[2] for r in args.run), args.dora, args.lora]:
+        if item and not Path(item).exists():
+            problem = f"{item!r} does not exist"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from .core import AppError, Comparison
     from .ui import build_ui
 
     root = args.adapters_root or ("outputs" if Path("outputs").is_dir() else None)
+    if not (columns or args.run or args.dora or args.lora):  # nothing asked: the quick start's outputs
+        columns = [(slot, str(path)) for slot, path in QUICKSTART.items() if path.is_dir()]
+    columns = [(slot, getattr(args, slot)) for slot in ("dora", "lora") if getattr(args, slot)] + columns
     try:
-        comp = Comparison(args.base, adapters_root=root, device=args.device, max_work=args.max_work)
-        for slot in ("lora", "dora"):
-            path = getattr(args, slot) or (QUICKSTART[slot] if QUICKSTART[slot].is_dir() else None)
-            if path:
-                print(comp.load(slot, path))
+        comp = Comparison(args.base, adapters_root=root, device=args.device, max_work=args.max_work,
+                          grids_dir=args.grids_dir)
+        for name, path in columns:
+            print(comp.load(name, path))
+        for item in args.run:
+            prefix, _, folder = item.rpartition("=")
+            print("added " + ", ".join(comp.add_run(folder, prefix or None)))
+        for item in args.view:
+            name, _, rule = item.rpartition(":")
+            print(comp.add_view(name, rule))
     except (AppError, OSError, ValueError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -1,110 +1,253 @@
-"""The Gradio page: controls on top, one column per model (base | LoRA | DoRA), a difference map
-on demand, and adapter loading. Every handler turns errors into a message; the app keeps running."""
+"""The Gradio page: controls on top, one column per model (the base, then every loaded adapter,
+checkpoint, merged pipeline or UI view), an X/Y grid, and the column manager. Results are one
+HTML block that wraps on narrow screens; every picture enlarges on click. Every handler turns
+errors into a message; the app keeps running."""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import random
+import re
 
 import gradio as gr
+import numpy as np
 
-from .core import SCHEDULERS, SLOTS, AppError, Comparison, difference_map, find_adapters
+from .core import RULES, SCHEDULERS, AppError, Comparison, GridSpec, difference_map, find_adapters, find_runs
 
 SCALE_HELP = ("Adapter scale multiplies the low-rank update. For DoRA, 0 is NOT the base model: the "
               "learned magnitudes still apply. The base column always runs with adapters off.")
-TITLES = {"base": "Base", "lora": "LoRA", "dora": "DoRA"}
+
+CSS = """<style>
+.dd-results { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+.dd-col { margin: 0; flex: 1 1 200px; max-width: 340px; min-width: 150px; border: 1px solid #ddd;
+          border-radius: 8px; padding: 6px; box-sizing: border-box; }
+.dd-col figcaption { font-size: 13px; line-height: 1.3; margin-bottom: 4px; overflow-wrap: anywhere; }
+.dd-col img.dd-cell { width: 100%; height: auto; image-rendering: pixelated; display: block; cursor: zoom-in; }
+.dd-time { font-size: 12px; color: #555; }
+.dd-zoom { display: none; }
+.dd-zoom:target { display: flex; position: fixed; inset: 0; z-index: 1000; background: rgba(0,0,0,.85);
+                  align-items: center; justify-content: center; cursor: zoom-out; }
+.dd-zoom img { width: min(92vw, 92vh); height: auto; image-rendering: pixelated; }
+</style>"""
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower() or "col"
+
+
+def data_uri(im) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def figure(key: str, title: str, caption: str, images: list, notes: list[str]) -> str:
+    cells = []
+    for i, (im, note) in enumerate(zip(images, notes)):
+        src, zid = data_uri(im), f"zoom-{key}-{i}"
+        cells.append(f'<a href="#{zid}"><img class="dd-cell" src="{src}" alt="{html.escape(title)} {i + 1}"></a>'
+                     f'<div class="dd-time">{html.escape(note)}</div>'
+                     f'<a class="dd-zoom" id="{zid}" href="#_"><img src="{src}" alt="enlarged"></a>')
+    return (f'<figure class="dd-col" id="col-{key}" data-label="{html.escape(title)}"><figcaption>'
+            f'<b>{html.escape(title)}</b><br>{html.escape(caption)}</figcaption>{"".join(cells)}</figure>')
+
+
+def results_html(result: dict, captions: dict, diffs: dict) -> str:
+    """One figure per column (captioned, every image with its time), and for each UI view the
+    per-pixel difference to the exact column it shows."""
+    parts = [CSS, '<div class="dd-results">']
+    for label, images in result.items():
+        parts.append(figure(slug(label), label, captions.get(label, ""), [im for im, _ in images],
+                            [f"{t:.2f} s" for _, t in images]))
+        if label in diffs:
+            heat, top = diffs[label]
+            parts.append(figure("diff-" + slug(label), f"|{label} − exact|",
+                                "per pixel, black: equal", [heat], [f"largest difference {top} of 255"]))
+    return "".join(parts + ["</div>"])
+
+
+def parse_values(axis: str, text: str) -> list:
+    if axis == "prompts":
+        return [line.strip() for line in (text or "").splitlines() if line.strip()]
+    items = [x for x in re.split(r"[,\s]+", text or "") if x]
+    try:
+        return [int(x) for x in items] if axis == "seeds" else [float(x) for x in items]
+    except ValueError:
+        raise AppError(f"{axis}: {text!r} is not a list of {'whole numbers' if axis == 'seeds' else 'numbers'}") \
+            from None
 
 
 def build_ui(comp: Comparison) -> gr.Blocks:
     size = comp.pipe.unet.config.sample_size * comp.pipe.vae_scale_factor
-    with gr.Blocks(title="dreambooth-dora: base | LoRA | DoRA") as demo:
-        gr.Markdown("## Base | LoRA | DoRA — same prompt, seed, initial latents and scheduler for every column")
+    labels = list(comp.columns)
+    with gr.Blocks(title="dreambooth-dora: compare adapters") as demo:
+        gr.Markdown("## Base and any adapters, checkpoints and UI views — same prompt, seed, initial latents and "
+                    "scheduler for every column")
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", placeholder="a sks icon, 3d render", elem_id="prompt", scale=3)
-            negative = gr.Textbox(label="Negative prompt", elem_id="negative", scale=2)
+            prompt = gr.Textbox(label="Prompt", placeholder="a sks icon, 3d render", elem_id="prompt", scale=3,
+                                min_width=240)
+            negative = gr.Textbox(label="Negative prompt", elem_id="negative", scale=2, min_width=200)
         with gr.Row():
-            seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
-            random_seed = gr.Button("Random seed", elem_id="random-seed")
-            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-            guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
-            scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M", label="Scheduler")
+            seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", min_width=100)
+            random_seed = gr.Button("Random seed", elem_id="random-seed", min_width=100)
+            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps", min_width=160)
+            guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance", min_width=160)
+            scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M", label="Scheduler", min_width=140)
         with gr.Row():
-            width = gr.Slider(16, 2048, value=size, step=8, label="Width")
-            height = gr.Slider(16, 2048, value=size, step=8, label="Height")
-            scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", info=SCALE_HELP)
-            count = gr.Slider(1, 8, value=1, step=1, label="Images per column")
-            shown = gr.CheckboxGroup([TITLES[s] for s in SLOTS], value=[TITLES[s] for s in SLOTS], label="Columns")
+            width = gr.Slider(16, 2048, value=size, step=8, label="Width", min_width=160)
+            height = gr.Slider(16, 2048, value=size, step=8, label="Height", min_width=160)
+            scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", info=SCALE_HELP, min_width=160)
+            count = gr.Slider(1, 8, value=1, step=1, label="Images per column", min_width=160)
+        shown = gr.CheckboxGroup(labels, value=labels, label="Columns", elem_id="shown")
         with gr.Row():
             generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
             stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
         gr.Markdown(f"One request may ask for at most {comp.max_work:,} units of work (width x height x steps x "
-                    "images x columns); the server's `--max-work` raises it.", elem_id="work-limit")
+                    "images x columns; a grid: x cells); the server's `--max-work` raises it.", elem_id="work-limit")
         status = gr.Markdown("", elem_id="status")
         stop_status = gr.Markdown("", elem_id="stop-status")
-        galleries, times = {}, {}
+        results = gr.HTML("", elem_id="results")
         with gr.Row():
-            for slot in SLOTS:
-                with gr.Column():
-                    galleries[slot] = gr.Gallery(label=comp.captions()[slot], columns=2, height="auto",
-                                                 elem_id=f"gallery-{slot}", format="png")
-                    times[slot] = gr.Markdown("", elem_id=f"time-{slot}")
-        with gr.Row():
-            diff_button = gr.Button("Show |DoRA − LoRA| difference map", elem_id="diff")
-            diff_image = gr.Image(label="|DoRA − LoRA| per pixel (black: equal)", elem_id="diff-image", format="png")
-        with gr.Accordion("Load another adapter or merged pipeline", open=False):
+            diff_a = gr.Dropdown(labels, value=labels[-1], label="Difference: column A", elem_id="diff-a")
+            diff_b = gr.Dropdown(labels, value=labels[0], label="column B", elem_id="diff-b")
+            diff_button = gr.Button("Show |A − B| difference map", elem_id="diff")
+        diff_image = gr.Image(label="|A − B| per pixel (black: equal)", elem_id="diff-image", format="png")
+
+        with gr.Accordion("X/Y grid: seeds, prompts or scales against columns or scales", open=True):
             with gr.Row():
-                found = gr.Dropdown(find_adapters(comp.root), label="Found under the adapters root",
-                                    allow_custom_value=False, elem_id="found")
+                rows_axis = gr.Radio(["seeds", "prompts", "scales"], value="seeds", label="Rows",
+                                     elem_id="grid-rows")
+                row_values = gr.Textbox(value="0, 1, 2", label="Row values (seeds / scales: comma-separated; "
+                                                                "prompts: one per line)", lines=2,
+                                        elem_id="grid-row-values")
+            with gr.Row():
+                cols_axis = gr.Radio(["columns", "scales"], value="columns", label="Columns", elem_id="grid-cols")
+                grid_pick = gr.CheckboxGroup(labels, value=labels, label="Columns in the grid",
+                                             elem_id="grid-pick")
+            with gr.Row():
+                grid_scales = gr.Textbox(value="0.5, 1.0, 1.5", label="Scales (when the columns are scales)",
+                                         elem_id="grid-scales")
+                grid_column = gr.Dropdown(labels, value=None, label="Adapter column drawn at each scale",
+                                          elem_id="grid-column")
+            grid_cost = gr.Markdown("", elem_id="grid-cost")
+            draw = gr.Button("Draw grid", variant="primary", elem_id="draw-grid")
+            grid_progress = gr.Markdown("", elem_id="grid-progress")
+            grid_image = gr.Image(label="Grid (saved as PNG + JSON when complete)", elem_id="grid-image",
+                                  format="png", type="pil")
+            grid_files = gr.File(label="Saved grid", file_count="multiple", elem_id="grid-files")
+
+        with gr.Accordion("Columns: load adapters, merged pipelines, a run's checkpoints, UI views", open=False):
+            with gr.Row():
+                found = gr.Dropdown(sorted(set(find_adapters(comp.root) + find_runs(comp.root))),
+                                    label="Found under the adapters root", allow_custom_value=False, elem_id="found")
                 refresh = gr.Button("Refresh list", elem_id="refresh")
             path = gr.Textbox(label="…or a folder relative to the adapters root", elem_id="adapter-path")
-            slot_choice = gr.Radio(["lora", "dora"], value="dora", label="Into column", elem_id="slot")
-            load = gr.Button("Load", elem_id="load")
+            label = gr.Textbox(label="Column label (a run: the labels' prefix)", value="dora", elem_id="label")
+            with gr.Row():
+                load = gr.Button("Load as column", elem_id="load")
+                load_run = gr.Button("Add the run's checkpoints as columns", elem_id="load-run")
+            with gr.Row():
+                view_source = gr.Dropdown(labels, value=None, label="Adapter column", elem_id="view-source")
+                view_rule = gr.Radio(list(RULES.values()), value="ComfyUI", label="As this UI draws its export",
+                                     elem_id="view-rule")
+                add_view = gr.Button("Add UI view column", elem_id="add-view")
+            with gr.Row():
+                remove_pick = gr.Dropdown(labels, value=None, label="Column to remove", elem_id="remove-pick")
+                remove = gr.Button("Remove column", elem_id="remove")
             load_status = gr.Markdown("", elem_id="load-status")
+            column_list = gr.Markdown(column_text(comp), elem_id="column-list")
         last = gr.State({})
+
+        pickers = [shown, grid_pick, diff_a, diff_b, grid_column, view_source, remove_pick]
+
+        def column_updates():
+            names = list(comp.columns)
+            adapters = [n for n, c in comp.columns.items() if c.kind == "adapter"]
+            return [gr.update(choices=names, value=names), gr.update(choices=names, value=names),
+                    gr.update(choices=names, value=names[-1]), gr.update(choices=names, value=names[0]),
+                    gr.update(choices=adapters, value=adapters[-1] if adapters else None),
+                    gr.update(choices=adapters, value=adapters[-1] if adapters else None),
+                    gr.update(choices=[n for n in names if n != "base"], value=None),
+                    column_text(comp)]
 
         def on_random():
             return random.randrange(2**31)
 
         def on_generate(prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count, shown):
-            cols = [s for s in SLOTS if TITLES[s] in shown]
-            empty = [gr.update()] * (2 * len(SLOTS))
+            cols = [c for c in comp.columns if c in (shown or [])]
             try:
                 result = comp.generate(prompt, negative, int(seed), int(steps), float(guidance), int(width), int(height),
                                        scheduler, float(scale), int(count), cols)
             except AppError as err:
-                return [f"Error: {err}", {}, *empty]
+                return f"Error: {err}", {}, gr.update()
             except Exception as err:  # keep serving whatever went wrong
-                return [f"Error: generation failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                        {}, *empty]
-            updates = []
-            for slot in SLOTS:
-                images = result.get(slot, [])
-                updates.append(gr.update(value=[(im, f"{t:.2f} s") for im, t in images],
-                                         label=comp.captions()[slot], visible=slot in cols))
-            for slot in SLOTS:
-                images = result.get(slot, [])
-                updates.append(f"{len(images)} image(s), {images[0][1]:.2f} s each" if images else "")
+                return (f"Error: generation failed: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}"), {}, gr.update()
             msg = f"seed {int(seed)} · {scheduler} · {int(steps)} steps · {int(width)}×{int(height)}"
             keep = {s: [im for im, _ in v] for s, v in result.items()}
-            return [msg, keep, *updates]
+            return msg, keep, results_html(result, comp.captions(), comp.view_differences(result))
 
-        def on_diff(keep):
-            if not keep.get("dora") or not keep.get("lora"):
-                return None, "Error: generate with both a LoRA and a DoRA column first"
-            a, b = keep["dora"][0], keep["lora"][0]
-            import numpy as np
+        def on_diff(keep, a, b):
+            if not keep.get(a) or not keep.get(b):
+                return None, f"Error: generate with both {a!r} and {b!r} shown first"
+            top = np.abs(np.asarray(keep[a][0], dtype=np.int16) - np.asarray(keep[b][0], dtype=np.int16)).max()
+            return difference_map(keep[a][0], keep[b][0]), f"largest per-pixel difference: {top} of 255"
 
-            top = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
-            return difference_map(a, b), f"largest per-pixel difference: {top} of 255"
+        def target_of(found, path):
+            return (path or "").strip() or (found or "")
 
-        def on_load(found, path, slot):
-            target = (path or "").strip() or (found or "")
+        def guarded(action):
             try:
-                msg = comp.load(slot, target, from_ui=True)
+                return [f"OK: {action()}", *column_updates()]
             except AppError as err:
-                return f"Error: {err}", gr.update(), gr.update()
+                return [f"Error: {err}", *[gr.update()] * (len(pickers) + 1)]
             except Exception as err:
-                return f"Error: could not load {target!r}: {type(err).__name__}", gr.update(), gr.update()
-            return f"OK: {msg}", gr.update(label=comp.captions()["lora"]), gr.update(label=comp.captions()["dora"])
+                return [f"Error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                        *[gr.update()] * (len(pickers) + 1)]
+
+        def on_load(found, path, label):
+            return guarded(lambda: comp.load(label, target_of(found, path), from_ui=True))
+
+        def on_load_run(found, path, label):
+            return guarded(lambda: "added " + ", ".join(comp.add_run(target_of(found, path), label or None,
+                                                                      from_ui=True)))
+
+        def on_view(source, rule):
+            key = {v: k for k, v in RULES.items()}.get(rule, rule)
+            return guarded(lambda: comp.add_view(source, key))
+
+        def on_remove(pick):
+            return guarded(lambda: comp.remove(pick))
+
+        def spec_of(prompt, negative, seed, steps, guidance, scheduler, width, height, scale, rows, rvals, cols, pick,
+                    scales, column):
+            return GridSpec(prompt=prompt, rows=rows, row_values=parse_values(rows, rvals), cols=cols,
+                            col_values=[c for c in comp.columns if c in (pick or [])] if cols == "columns"
+                            else parse_values("scales", scales), column=column, negative=negative or "",
+                            seed=int(seed), steps=int(steps), guidance=float(guidance), width=int(width),
+                            height=int(height), scheduler=scheduler, scale=float(scale))
+
+        def on_cost(*args):
+            try:
+                return comp.grid_cost(spec_of(*args))
+            except AppError as err:
+                return f"Cannot draw: {err}"
+
+        def on_grid(*args):
+            try:
+                spec = spec_of(*args)
+                for done, total, picture in comp.draw_grid(spec):
+                    yield (f"drawing: {done} of {total} cells" if done < total else f"drew {total} cells; saving",
+                           picture, gr.update())
+                png, js = comp.save_grid(spec, comp.last_grid[1])
+                yield f"Saved {png} and {js.name} (the settings that reproduce it)", picture, [str(png), str(js)]
+            except AppError as err:
+                yield f"Error: {err}", gr.update(), gr.update()
+            except Exception as err:
+                yield f"Error: the grid failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", \
+                    gr.update(), gr.update()
 
         def on_stop():
             running = comp.request_stop()
@@ -113,14 +256,29 @@ def build_ui(comp: Comparison) -> gr.Blocks:
 
         random_seed.click(on_random, outputs=seed)
         run = generate.click(on_generate,
-                       inputs=[prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count, shown],
-                       outputs=[status, last, *[galleries[s] for s in SLOTS], *[times[s] for s in SLOTS]])
+                             inputs=[prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count,
+                                     shown],
+                             outputs=[status, last, results])
+        grid_inputs = [prompt, negative, seed, steps, guidance, scheduler, width, height, scale, rows_axis,
+                       row_values, cols_axis, grid_pick, grid_scales, grid_column]
+        grid_run = draw.click(on_grid, inputs=grid_inputs, outputs=[grid_progress, grid_image, grid_files])
+        for widget in grid_inputs:
+            widget.change(on_cost, inputs=grid_inputs, outputs=grid_cost, queue=False)
         # outside the queue, so that it runs while a generation holds the queue; a request still
         # waiting in the queue is cancelled there, a running one stops at its next sampling step
-        stop.click(on_stop, outputs=stop_status, queue=False, cancels=[run])
-        diff_button.click(on_diff, inputs=last, outputs=[diff_image, status])
-        refresh.click(lambda: gr.update(choices=find_adapters(comp.root)), outputs=found)
-        load.click(on_load, inputs=[found, path, slot_choice], outputs=[load_status, galleries["lora"], galleries["dora"]])
+        stop.click(on_stop, outputs=stop_status, queue=False, cancels=[run, grid_run])
+        diff_button.click(on_diff, inputs=[last, diff_a, diff_b], outputs=[diff_image, status])
+        refresh.click(lambda: gr.update(choices=sorted(set(find_adapters(comp.root) + find_runs(comp.root)))), outputs=found)
+        managed = [load_status, *pickers, column_list]
+        load.click(on_load, inputs=[found, path, label], outputs=managed)
+        load_run.click(on_load_run, inputs=[found, path, label], outputs=managed)
+        add_view.click(on_view, inputs=[view_source, view_rule], outputs=managed)
+        remove.click(on_remove, inputs=remove_pick, outputs=managed)
     # one request at a time: the pipeline's active adapter is shared state
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def column_text(comp: Comparison) -> str:
+    return "Columns now:\n" + "\n".join(f"- **{html.escape(label)}**: {html.escape(caption)}"
+                                        for label, caption in comp.captions().items())

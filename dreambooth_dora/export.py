@@ -208,3 +208,26 @@ def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, ba
                                 "ss_network_alpha": str(float(rank)), "ss_network_args": json.dumps({"algo": "lora"}),
                                 "dreambooth_dora_svd_error": f"{worst:.3e}"})  # after the builds measured it
     return out_file, worst
+
+
+@torch.no_grad()
+def consumer_view(adapter_dir: str | Path, rule: str, base: str | None = None):
+    """The base pipeline with every adapted layer's weight as consumer `rule` (consumers.RULES:
+    'comfyui', 'a1111', 'lycoris', 'comfyui-15458') computes it from our `--format kohya` file
+    (the output-axis `dora_scale` layout): what that UI draws, to set beside the exact adapter.
+    Plain layers (merged); the new tokens of a pivotal-tuning adapter are added as for `fused`."""
+    from .adapters import adapted_layers
+
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; one of {', '.join(RULES)}")
+    adapter = read_adapter(adapter_dir)
+    pipe, models = _adapted(adapter, base)
+    for model in models.values():
+        for name, layer in list(adapted_layers(model)):
+            w0 = layer.weight.detach().float()
+            plain = layer.merged_layer()
+            plain.weight.copy_(merge(rule, w0, kohya_module(layer)).reshape(plain.weight.shape))
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    load_tokens(pipe, *token_plan(pipe, adapter, "view"))
+    return pipe

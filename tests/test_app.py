@@ -1,8 +1,10 @@
 """The comparison app: its functions on the tiny pipeline, its refusals, and the page in a real
 browser (Debian's chromium driven by Playwright)."""
 
+import base64
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -165,51 +167,106 @@ def served_app(tiny_sd_path, adapters):
     proc.wait(timeout=20)
 
 
-def gallery_images(page, slot):
-    srcs = page.locator(f"#gallery-{slot} img").evaluate_all("els => els.map(e => e.src)")
-    return [Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB") for src in srcs]
+def column_images(page, key):
+    """The pictures of result column `key` (data URIs in the results block)."""
+    srcs = page.locator(f"#col-{key} img.dd-cell").evaluate_all("els => els.map(e => e.src)")
+    return [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB") for src in srcs]
+
+
+def tops(page, keys):
+    return [page.locator(f"#col-{k}").bounding_box()["y"] for k in keys]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (CI installs it)")
-def test_page_in_a_real_browser(served_app, tmp_path):
+def test_page_in_a_real_browser(served_app, adapters, tmp_path):
     from playwright.sync_api import sync_playwright
+
+    from dreambooth_dora.validation import cell_scale
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--no-first-run", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(served_app)
         page.locator("#prompt textarea").fill("a sks icon, 3d render")
         page.locator("#generate").click()
-        for slot in ("base", "lora", "dora"):
-            page.locator(f"#gallery-{slot} img").first.wait_for(timeout=120_000)
-        shown = {slot: gallery_images(page, slot) for slot in ("base", "lora", "dora")}
-        for slot, images in shown.items():
-            assert len(images) == 1 and images[0].size == (64, 64), slot
-            assert arr(images[0]).std() > 1, slot  # a picture, not a blank
+        page.locator("#col-lora img.dd-cell").first.wait_for(timeout=120_000)
+        shown = {key: column_images(page, key) for key in ("base", "dora", "lora")}
+        for key, images in shown.items():
+            assert len(images) == 1 and images[0].size == (64, 64), key
+            assert arr(images[0]).std() > 1, key  # a picture, not a blank
         assert np.abs(arr(shown["dora"][0]) - arr(shown["lora"][0])).max() > 0
         assert np.abs(arr(shown["dora"][0]) - arr(shown["base"][0])).max() > 0
         assert "seed 0" in page.locator("#status").inner_text()
-        assert "DoRA · rank 4" in page.locator("#gallery-dora").inner_text()
-        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        assert "DoRA · rank 4" in page.locator("#col-dora").inner_text()
+        # 1280 px: the three columns side by side; a picture enlarges on click and closes on click
+        assert len(set(tops(page, ("base", "dora", "lora")))) == 1
+        page.locator("#col-dora img.dd-cell").first.click()
+        page.wait_for_function("getComputedStyle(document.getElementById('zoom-dora-0')).display === 'flex'",
+                               timeout=10_000)
+        assert page.locator("#zoom-dora-0 img").bounding_box()["width"] > 500  # large enough to judge
+        page.locator("#zoom-dora-0").click()
+        page.wait_for_function("getComputedStyle(document.getElementById('zoom-dora-0')).display === 'none'",
+                               timeout=10_000)
 
-        page.locator("#diff").click()  # the difference view on demand
+        page.locator("#diff").click()  # the difference of two columns on demand (A: the last, B: the base)
         page.locator("#diff-image img").first.wait_for(timeout=60_000)
         heat = Image.open(io.BytesIO(page.request.get(page.locator("#diff-image img").first.get_attribute("src")).body()))
         assert heat.size == (64, 64) and arr(heat.convert("RGB")).max() > 0
         assert "largest per-pixel difference" in page.locator("#status").inner_text()
 
+        # a 2 x 3 grid (seeds 0 and 1 x base, dora, lora), its cost first, streamed, saved, read back
+        page.locator("#grid-row-values textarea").fill("0, 1")
+        page.wait_for_function("document.querySelector('#grid-cost').innerText.includes('2 x 3 = 6 cells')",
+                               timeout=30_000)
+        page.locator("#draw-grid").click()
+        page.wait_for_function("document.querySelector('#grid-progress').innerText.includes('Saved')",
+                               timeout=180_000)
+        saved = Path(re.search(r"Saved (\S+\.png)", page.locator("#grid-progress").inner_text()).group(1))
+        assert saved.parent == adapters["dora"].parent / "grids" and saved.with_suffix(".json").is_file()
+        grid, k = arr(Image.open(saved).convert("RGB")), cell_scale((64, 64))
+        width = 3 * 64 * k
+        for c, key in enumerate(("base", "dora", "lora")):  # row 0 (seed 0): the single generation's pictures
+            x0 = grid.shape[1] - width + c * 64 * k
+            y0 = grid.shape[0] - 2 * 64 * k
+            cell = grid[y0:y0 + 64 * k:k, x0:x0 + 64 * k:k]
+            assert np.abs(cell - arr(shown[key][0])).max() <= 1, key
+        assert page.locator("#grid-image img").count() == 1
+
+        # a run's checkpoints as columns and the ComfyUI view of the DoRA column, without a restart
+        page.get_by_text("Columns: load adapters").click()
+        page.locator("#adapter-path textarea").fill("dora")
+        page.locator("#label textarea").fill("run")
+        page.locator("#load-run").click()
+        page.wait_for_function("document.querySelector('#load-status').innerText.includes('run step 4')",
+                               timeout=60_000)
+        page.locator("#add-view").click()  # the newest adapter column, as ComfyUI draws its export
+        page.wait_for_function("document.querySelector('#load-status').innerText.includes('as ComfyUI')",
+                               timeout=60_000)
+        assert "run step 2" in page.locator("#column-list").inner_text()
+        page.locator("#generate").click()
+        page.locator("#col-run-step-4-as-comfyui img.dd-cell").first.wait_for(timeout=120_000)
+        assert page.locator("#col-diff-run-step-4-as-comfyui img.dd-cell").count() == 1  # beside its per-pixel difference
+        assert np.abs(arr(column_images(page, "run-step-4")[0]) - arr(shown["dora"][0])).max() <= 1
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+
+        # a phone's width: the columns wrap, nothing overflows sideways
+        page.set_viewport_size({"width": 390, "height": 844})
+        time.sleep(0.5)
+        assert len(set(tops(page, ("base", "dora", "lora")))) > 1
+        assert page.evaluate("document.documentElement.scrollWidth") <= 391
+        page.set_viewport_size({"width": 1280, "height": 900})
+
         # a bad path: a message, and the app keeps working
-        page.get_by_text("Load another adapter or merged pipeline").click()
         page.locator("#adapter-path textarea").fill("../../etc")
         page.locator("#load").click()
         page.wait_for_function("document.querySelector('#load-status').innerText.includes('Error')", timeout=30_000)
         assert "outside the adapters root" in page.locator("#load-status").inner_text()
 
         # two browsers at once are served in turn, each gets its own complete answer
-        second = browser.new_page(viewport={"width": 1400, "height": 1000})
+        second = browser.new_page(viewport={"width": 1280, "height": 900})
         second.goto(served_app)
         second.locator("#prompt textarea").fill("a sks icon, 3d render")
         page.locator("#seed input").fill("5")
@@ -218,10 +275,9 @@ def test_page_in_a_real_browser(served_app, tmp_path):
         second.locator("#generate").click()
         page.wait_for_function("document.querySelector('#status').innerText.includes('seed 5')", timeout=120_000)
         second.wait_for_function("document.querySelector('#status').innerText.includes('seed 0')", timeout=120_000)
-        second.locator("#gallery-dora img").first.wait_for(timeout=120_000)
-        again = {slot: gallery_images(second, slot) for slot in ("base", "lora", "dora")}
-        for slot in again:  # the second browser, seed 0: the same pictures as the first run
-            assert np.abs(arr(again[slot][0]) - arr(shown[slot][0])).max() <= 1, slot
+        second.locator("#col-dora img.dd-cell").first.wait_for(timeout=120_000)
+        for key in ("base", "dora", "lora"):  # the second browser, seed 0: the same pictures as the first run
+            assert np.abs(arr(column_images(second, key)[0]) - arr(shown[key][0])).max() <= 1, key
 
         # Stop ends a long request part-way (outside the queue), and the next request runs
         page.locator("#steps input[type=number]").fill("100")
@@ -239,8 +295,6 @@ def test_page_in_a_real_browser(served_app, tmp_path):
         page.locator("#generate").click()
         page.wait_for_function("document.querySelector('#status').innerText.includes('2 steps')", timeout=120_000)
         browser.close()
-    if os.environ.get("APP_SCREENSHOT"):  # how docs/app.png in the README is made
-        shutil.copy(tmp_path / "app.png", os.environ["APP_SCREENSHOT"])
 
 
 # ---- nothing lost, nothing stuck ------------------------------------------------------------
@@ -326,3 +380,114 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(capsys, monkeypatch):
     assert main(["--max-work", "0", "--port", str(free_port())]) == 2
     assert "--max-work must be >= 1" in capsys.readouterr().err
     assert parse(["--max-work", "5000000"]).max_work == 5_000_000
+
+
+# ---- any columns, checkpoints, UI views, X/Y grids ----------------------------------------------
+
+@pytest.fixture
+def many(tiny_sd_path, adapters, tmp_path):
+    c = Comparison(str(tiny_sd_path), adapters_root=adapters["dora"].parent, device="cpu",
+                   grids_dir=tmp_path / "grids")
+    c.load("dora", adapters["dora"])
+    c.load("lora", adapters["lora"])
+    return c
+
+
+def test_grid_cells_share_their_rows_latents(many):
+    from app.core import GridSpec
+
+    spec = GridSpec("a sks icon", rows="seeds", row_values=[3, 9], cols="columns", col_values=["base", "dora", "lora"],
+                    steps=2)
+    frames = list(many.draw_grid(spec))
+    assert [f[0] for f in frames] == list(range(7)) and frames[-1][1] == 6  # streamed cell by cell
+    _, pictures = many.last_grid
+    for r, seed in enumerate((3, 9)):
+        single = many.generate("a sks icon", seed=seed, steps=2)  # one click: every column from one latent
+        for c, label in enumerate(("base", "dora", "lora")):
+            assert np.array_equal(arr(pictures[(r, c)]), arr(single[label][0][0])), (seed, label)
+    scales = GridSpec("a sks icon", rows="prompts", row_values=["a sks icon", "a red cube"], cols="scales",
+                      col_values=[0.5, 1.0], column="dora", steps=2, seed=4)
+    list(many.draw_grid(scales))
+    _, pictures = many.last_grid
+    half = many.generate("a red cube", seed=4, steps=2, scale=0.5, columns=["dora"])["dora"][0][0]
+    assert np.array_equal(arr(pictures[(1, 0)]), arr(half))
+    assert np.abs(arr(pictures[(1, 0)]) - arr(pictures[(1, 1)])).max() > 0  # the scale matters
+    with pytest.raises(AppError, match="no adapter scale"):
+        many.plan_grid(GridSpec("x", rows="scales", row_values=[1.0], cols="columns", col_values=["base"]))
+    with pytest.raises(AppError, match="the limit"):
+        many.plan_grid(GridSpec("x", rows="seeds", row_values=list(range(400)), cols="columns",
+                                col_values=["base", "dora"], steps=20))
+    assert "2 x 3 = 6 cells" in many.grid_cost(spec) and "last measured speed" in many.grid_cost(spec)
+
+
+def test_a_runs_checkpoints_become_columns_in_step_order(many, adapters):
+    from app.core import run_snapshots
+
+    assert [step for step, _ in run_snapshots(adapters["dora"])] == [2, 4]
+    labels = many.add_run(adapters["dora"], "run")
+    assert labels == ["run step 2", "run step 4"] and list(many.columns)[-2:] == labels
+    assert "4 steps" in many.captions()["run step 4"] and "checkpoint-2" in many.captions()["run step 2"]
+    out = many.generate("a sks icon", seed=1, steps=2, columns=["dora", "run step 2", "run step 4"])
+    assert np.array_equal(arr(out["run step 4"][0][0]), arr(out["dora"][0][0]))  # the final adapter
+    assert np.abs(arr(out["run step 2"][0][0]) - arr(out["dora"][0][0])).max() > 0
+    assert many.remove("run step 2") == "removed run step 2" and "run step 2" not in many.columns
+    with pytest.raises(AppError, match="base column stays"):
+        many.remove("base")
+    with pytest.raises(AppError, match="label"):
+        many.load("../x", adapters["dora"])
+
+
+def test_ui_views_apply_the_consumers_rules_to_the_exported_file(many, adapters, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth_dora.consumers import merge, read_kohya_modules
+    from dreambooth_dora.export import export_kohya
+
+    many.add_view("dora", "comfyui")
+    many.add_view("dora", "a1111")
+    many.add_view("lora", "comfyui")
+    file = export_kohya(adapters["dora"], tmp_path / "dora.safetensors")
+    modules = read_kohya_modules(load_file(str(file)))
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    view = many.columns["dora as ComfyUI"].pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    base = StableDiffusionPipeline_from(many.base_path).unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    expected = merge("comfyui", base.weight.detach().float(), modules[key])  # the rule on the file read back
+    assert torch.allclose(view.weight.float(), expected, atol=1e-6)
+    out = many.generate("a sks icon", seed=2, steps=3)
+    gap = np.abs(arr(out["dora as ComfyUI"][0][0]) - arr(out["dora"][0][0])).max()
+    assert gap > 0 and np.abs(arr(out["dora as A1111"][0][0]) - arr(out["dora"][0][0])).max() > 0
+    assert np.abs(arr(out["lora as ComfyUI"][0][0]) - arr(out["lora"][0][0])).max() <= 1  # LoRA: exact everywhere
+    diffs = many.view_differences(out)
+    assert set(diffs) == {"dora as ComfyUI", "dora as A1111", "lora as ComfyUI"} and diffs["dora as ComfyUI"][1] == gap
+
+
+def StableDiffusionPipeline_from(path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path)
+
+
+def test_saved_grid_is_a_png_and_json_that_draw_it_again(many, tmp_path):
+    import json
+
+    from app.core import GridSpec
+    from app.grid import main as grid_main
+    from dreambooth_dora.validation import cell_scale
+
+    many.add_view("dora", "comfyui")
+    spec = GridSpec("a sks icon", rows="seeds", row_values=[0, 1], cols="columns",
+                    col_values=["base", "dora", "dora as ComfyUI"], steps=2)
+    list(many.draw_grid(spec))
+    png, js = many.save_grid(*many.last_grid)
+    png2, js2 = many.save_grid(*many.last_grid)
+    assert png.parent == tmp_path / "grids" and png2 != png and js2 != js  # a second save never replaces the first
+    settings = json.loads(js.read_text())
+    assert settings["grid"]["row_values"] == [0, 1] and settings["columns"]["dora as ComfyUI"]["rule"] == "comfyui"
+    assert grid_main([str(js), "--out", str(png)]) == 2  # an existing file is not replaced
+    again = tmp_path / "again.png"
+    assert grid_main([str(js), "--out", str(again)]) == 0
+    assert np.array_equal(arr(Image.open(again).convert("RGB")), arr(Image.open(png).convert("RGB")))
+    k, grid = cell_scale((64, 64)), arr(Image.open(png).convert("RGB"))
+    cell = grid[-64 * k::k, -64 * k::k]  # the last row's last cell, back at its own size
+    assert np.array_equal(cell, arr(many.last_grid[1][(1, 2)]))
