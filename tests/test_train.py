@@ -74,7 +74,7 @@ def test_prior_preservation_and_text_encoder_training(tmp_path, tiny_sd_path, ic
     out = path.parent
     grids = sorted((out / "validation").glob("*.png"))
     assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
-    assert Image.open(grids[0]).size[1] == 2 * 64  # two prompts, one row each
+    assert Image.open(grids[0]).size[1] == 2 * 64 * 4  # two prompts, one row each (64 px cells enlarged 4x)
     events = list((out / "logs").rglob("events.out.tfevents*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
