@@ -175,8 +175,27 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def saved_bytes(name) -> int:  # what autograd keeps for backward in one forward, parameters excluded
+        unet = variants[name]
+        skip = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in skip:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = unet(cached, torch.tensor([500], device=dev), cond).sample
+        del out
+        return sum(seen.values())
+
+    kept = {name: saved_bytes(name) for name in variants}
     print(f"device={dev} threads={torch.get_num_threads()} resolution={args.resolution} batch=1 rank={args.rank} "
           f"steps={args.steps} torch={torch.__version__}")
+    print(f"memory kept for backward per step: LoRA {kept['ours LoRA'] / 2**20:.1f} MiB, DoRA "
+          f"{kept['ours DoRA'] / 2**20:.1f} MiB (DoRA/LoRA {kept['ours DoRA'] / kept['ours LoRA']:.3f}), PEFT DoRA "
+          f"{kept['PEFT DoRA'] / 2**20:.1f} MiB (PEFT/ours DoRA {kept['PEFT DoRA'] / kept['ours DoRA']:.3f})")
     print("| mode | LoRA s/step | DoRA s/step | PEFT DoRA s/step | DoRA/LoRA | PEFT DoRA/ours DoRA |")
     print("|---|---|---|---|---|---|")
     for mode in ("cached", "uncached"):

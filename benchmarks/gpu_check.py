@@ -1,0 +1,301 @@
+"""The prepared device check: correctness, speed and memory on CUDA in one command (CPU without one).
+
+    python benchmarks/gpu_check.py [--out DIR] [--size quick|full] [--repeats N]
+
+1. Runs the tests marked `cuda` (tests/test_cuda.py: DoRA/LoRA layers vs PEFT in fp32 / fp16 /
+   bf16 under autocast, both code paths, forward and backward; tiny SD and SDXL training with
+   --mixed_precision fp16 and bf16, the adapter reloaded exactly; load_adapter and the fused
+   export in fp16). Without CUDA their CPU variants run and the CUDA ones are listed as skipped.
+2. Times, interleaved (medians), our LoRA, our DoRA and PEFT's DoRA: one adapted layer on SD 1.5
+   attention shapes (benchmarks/bench_layers.py), and a whole training step (noise, UNet
+   forward, MSE, backward, clip, AdamW; random weights, batch 1, rank 8 on to_q/to_k/to_v/to_out.0)
+   on SD 1.5's UNet at 512 px and SDXL's at 1024 px (bf16 autocast on CUDA, frozen weights in
+   bf16, adapters fp32); `--size quick` (the default without CUDA) uses a small UNet at 64 px.
+   Memory per step: on CUDA the peak allocated during the step above what was allocated before
+   it (`torch.cuda.max_memory_allocated`); everywhere the bytes autograd keeps for backward
+   (exact, device independent). Reported as ratios.
+3. Writes gpu_check.json and gpu_check.md in a new folder (printed) and exits with 1 if any
+   correctness test failed (2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ---- 1. the cuda-marked tests ------------------------------------------------------------------
+
+def run_tests(out: Path, where: str = "tests/") -> dict:
+    """The cuda-marked tests under `where`; each case is counted for the device it ran (or would
+    have run) on: its `cpu` / `cuda` parameter, else the machine's accelerator."""
+    xml = out / "cuda_tests.xml"
+    cuda = torch.cuda.is_available()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
+                           f"--junitxml={xml}", where], cwd=ROOT, capture_output=True, text=True)
+    (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    cases = []
+    if xml.is_file():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            name = case.get("name")
+            outcome, why = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                node = case.find(tag)
+                if node is not None:
+                    outcome, why = ("skipped" if tag == "skipped" else "failed"), (node.get("message") or "")[:200]
+            params = name.partition("[")[2]
+            on = ("cuda" if "cuda" in params else "cpu" if "cpu" in params
+                  else "cuda" if cuda or "CUDA" in why else "cpu")
+            cases.append({"test": name, "outcome": outcome, "reason": why, "on": on})
+    summary = {on: {k: sum(c["outcome"] == k for c in cases if c["on"] == on) for k in ("passed", "failed", "skipped")}
+               for on in ("cpu", "cuda")}
+    ok = proc.returncode == 0 and bool(cases) and not any(c["outcome"] == "failed" for c in cases)
+    return {"ok": ok, "exit_status": proc.returncode, "summary": summary, "cases": cases}
+
+
+# ---- 2. timing and memory --------------------------------------------------------------------
+
+def sd15_unet(size: str):
+    from diffusers import UNet2DConditionModel
+
+    if size == "quick":
+        return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=4, norm_num_groups=8), 64, 32, None
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2), 512, 768, None
+
+
+def sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    return unet, 1024, 2048, 1280
+
+
+def variants_of(base, rank: int, device, dtype):
+    """Our LoRA, our DoRA and PEFT's DoRA on copies of `base` (frozen weights in `dtype`, adapters fp32,
+    B drawn small so every term of the math runs), each with its AdamW."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from dreambooth_dora import adapter_parameters, add_adapters
+
+    out = {}
+    for name in ("ours LoRA", "ours DoRA", "PEFT DoRA"):
+        unet = copy.deepcopy(base)
+        if name == "PEFT DoRA":
+            unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, use_dora=True),
+                                           unet)
+        else:
+            add_adapters(unet, TARGETS, rank=rank, alpha=rank, use_dora=name == "ours DoRA")
+        unet.to(device)
+        params = adapter_parameters(unet) if name.startswith("ours") else \
+            [p for p in unet.parameters() if p.requires_grad]
+        for p in unet.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+        for p in params:
+            if p.dim() == 2 and p.shape[1] == rank:
+                torch.nn.init.normal_(p, std=1e-3)
+        out[name] = (unet.train(), torch.optim.AdamW(params, lr=1e-4), params)
+    return out
+
+
+def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: int, rank: int = 8) -> dict:
+    from timing import timed
+
+    try:
+        base, px, ctx, pooled = factory()
+    except Exception as err:  # building the model itself can exceed the device
+        return {"model": label, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+    base.requires_grad_(False)
+    variants = variants_of(base, rank, device, dtype)
+    del base
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(1, 4, px // 8, px // 8, generator=g).to(device)
+    cond = torch.randn(1, 77, ctx, generator=g).to(device, dtype)
+    extra = {} if pooled is None else {"added_cond_kwargs": {
+        "text_embeds": torch.randn(1, pooled, generator=g).to(device, dtype),
+        "time_ids": torch.tensor([[px, px, 0, 0, px, px]], dtype=dtype, device=device)}}
+    amp = device.type == "cuda" and dtype != torch.float32
+
+    def step(name):
+        unet, opt, params = variants[name]
+        noise = torch.randn_like(lat)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            pred = unet(lat + noise, torch.tensor([500], device=device), cond, **extra).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def saved(name) -> int:  # bytes autograd keeps for backward in one forward, parameters excluded
+        unet = variants[name][0]
+        skip = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                seen[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(device.type, dtype=dtype, enabled=amp):
+            out = unet(lat, torch.tensor([500], device=device), cond, **extra).sample
+        del out
+        return sum(seen.values())
+
+    try:
+        times, peak = {n: [] for n in variants}, {}
+        for name in variants:  # warm-up: optimiser states exist before memory is measured
+            step(name)
+        for name in variants:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                step(name)
+                torch.cuda.synchronize()
+                peak[name] = torch.cuda.max_memory_allocated() - before
+        for _ in range(repeats):
+            for name in variants:
+                times[name].append(timed(lambda name=name: step(name), device))
+        med = {n: statistics.median(v) for n, v in times.items()}
+        kept = {n: saved(n) for n in variants}
+    except torch.cuda.OutOfMemoryError as err:  # pragma: no cover - GPU only
+        return {"model": label, "skipped": f"out of memory: {str(err).splitlines()[0][:120]}"}
+    finally:
+        del variants
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row = {"model": label, "px": px, "dtype": str(dtype).replace("torch.", ""),
+           "seconds": med, "dora_over_lora": med["ours DoRA"] / med["ours LoRA"],
+           "peft_over_ours_dora": med["PEFT DoRA"] / med["ours DoRA"],
+           "saved_bytes": kept, "saved_dora_over_lora": kept["ours DoRA"] / kept["ours LoRA"],
+           "saved_peft_over_ours_dora": kept["PEFT DoRA"] / kept["ours DoRA"]}
+    if peak:
+        row.update(peak_bytes=peak, peak_dora_over_lora=peak["ours DoRA"] / peak["ours LoRA"],
+                   peak_peft_over_ours_dora=peak["PEFT DoRA"] / peak["ours DoRA"])
+    return row
+
+
+def layer_rows(device: torch.device, size: str, repeats: int) -> list[dict]:
+    from bench_layers import SHAPES, bench
+
+    shapes = SHAPES[-2:] if size == "quick" else SHAPES
+    rows = []
+    for width, tokens, where in shapes:
+        med, mem = bench(width, tokens, 8, repeats, str(device))
+        rows.append({"shape": f"{width} x {tokens}", "where": where, "lora_ms": med["ours LoRA"] * 1e3,
+                     "dora_over_lora": med["ours DoRA"] / med["ours LoRA"],
+                     "peft_over_ours_dora": med["PEFT DoRA"] / med["ours DoRA"],
+                     "extra_saved_mb_dora": (mem["ours DoRA"] - mem["ours LoRA"]) / 2**20,
+                     "extra_saved_mb_peft": (mem["PEFT DoRA"] - mem["ours LoRA"]) / 2**20})
+    return rows
+
+
+# ---- 3. the report ---------------------------------------------------------------------------
+
+def markdown(report: dict) -> str:
+    t = report["tests"]["summary"]
+    lines = [f"# GPU check: {report['device']}", "",
+             f"torch {report['torch']}, {report['when']}, size {report['size']}, {report['seconds']:.0f} s in all", "",
+             "## Correctness (`pytest -m cuda`)", "",
+             "| variants | passed | failed | skipped |", "|---|---|---|---|",
+             f"| CPU | {t['cpu']['passed']} | {t['cpu']['failed']} | {t['cpu']['skipped']} |",
+             f"| CUDA | {t['cuda']['passed']} | {t['cuda']['failed']} | {t['cuda']['skipped']} |", ""]
+    skipped = sorted({c["reason"] for c in report["tests"]["cases"] if c["outcome"] == "skipped"})
+    if skipped:
+        lines += ["Skipped (reported, not passed): " + "; ".join(skipped), ""]
+    failed = [c["test"] for c in report["tests"]["cases"] if c["outcome"] == "failed"]
+    if failed:
+        lines += ["FAILED: " + ", ".join(failed), ""]
+    lines += ["## Training step (interleaved medians)", "",
+              "| UNet | px | dtype | LoRA s/step | DoRA/LoRA | PEFT DoRA/ours DoRA | peak mem DoRA/LoRA | "
+              "PEFT/ours peak | saved-for-backward DoRA/LoRA | PEFT/ours saved |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["train_step"]:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | | | skipped: {r['skipped']} | | | | | | |")
+            continue
+        peak = (f"{r['peak_dora_over_lora']:.3f} ({r['peak_bytes']['ours DoRA'] / 2**30:.2f} vs "
+                f"{r['peak_bytes']['ours LoRA'] / 2**30:.2f} GiB) | {r['peak_peft_over_ours_dora']:.3f}"
+                if "peak_bytes" in r else "n/a (no CUDA) | n/a")
+        lines.append(f"| {r['model']} | {r['px']} | {r['dtype']} | {r['seconds']['ours LoRA']:.3f} | "
+                     f"{r['dora_over_lora']:.3f} | {r['peft_over_ours_dora']:.3f} | {peak} | "
+                     f"{r['saved_dora_over_lora']:.3f} | {r['saved_peft_over_ours_dora']:.3f} |")
+    lines += ["", "## One adapted layer, rank 8 (interleaved medians)", "",
+              "| shape | where | LoRA ms | DoRA/LoRA | PEFT DoRA/ours DoRA | extra saved MB: DoRA | PEFT DoRA |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["layers"]:
+        lines.append(f"| {r['shape']} | {r['where']} | {r['lora_ms']:.2f} | {r['dora_over_lora']:.3f} | "
+                     f"{r['peft_over_ours_dora']:.2f} | {r['extra_saved_mb_dora']:.2f} | {r['extra_saved_mb_peft']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="a new folder for the report (default: gpu_check-<time> here)")
+    parser.add_argument("--size", choices=["quick", "full"], default="full" if torch.cuda.is_available() else "quick")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (after a warm-up)")
+    parser.add_argument("--no-timing", action="store_true", help="the correctness tests only")
+    parser.add_argument("--tests", default="tests/", help="where the cuda-marked tests are (default: tests/)")
+    args = parser.parse_args(argv)
+    out = Path(args.out or time.strftime("gpu_check-%Y%m%d-%H%M%S"))
+    if out.exists() and any(out.iterdir()):
+        print(f"error: {out} exists and is not empty; give a new folder", file=sys.stderr)
+        return 2
+    if args.repeats < 1:
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name(0) if cuda else f"CPU only ({torch.get_num_threads()} threads): CUDA parts skipped"
+    print(f"device: {name}; report in {out}", flush=True)
+    tests = run_tests(out, args.tests)
+    print(f"tests: {tests['summary']}", flush=True)
+    train_rows, layers = [], []
+    if not args.no_timing:
+        dtype = torch.bfloat16 if cuda else torch.float32
+        train_rows.append(train_step_bench("SD 1.5" if args.size == "full" else "small (quick)",
+                                           lambda: sd15_unet(args.size), device, dtype, args.repeats))
+        if args.size == "full" and cuda:
+            train_rows.append(train_step_bench("SDXL", sdxl_unet, device, dtype, args.repeats))
+        elif args.size == "full":
+            train_rows.append({"model": "SDXL", "skipped": "needs CUDA (1024 px on CPU takes too long)"})
+        layers = layer_rows(device, args.size, args.repeats)
+    report = {"device": name, "cuda": cuda, "torch": torch.__version__, "size": args.size,
+              "when": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - t0,
+              "tests": tests, "train_step": train_rows, "layers": layers, "ok": tests["ok"]}
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "gpu_check.md").write_text(markdown(report), encoding="utf-8")
+    print(markdown(report))
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    return 0 if tests["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""benchmarks/gpu_check.py must not rot: it runs here (no CUDA) with the CUDA parts reported as
+skipped, writes its JSON and markdown, and fails when a correctness test fails."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check(out: Path, *extra):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the CPU-only report")
+def test_the_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path):
+    proc = check(tmp_path / "report", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
+    tests = report["tests"]["summary"]
+    assert tests["cpu"]["passed"] >= 12 and tests["cpu"]["failed"] == 0
+    assert tests["cuda"]["passed"] == 0 and tests["cuda"]["skipped"] >= 12  # reported, not silently passed
+    assert not report["cuda"] and report["ok"]
+    row = report["train_step"][0]
+    assert row["saved_dora_over_lora"] > 1 and row["dora_over_lora"] > 0 and "peak_bytes" not in row
+    assert len(report["layers"]) == 2 and all(r["peft_over_ours_dora"] > 0 for r in report["layers"])
+    md = (tmp_path / "report" / "gpu_check.md").read_text()
+    assert "| CUDA | 0 | 0 |" in md and "Skipped (reported, not passed): " in md and "no CUDA device" in md
+    assert check(tmp_path / "report").returncode == 2  # an existing report is not replaced
+
+
+def test_a_failing_correctness_test_fails_the_check(tmp_path):
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("import pytest\n\n\n@pytest.mark.cuda\ndef test_wrong():\n    assert 1 == 2\n")
+    proc = check(tmp_path / "report", "--no-timing", "--tests", str(bad))
+    assert proc.returncode == 1
+    report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
+    assert not report["ok"] and "FAILED: test_wrong" in (tmp_path / "report" / "gpu_check.md").read_text()
