@@ -68,6 +68,17 @@ def dora_groups(cfg: TrainConfig) -> str:
     return "".join(f"; {p}" for p in parts if p)
 
 
+def options(cfg: TrainConfig) -> str:
+    """The trainer's optional features that were on, or 'none'."""
+    parts = [f"EMA of the adapter (decay {cfg.ema_decay})" if cfg.use_ema else "",
+             "masked loss" + (f" (masks from {cfg.mask_data_dir})" if cfg.mask_data_dir else " (alpha channel)")
+             if cfg.masked_loss else "",
+             "aspect buckets" + (f" {', '.join(cfg.bucket_sizes)}" if cfg.bucket_sizes else f" (steps of {cfg.bucket_step})")
+             if cfg.aspect_buckets else "",
+             f"{len(cfg.datasets)} subject sets" if cfg.datasets else ""]
+    return ", ".join(p for p in parts if p) or "none"
+
+
 def model_card(cfg: TrainConfig, info: AdapterInfo) -> str:
     method = "DoRA" if cfg.use_dora else "LoRA"
     sdxl = info.architecture == "sdxl"
@@ -93,6 +104,7 @@ Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
                   else 'new tokens only (pivotal tuning)' if info.tokens else 'frozen'} |
 | steps | {info.steps} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
 | learning rate | {cfg.learning_rate} ({cfg.optimizer}, {cfg.lr_scheduler}){dora_groups(cfg)} |
+| options | {options(cfg)} |
 | final loss | {loss} |
 
 ```python

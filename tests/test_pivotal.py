@@ -155,7 +155,7 @@ def test_webui_files_load_under_the_consumers_rules(ti_run):
     assert torch.equal(a1111_embedding(webui)["clip_l"], final)
     assert torch.equal(comfyui_embedding(webui, "clip_l", 32), final)
     card = (ti_run / "README.md").read_text()
-    assert "<s0><s1>" in card and "webui_embeddings/TOK.safetensors" in card
+    assert "<s0><s1>" in card and "webui_embeddings/TOK.safetensors" in card and "| options | none |" in card
     from dreambooth_dora.file_info import file_info
 
     assert "new tokens (pivotal tuning): TOK=<s0><s1>; vectors in embeddings.safetensors beside it" in \
@@ -263,6 +263,11 @@ def test_app_and_evaluate_write_the_tokens_into_prompts(ti_run, tiny_sd_path, tm
     assert "<dora_2_s0>" in comp.captions()["dora"]
     again = comp.generate(PROMPT, steps=2, seed=1, columns=("dora",))["dora"][0][0]
     assert np.array_equal(np.asarray(again), np.asarray(by_identifier))
+    labels = comp.add_run(ti_run, "ti")  # checkpoints bring the tokens they had at their step
+    assert labels == ["ti step 1", "ti step 2", "ti step 3", "ti step 4"]
+    assert all("tokens TOK=<" in comp.captions()[label] for label in labels)
+    final = comp.generate(PROMPT, steps=2, seed=1, columns=("ti step 4",))["ti step 4"][0][0]
+    assert np.array_equal(np.asarray(final), np.asarray(by_identifier))
 
     seen = []
     real = StableDiffusionPipeline.__call__
