@@ -22,9 +22,11 @@ commands:
            (all: [--dtype fp32|fp16|bf16] [--overwrite])
   evaluate dreambooth-dora evaluate --config train_configs/evaluate/X.yaml [--adapters A,B ...]
            (DINO / CLIP fidelity, prior drift, magnitude/direction analysis -> a report folder)
+  study    dreambooth-dora study --config train_configs/study/X.yaml [--resume]
+           (DoRA vs LoRA over training seeds and learning rates, 95% intervals -> study.md)
   info     dreambooth-dora info FILE_OR_DIR     (any adapter, export or fused folder: format, rank, exact in)
   verify   dreambooth-dora verify FILE --against ADAPTER_DIR [--base MODEL]  (every UI's merge vs the truth)
-  app      dreambooth-dora app [--base MODEL] [--dora DIR] [--lora DIR] [--port N]  (the comparison app)
+  app      dreambooth-dora app [--base MODEL] [--adapter LABEL=DIR ...] [--run DIR] [--port N]  (the comparison app)
 """
 
 
@@ -165,6 +167,24 @@ def evaluate_main(argv: list[str]) -> int:
     return 0
 
 
+def study_main(argv: list[str]) -> int:
+    from .config import help_text
+    from .evaluation.study import USAGE, StudyConfig, load_study_config, run_study
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(help_text(StudyConfig, USAGE))
+        return 0
+    try:
+        cfg = load_study_config(argv)
+        report = run_study(cfg)
+    except _user_errors() as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    print(report.read_text(encoding="utf-8").split("![", 1)[0].rstrip())
+    print(f"report: {report}")
+    return 0
+
+
 def info_main(argv: list[str]) -> int:
     import argparse
     import json
@@ -206,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     quiet_libraries()
     commands = {"train": train_main, "export": export_main, "info": info_main, "evaluate": evaluate_main,
-                "verify": verify_main, "app": app_main}
+                "study": study_main, "verify": verify_main, "app": app_main}
     if command in commands:
         return commands[command](rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
