@@ -247,28 +247,57 @@ class Judge:
         self.base = None
         self.serial = 0
 
+    def draw(self, adapter: str | None, tokens: dict) -> dict:
+        """{(prompt index, seed): [picture]}: each prompt once for all seeds in one batch, every
+        seed's initial latents from its own generator (the same latents for every model)."""
+        import torch
+
+        from ..pivotal import insert_tokens
+
+        if adapter is None:
+            self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([adapter])
+        out = {}
+        for j, (_, prompt) in enumerate(self.prompts):
+            gens = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+            images = self.pipe(insert_tokens(prompt, tokens), num_images_per_prompt=len(self.seeds), generator=gens,
+                               num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
+                               width=self.size, height=self.size).images
+            out.update({(j, s): [im] for s, im in zip(self.seeds, images)})
+        return out
+
     def __call__(self, run: Path) -> dict:
         """{step: {metric: {"selection": mean over selection seeds, "report": ..., "per_seed": [...]}}}"""
+        import logging
+
         from ..adapter_file import load_adapter
         from .analysis import snapshots
-        from .generation import generate
         from .metrics import compute_metrics
 
+        self.pipe.set_progress_bar_config(disable=True)
         if self.base is None:
-            self.base = generate(self.pipe, ["base"], self.prompts, self.ecfg, self.size, progress=False)["base"]
+            self.base = self.draw(None, {})
         out = {}
-        for step, file in snapshots(run):
-            self.serial += 1
-            name = f"snapshot{self.serial}"  # a new name each time: token names of earlier ones stay taken
-            tokens = load_adapter(self.pipe, file.parent, adapter_name=name)["tokens"]
-            images = {"base": self.base, **generate(self.pipe, ["snapshot"], self.prompts, self.ecfg, self.size,
-                                                    progress=False, tokens=[tokens], adapters=[name])}
-            self.pipe.delete_adapters(name)
-            metrics = compute_metrics(images, self.prompts, self.instances, self.embedders, self.clip, self.seeds,
-                                      self.cfg.identifier)["snapshot"]
-            k = len(self.cfg.selection_seeds)
-            out[step] = {m: {"selection": float(np.mean(v["per_seed"][:k])), "report": float(np.mean(v["per_seed"][k:])),
-                             "per_seed": v["per_seed"]} for m, v in metrics.items()}
+        quiet = logging.getLogger("dreambooth_dora.adapter_file")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the stock loader's known text-encoder gap, restored every time
+        try:
+            for step, file in snapshots(run):
+                self.serial += 1
+                name = f"snapshot{self.serial}"  # a new name each time: token names of earlier ones stay taken
+                tokens = load_adapter(self.pipe, file.parent, adapter_name=name)["tokens"]
+                images = {"base": self.base, "snapshot": self.draw(name, tokens)}
+                self.pipe.delete_adapters(name)
+                metrics = compute_metrics(images, self.prompts, self.instances, self.embedders, self.clip, self.seeds,
+                                          self.cfg.identifier)["snapshot"]
+                k = len(self.cfg.selection_seeds)
+                out[step] = {m: {"selection": float(np.mean(v["per_seed"][:k])),
+                                 "report": float(np.mean(v["per_seed"][k:])), "per_seed": v["per_seed"]}
+                             for m, v in metrics.items()}
+        finally:
+            quiet.setLevel(level)
         return out
 
 
