@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth_dora.dora import AdaptedLinear  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import saved_for_backward, timed  # noqa: E402
 
 # (width, tokens, where): SD 1.5 UNet attention at 64x64 / 32x32 / 16x16 / 8x8 latents, CLIP text encoder
 SHAPES = [(320, 4096, "unet 64x64"), (640, 1024, "unet 32x32"), (1280, 256, "unet 16x16"),
@@ -78,19 +78,7 @@ def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward, counting each storage once and no parameters."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    del y
-    return sum(seen.values())
+    return saved_for_backward(lambda: layer(x), layer.parameters())
 
 
 def bench(width, tokens, rank, repeats, device, force=None):

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth_dora import adapter_parameters, add_adapters  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import saved_for_backward, timed  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -177,18 +177,7 @@ def main(argv=None) -> int:
 
     def saved_bytes(name) -> int:  # what autograd keeps for backward in one forward, parameters excluded
         unet = variants[name]
-        skip = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-        seen = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in skip:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = unet(cached, torch.tensor([500], device=dev), cond).sample
-        del out
-        return sum(seen.values())
+        return saved_for_backward(lambda: unet(cached, torch.tensor([500], device=dev), cond).sample, unet.parameters())
 
     kept = {name: saved_bytes(name) for name in variants}
     print(f"device={dev} threads={torch.get_num_threads()} resolution={args.resolution} batch=1 rank={args.rank} "

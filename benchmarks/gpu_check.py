@@ -122,7 +122,7 @@ def variants_of(base, rank: int, device, dtype):
 
 
 def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: int, rank: int = 8) -> dict:
-    from timing import timed
+    from timing import saved_for_backward, timed
 
     try:
         base, px, ctx, pooled = factory()
@@ -152,20 +152,12 @@ def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: 
 
     def saved(name) -> int:  # bytes autograd keeps for backward in one forward, parameters excluded
         unet = variants[name][0]
-        skip = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-        seen: dict[int, int] = {}
 
-        def pack(t):
-            s = t.untyped_storage()
-            if s.data_ptr() not in skip:
-                seen[s.data_ptr()] = s.nbytes()
-            return t
+        def forward():
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                return unet(lat, torch.tensor([500], device=device), cond, **extra).sample
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast(device.type, dtype=dtype, enabled=amp):
-            out = unet(lat, torch.tensor([500], device=device), cond, **extra).sample
-        del out
-        return sum(seen.values())
+        return saved_for_backward(forward, unet.parameters())
 
     try:
         times, peak = {n: [] for n in variants}, {}
@@ -187,7 +179,7 @@ def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: 
     except torch.cuda.OutOfMemoryError as err:  # pragma: no cover - GPU only
         return {"model": label, "skipped": f"out of memory: {str(err).splitlines()[0][:120]}"}
     finally:
-        del variants
+        variants.clear()  # the copies go before the next model is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
     row = {"model": label, "px": px, "dtype": str(dtype).replace("torch.", ""),

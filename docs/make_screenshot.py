@@ -31,7 +31,6 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    grids = ROOT / "outputs" / "grids"
     proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--device", "cpu",
                              *[a for label, path in runs.items() for a in ("--run", f"{label}={path}")],
                              "--view", "DoRA step 400:comfyui", "--adapters-root", str(ROOT / "outputs")],

@@ -332,13 +332,35 @@ def open_study(cfg: StudyConfig) -> tuple[Path, dict]:
     return out, record
 
 
+class _StepsInto:
+    """Stands in for the training loop's progress bar: its steps advance the study's bar."""
+
+    def __init__(self, bar, cell: str):
+        self.bar, self.cell = bar, cell
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix(self, **kw) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.cell} " + " ".join(f"{k}={v}" for k, v in kw.items()))
+
+
 @contextmanager
-def quiet_training():
-    """The training loop's own progress bar off while the study's runs."""
+def quiet_training(bar=None, cell: str = ""):
+    """The training loop reports to the study's one bar (one bar over the grid, its time
+    estimate from every step so far) instead of drawing its own."""
     import dreambooth_dora.train as train_module
 
     real = train_module.tqdm
-    train_module.tqdm = lambda *a, **k: real(*a, **{**k, "disable": True})
+    train_module.tqdm = lambda *a, **k: _StepsInto(bar, cell)
     try:
         yield
     finally:
@@ -360,14 +382,13 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> Path:
         steps_of[c.id] for c in todo), desc="study", unit="step", disable=not progress)
     for cell in todo:
         bar.set_postfix_str(cell.id)
-        with quiet_training():  # the study's bar is the one to read
+        with quiet_training(bar, cell.id):
             run = train_cell(cfg, cell, out)
         judge = judge or Judge(cfg)
         metrics = judge(run.parent)
         write_text(out / "cells" / f"{cell.id}.json", json.dumps({"cell": asdict(cell), "metrics": metrics}, indent=1))
         record["done"][cell.id] = asdict(cell)
         write_text(out / "study.json", json.dumps(record, indent=1))
-        bar.update(steps_of[cell.id])
     bar.close()
     if cfg.long_steps:  # the longer runs for the magnitude / direction scatter, at each method's best rate
         results = collect(out, cells)
