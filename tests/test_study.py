@@ -80,6 +80,9 @@ def test_a_killed_study_resumes_without_redoing_finished_cells(tmp_path, monkeyp
     assert len(json.loads((lora_run / "run.json").read_text())["sessions"]) == 2  # resumed, not restarted
     text = report.read_text()
     assert "| dora | 2 | 0.001 | 1 |" in text and "| lora | 2 | 0.001 | 1 |" in text
+    assert "weight slope dM/dD" in text
+    weights = json.loads((tmp_path / "study" / "cells" / "lora-r2-lr0.001-s0.json").read_text())["weights"]
+    assert weights["r"] > 0.5 and weights["mean_dm"] > 0  # LoRA's magnitude follows its direction
     assert "cannot be told at rank 2: 1 training seed(s)" in text  # one training seed: no interval
     for name in ("metric_vs_lr.png", "metric_vs_step.png", "summary.json"):
         assert (tmp_path / "study" / name).is_file()
@@ -107,3 +110,24 @@ def test_best_rate_is_chosen_on_selection_seeds_only(tmp_path):
     rows = {r["method"]: r for r in s["rows"]}
     assert rows["dora"]["metric"][0] == pytest.approx(0.4) and rows["lora"]["metric"][0] == pytest.approx(0.8)
     assert s["pairs"][0]["diff"][0] == pytest.approx(-0.4) and s["pairs"][0]["distinguishable"]
+
+
+def test_matched_rank_counts_the_real_adapters(tmp_path):
+    """lora-matched's rank from the layer shapes equals counting the parameters of real adapters."""
+    from dreambooth_dora.adapters import adapter_parameters, add_adapters
+    from dreambooth_dora.config import UNET_ATTENTION_TARGETS
+    from dreambooth_dora.models import load_components, resolve_model
+
+    cfg = load_study_config(["--instance_data_dir", str(REPO / "sample_data" / "3d_icon"), "--methods",
+                             "dora,lora-matched", "--ranks", "1,4", "--output_dir", str(tmp_path / "s")])
+
+    def count(rank, dora):
+        unet = load_components(resolve_model(cfg.base_model))[3]
+        add_adapters(unet, list(UNET_ATTENTION_TARGETS), rank=rank, alpha=rank, use_dora=dora)
+        return sum(p.numel() for p in adapter_parameters(unet))
+
+    for rank in (1, 4):
+        target = count(rank, True)
+        expected = min(range(1, 4 * rank + 2), key=lambda r: (abs(count(r, False) - target), r))
+        cell = next(c for c in study.plan(cfg) if c.method == "lora-matched" and c.rank == rank)
+        assert cell.train_rank == expected

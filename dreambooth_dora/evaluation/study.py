@@ -557,6 +557,37 @@ def band_plot(series: list[tuple[str, list[float], list[tuple[float, float, floa
     return img
 
 
+def weight_slope(cfg: StudyConfig, run: Path) -> dict:
+    """The DoRA paper's magnitude / direction analysis of a run's query projections over its
+    snapshots (slope of dM on dD, r, mean changes)."""
+    from ..adapter_file import apply_to_models, read_adapter
+    from ..models import load_pipeline, pipeline_models
+    from .analysis import analyse, summarise
+
+    models = pipeline_models(load_pipeline(cfg.base_model))
+    adapter = read_adapter(run)
+    apply_to_models(adapter, models)
+    sm = summarise(analyse(models, run.name, run, ["to_q", "q_proj"], final=adapter))
+    return {k: sm[k] for k in ("slope", "r", "mean_dm", "mean_dd")}
+
+
+def weight_slopes(cfg: StudyConfig, out: Path, cells: list[Cell]) -> dict:
+    """{cell id: weight analysis} for every finished cell, kept in its cells/<id>.json."""
+    from ..outputs import write_text
+
+    found = {}
+    for cell in cells:
+        f = out / "cells" / f"{cell.id}.json"
+        if not f.is_file():
+            continue
+        data = json.loads(f.read_text(encoding="utf-8"))
+        if "weights" not in data:
+            data["weights"] = weight_slope(cfg, out / "runs" / cell.id)
+            write_text(f, json.dumps(data, indent=1))
+        found[cell.id] = data["weights"]
+    return found
+
+
 def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
     """study.md, summary.json and the plots, each written atomically."""
     from ..outputs import atomic_path, write_text
@@ -564,6 +595,10 @@ def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
     results = collect(out, cells)
     s = summary(cfg, results)
     best = best_rates(cfg, results)
+    slopes = weight_slopes(cfg, out, cells)
+    for row in s["rows"]:  # the weight pattern at the chosen rate, over training seeds
+        ids = [c.id for c in _cells(cfg, row["method"], row["rank"], row["lr"]) if c.id in slopes]
+        row["slope"] = bootstrap_ci([slopes[i]["slope"] for i in ids], cfg.bootstrap)
     # metric vs learning rate, per method and rank (bands over training seeds, report seeds)
     series = []
     for method in cfg.methods:
@@ -619,14 +654,15 @@ def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
              f"The learning rate is chosen per method and rank on generation seeds {cfg.selection_seeds}; everything "
              f"below is on seeds {cfg.report_seeds}. Intervals: 95% percentile bootstrap over training seeds "
              f"({cfg.bootstrap} resamples); with few seeds they are wide and coarse.", "",
-             f"| method | rank | best lr | seeds | {cfg.metric} mean [95% CI] | {cfg.drift_metric} mean [95% CI] |",
-             "|---|---|---|---|---|---|"]
+             f"| method | rank | best lr | seeds | {cfg.metric} mean [95% CI] | {cfg.drift_metric} mean [95% CI] | "
+             "weight slope dM/dD [95% CI] |", "|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         m, d = r["metric"], r["drift"]
         rank = f"{r['rank']}" + (f" (trained at {r['train_rank']}: matched parameters)" if r["train_rank"] != r["rank"]
                                  else "")
+        w = r.get("slope", (float("nan"),) * 3)
         lines.append(f"| {r['method']} | {rank} | {r['lr']:g} | {r['seeds']} | {m[0]:.4f} [{m[1]:.4f}, {m[2]:.4f}] | "
-                     f"{d[0]:.4f} [{d[1]:.4f}, {d[2]:.4f}] |")
+                     f"{d[0]:.4f} [{d[1]:.4f}, {d[2]:.4f}] | {w[0]:.3f} [{w[1]:.3f}, {w[2]:.3f}] |")
     lines += ["", "Paired differences (the same training seed, each method at its own best rate):", ""]
     lines += [f"- {verdict(p, cfg.metric)}" for p in s["pairs"]] or ["- (no pair: dora and another method are needed)"]
     lines += ["", "![metric vs learning rate](metric_vs_lr.png)", "", "![metric vs step](metric_vs_step.png)", ""]
