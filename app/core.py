@@ -27,7 +27,6 @@ from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path
 from dreambooth_dora.adapter_file import AdapterError, describe, load_adapter, read_adapter
 from dreambooth_dora.pivotal import insert_tokens
 
-SLOTS = ("base", "lora", "dora")
 SCHEDULERS = {
     "DPM++ 2M": "DPMSolverMultistepScheduler",
     "DDIM": "DDIMScheduler",
