@@ -288,8 +288,10 @@ def bucket_batch(keys: tuple, global_batch: int, micro_step: int, seed: int) -> 
     return bucket_epoch(keys, global_batch, seed, epoch)[k]
 
 
-def micro_steps_per_epoch(n: int, global_batch: int) -> int:
-    return math.ceil(n / global_batch)
+def micro_steps_per_epoch(n: int, global_batch: int, keys: tuple | None = None) -> int:
+    """Global micro-batches in an epoch of `n` positions; with aspect buckets (`keys[i]`: position
+    i's bucket) a bucket's last batch is filled, so each bucket rounds up on its own."""
+    return math.ceil(n / global_batch) if keys is None else batches_per_epoch(keys, global_batch)
 
 
 def example_generator(seed: int, position: int, is_class: int) -> torch.Generator:

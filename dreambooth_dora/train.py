@@ -28,7 +28,8 @@ from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
-from .data import BatchMaker, Example, batches_per_epoch, cache_latents, load_examples, load_image_folder, step_rng
+from .data import (BatchMaker, Example, cache_latents, load_examples, load_image_folder, micro_steps_per_epoch,
+                   step_rng)
 from .ema import AdapterEMA
 from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card
@@ -124,8 +125,13 @@ def example_buckets(cfg: TrainConfig, examples: list[Example], say=print) -> lis
 
 def make_accelerator(cfg: TrainConfig, out_dir: Path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    # one run, one accelerator: a run started after another in the same process (a study, a
+    # notebook, the tests) must not inherit the earlier one's singletons (precision, accumulation)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     accelerator = Accelerator(
         cpu=not has_accelerator_device(),  # lets `accelerate launch --multi_gpu`/torchrun run DDP (gloo) on CPUs
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -288,8 +294,8 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- optimiser and schedule
     global_batch = cfg.train_batch_size * accelerator.num_processes
-    micro_per_epoch = (math.ceil(len(order) / global_batch) if buckets is None else
-                       batches_per_epoch(tuple(buckets[i] for i in order), global_batch))
+    micro_per_epoch = micro_steps_per_epoch(len(order), global_batch,
+                                            None if buckets is None else tuple(buckets[i] for i in order))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1

@@ -145,11 +145,8 @@ def mixed_folder(tmp_path) -> Path:
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_resume_equals_uninterrupted_with_buckets(tiny_sd_path, mixed_folder, tmp_path, monkeypatch):
     import dreambooth_dora.train as train_module
-    from accelerate.state import AcceleratorState, GradientState
 
     def run(name, *extra):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
         return train(load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir",
                                   str(mixed_folder), "--instance_prompt", "a sks icon", "--resolution", "32",
                                   "--aspect_buckets", "--bucket_step", "8", "--random_flip", "--train_batch_size", "2",
@@ -195,7 +192,6 @@ def test_sdxl_with_every_option_resumes_exactly(tiny_sdxl_path, tmp_path, monkey
     alpha, EMA, LoRA+, a magnitude learning rate and caption dropout: a resumed run ends with the
     uninterrupted run's adapter and tokens."""
     import dreambooth_dora.train as train_module
-    from accelerate.state import AcceleratorState, GradientState
 
     data = tmp_path / "rgba"
     data.mkdir()
@@ -205,8 +201,6 @@ def test_sdxl_with_every_option_resumes_exactly(tiny_sdxl_path, tmp_path, monkey
         im.save(data / f"{i}.png")
 
     def run(name, *extra):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
         return train(load_config(["--pretrained_model_name_or_path", str(tiny_sdxl_path), "--instance_data_dir",
                                   str(data), "--instance_prompt", "a TOK icon", "--resolution", "32",
                                   "--train_text_encoder_ti", "--aspect_buckets", "--bucket_step", "8", "--masked_loss",

@@ -108,22 +108,14 @@ def test_layers_match_peft_under_autocast(device, precision, path, dora):
 
 
 def _train(model: Path, out: Path, precision: str, *extra) -> Path:
-    from accelerate.state import AcceleratorState, GradientState
-
     from dreambooth_dora.config import load_config
     from dreambooth_dora.train import train
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return train(load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
-                                  str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon",
-                                  "--resolution", "32", "--max_train_steps", "3", "--learning_rate", "1e-3",
-                                  "--mixed_precision", precision, "--output_dir", str(out), "--report_to", "none",
-                                  "--train_text_encoder", *extra]))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    return train(load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
+                              str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon",
+                              "--resolution", "32", "--max_train_steps", "3", "--learning_rate", "1e-3",
+                              "--mixed_precision", precision, "--output_dir", str(out), "--report_to", "none",
+                              "--train_text_encoder", *extra]))
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

@@ -162,10 +162,6 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tiny_sd_path, icon
     with pytest.raises(KeyboardInterrupt):
         train(load_config(ema_flags(tiny_sd_path, icon_dir, tmp_path / "resumed", "--checkpointing_steps", "2")))
     monkeypatch.undo()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     resumed = load_file(str(train(load_config(ema_flags(tiny_sd_path, icon_dir, tmp_path / "resumed",
                                                        "--checkpointing_steps", "2",
                                                        "--resume_from_checkpoint", "latest")))))
@@ -246,13 +242,10 @@ def test_new_features_keep_resume_and_accumulation_exact(tiny_sd_path, tmp_path,
     """Masked loss, caption dropout, EMA, LoRA+ and a magnitude learning rate all on: a resumed
     run ends with the uninterrupted run's adapter, and accumulation equals the larger batch."""
     import dreambooth_dora.train as train_module
-    from accelerate.state import AcceleratorState, GradientState
 
     data = rgba_subject_folder(tmp_path / "data")
 
     def run(name, *extra):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
         return train(load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir",
                                   str(data), "--instance_prompt", "a sks icon", "--resolution", "32",
                                   "--learning_rate", "1e-2", "--max_train_steps", "4", "--output_dir",

@@ -26,15 +26,7 @@ PROMPT = "a TOK icon"
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def reset():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def run(model, out, *extra):
-    reset()
     return train(load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", ICONS,
                               "--instance_prompt", PROMPT, "--resolution", "32", "--learning_rate", "3e-2",
                               "--max_train_steps", "4", "--output_dir", str(out), "--report_to", "none", "--seed", "2",
@@ -105,7 +97,6 @@ def _draw(pipe, prompt, count=2):
 def ti_run(tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ti") / "run"
     run(tiny_sd_path, out, "--train_text_encoder_ti_frac", "0.5")
-    reset()
     return out
 
 
@@ -300,7 +291,6 @@ def test_model_card_code_runs_with_the_tokens(ti_run):
 def test_pivotal_recipes_run_on_local_models_in_bf16(recipe, tiny_sd_path, tiny_sdxl_path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     model = tiny_sdxl_path if recipe.startswith("sdxl") else tiny_sd_path
-    reset()
     cfg = load_config(["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(model),
                        *(["--pretrained_vae_model_name_or_path", str(model)] if recipe.startswith("sdxl") else []),
                        "--resolution", "64", "--max_train_steps", "2", "--mixed_precision", "bf16",

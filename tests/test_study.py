@@ -104,9 +104,9 @@ def test_best_rate_is_chosen_on_selection_seeds_only(tmp_path):
         report = (0.4 if c.method == "dora" else 0.8) if good else 0.1
         results[c.id] = {200: {"toy-I": {"selection": 0.9 if good else 0.5, "report": report},
                                "class toy dist": {"selection": 0.1, "report": 0.1}}}
-    best = study.best_rates(cfg, results)
+    best = study.best_rates(cfg, cells, results)
     assert best[("dora", 4)] == 1e-3 and best[("lora", 4)] == 1e-4
-    s = study.summary(cfg, results)
+    s = study.summary(cfg, cells, results)
     rows = {r["method"]: r for r in s["rows"]}
     assert rows["dora"]["metric"][0] == pytest.approx(0.4) and rows["lora"]["metric"][0] == pytest.approx(0.8)
     assert s["pairs"][0]["diff"][0] == pytest.approx(-0.4) and s["pairs"][0]["distinguishable"]

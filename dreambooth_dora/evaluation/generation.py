@@ -32,20 +32,18 @@ def parse_sources(entries: list[str]) -> list[tuple[str, Path, AdapterFile]]:
 
 @torch.no_grad()
 def generate(pipe, names: list[str], prompts: list[tuple[str, str]], cfg: EvalConfig, size: int,
-             progress: bool = True, tokens: list[dict] | None = None, adapters: list[str | None] | None = None) -> dict:
+             progress: bool = True, tokens: list[dict] | None = None) -> dict:
     """{model: {(prompt index, seed): [images]}}; model 'base' runs with every adapter disabled,
     adapter i alone as `adapter<i>`. Each (prompt, seed) starts from the same latents for all.
-    `tokens[m]`: model m's new tokens (pivotal tuning), written where its prompts name the identifier.
-    `adapters[m]`: model m's PEFT adapter name, None for the base (default: base, adapter0, ...)."""
+    `tokens[m]`: model m's new tokens (pivotal tuning), written where its prompts name the identifier."""
     out = {}
     bar = tqdm(total=len(names) * len(prompts) * len(cfg.seeds), desc="generating", disable=not progress)
     for m, name in enumerate(names):
-        adapter = (adapters[m] if adapters is not None else None if m == 0 else f"adapter{m - 1}")
-        if adapter is None:
+        if m == 0:
             pipe.disable_lora()
         else:
             pipe.enable_lora()
-            pipe.set_adapters([adapter])
+            pipe.set_adapters([f"adapter{m - 1}"])
         out[name] = {}
         for j, (_, prompt) in enumerate(prompts):
             for seed in cfg.seeds:

@@ -192,8 +192,6 @@ def plan(cfg: StudyConfig) -> list[Cell]:
 
 def train_cell(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
     """The cell's training run in out/runs/<id> (resumed from its latest checkpoint when there is one)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from ..checkpoints import list_checkpoints
     from ..config import load_config
     from ..train import train
@@ -209,13 +207,7 @@ def train_cell(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
             "--output_dir", str(run), "--report_to", "none", "--validation_prompt", "none"]
     if list_checkpoints(run):
         argv += ["--resume_from_checkpoint", "latest"]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return train(load_config(argv))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    return train(load_config(argv))
 
 
 class Judge:
@@ -226,7 +218,6 @@ class Judge:
 
         from ..data import load_image_folder
         from ..models import load_pipeline, resolve_model
-        from .config import EvalConfig
         from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder
 
         self.cfg = cfg
@@ -236,8 +227,6 @@ class Judge:
         self.prompts = ([("subject", p) for p in cfg.subject_prompts] + [("class", p) for p in cfg.class_prompts]
                         + [("unrelated", p) for p in cfg.unrelated_prompts])
         self.seeds = list(cfg.selection_seeds) + list(cfg.report_seeds)
-        self.ecfg = EvalConfig(seeds=self.seeds, images_per_prompt=1, num_inference_steps=cfg.num_inference_steps,
-                               guidance_scale=cfg.guidance_scale, identifier=cfg.identifier)
         self.instances = [e.image for e in load_image_folder(cfg.instance_data_dir)]
         self.embedders = [DinoEmbedder(cfg.dino_model, self.device)] if cfg.dino_model else []
         self.clip = ClipEmbedder(cfg.clip_model, self.device) if cfg.clip_model else None
@@ -391,11 +380,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> Path:
         write_text(out / "study.json", json.dumps(record, indent=1))
     bar.close()
     if cfg.long_steps:  # the longer runs for the magnitude / direction scatter, at each method's best rate
-        results = collect(out, cells)
-        best = best_rates(cfg, results)
-        for method in [m for m in cfg.methods if m in ("dora", "lora")]:
-            cell = Cell(method, cfg.ranks[0], best[(method, cfg.ranks[0])], cfg.training_seeds[0], cfg.long_steps,
-                        cfg.ranks[0])
+        for cell in long_cells(cfg, best_rates(cfg, cells, collect(out, cells))):
             if cell.id not in record["done"]:
                 if progress:
                     print(f"long run {cell.id} ({cfg.long_steps} steps)", flush=True)
@@ -424,14 +409,21 @@ def value(results: dict, cell: Cell, metric: str, split: str, step: int | None =
     return float("nan") if entry is None else entry[split]
 
 
-def best_rates(cfg: StudyConfig, results: dict) -> dict:
+def long_cells(cfg: StudyConfig, best: dict) -> list[Cell]:
+    """The longer runs (long_steps) of DoRA and LoRA: first rank, the method's best rate, first seed."""
+    rank = cfg.ranks[0]
+    return [Cell(method, rank, best[(method, rank)], cfg.training_seeds[0], cfg.long_steps, rank)
+            for method in cfg.methods if method in ("dora", "lora") and (method, rank) in best]
+
+
+def best_rates(cfg: StudyConfig, cells: list[Cell], results: dict) -> dict:
     """{(method, rank): the learning rate with the best mean primary metric on the selection seeds}."""
     best = {}
     for method in cfg.methods:
         for rank in cfg.ranks:
             scores = {}
             for lr in cfg.learning_rates:
-                vals = [value(results, c, cfg.metric, "selection") for c in _cells(cfg, method, rank, lr)
+                vals = [value(results, c, cfg.metric, "selection") for c in _cells(cells, method, rank, lr)
                         if c.id in results]
                 if vals:
                     scores[lr] = float(np.mean(vals))
@@ -440,32 +432,22 @@ def best_rates(cfg: StudyConfig, results: dict) -> dict:
     return best
 
 
-def _cells(cfg: StudyConfig, method: str, rank: int, lr: float) -> list[Cell]:
-    return [c for c in plan_cache(cfg) if c.method == method and c.rank == rank and c.lr == lr]
+def _cells(cells: list[Cell], method: str, rank: int, lr: float) -> list[Cell]:
+    return [c for c in cells if c.method == method and c.rank == rank and c.lr == lr]
 
 
-_PLANS: dict = {}
-
-
-def plan_cache(cfg: StudyConfig) -> list[Cell]:
-    key = json.dumps(_settings(cfg), sort_keys=True)
-    if key not in _PLANS:
-        _PLANS[key] = plan(cfg)
-    return _PLANS[key]
-
-
-def summary(cfg: StudyConfig, results: dict) -> dict:
+def summary(cfg: StudyConfig, cells: list[Cell], results: dict) -> dict:
     """Per (method, rank) at its best rate: mean and 95% interval over training seeds of the
     primary and drift metrics on the report seeds; per rank, the paired DoRA - LoRA difference."""
-    best = best_rates(cfg, results)
+    best = best_rates(cfg, cells, results)
     rows, pairs = [], []
     per_seed = {}
     for (method, rank), lr in best.items():
-        cells = [c for c in _cells(cfg, method, rank, lr) if c.id in results]
-        vals = {c.seed: value(results, c, cfg.metric, "report") for c in cells}
-        drift = {c.seed: value(results, c, cfg.drift_metric, "report") for c in cells}
+        done = [c for c in _cells(cells, method, rank, lr) if c.id in results]
+        vals = {c.seed: value(results, c, cfg.metric, "report") for c in done}
+        drift = {c.seed: value(results, c, cfg.drift_metric, "report") for c in done}
         per_seed[(method, rank)] = vals
-        rows.append({"method": method, "rank": rank, "train_rank": cells[0].train_rank if cells else rank,
+        rows.append({"method": method, "rank": rank, "train_rank": done[0].train_rank if done else rank,
                      "lr": lr, "seeds": len(vals), "metric": bootstrap_ci(list(vals.values()), cfg.bootstrap),
                      "drift": bootstrap_ci(list(drift.values()), cfg.bootstrap)})
     for rank in cfg.ranks:
@@ -557,17 +539,23 @@ def band_plot(series: list[tuple[str, list[float], list[tuple[float, float, floa
     return img
 
 
-def weight_slope(cfg: StudyConfig, run: Path) -> dict:
-    """The DoRA paper's magnitude / direction analysis of a run's query projections over its
-    snapshots (slope of dM on dD, r, mean changes)."""
+def run_points(cfg: StudyConfig, run: Path) -> list:
+    """The DoRA paper's magnitude / direction points of a run's query projections, every snapshot."""
     from ..adapter_file import apply_to_models, read_adapter
     from ..models import load_pipeline, pipeline_models
-    from .analysis import analyse, summarise
+    from .analysis import analyse
 
     models = pipeline_models(load_pipeline(cfg.base_model))
     adapter = read_adapter(run)
     apply_to_models(adapter, models)
-    sm = summarise(analyse(models, run.name, run, ["to_q", "q_proj"], final=adapter))
+    return analyse(models, run.name, run, ["to_q", "q_proj"], final=adapter)
+
+
+def weight_slope(cfg: StudyConfig, run: Path) -> dict:
+    """A run's weight pattern: slope of dM on dD over its snapshots, r, mean changes."""
+    from .analysis import summarise
+
+    sm = summarise(run_points(cfg, run))
     return {k: sm[k] for k in ("slope", "r", "mean_dm", "mean_dd")}
 
 
@@ -590,27 +578,27 @@ def weight_slopes(cfg: StudyConfig, out: Path, cells: list[Cell]) -> dict:
 
 def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
     """study.md, summary.json and the plots, each written atomically."""
-    from ..outputs import atomic_path, write_text
+    from ..outputs import ADAPTER_FILE, atomic_path, write_text
 
     results = collect(out, cells)
-    s = summary(cfg, results)
-    best = best_rates(cfg, results)
+    s = summary(cfg, cells, results)
+    best = best_rates(cfg, cells, results)
     slopes = weight_slopes(cfg, out, cells)
     for row in s["rows"]:  # the weight pattern at the chosen rate, over training seeds
-        ids = [c.id for c in _cells(cfg, row["method"], row["rank"], row["lr"]) if c.id in slopes]
+        ids = [c.id for c in _cells(cells, row["method"], row["rank"], row["lr"]) if c.id in slopes]
         row["slope"] = bootstrap_ci([slopes[i]["slope"] for i in ids], cfg.bootstrap)
     # metric vs learning rate, per method and rank (bands over training seeds, report seeds)
     series = []
     for method in cfg.methods:
         for rank in cfg.ranks:
-            stats = [bootstrap_ci([value(results, c, cfg.metric, "report") for c in _cells(cfg, method, rank, lr)
+            stats = [bootstrap_ci([value(results, c, cfg.metric, "report") for c in _cells(cells, method, rank, lr)
                                    if c.id in results], cfg.bootstrap) for lr in cfg.learning_rates]
             series.append((f"{method} r{rank}", list(cfg.learning_rates), stats))
     plots = {"metric_vs_lr.png": band_plot(series, f"{cfg.metric} vs learning rate (95% interval over training seeds)",
                                            "learning rate", cfg.metric, log_x=True)}
     series = []
     for (method, rank), lr in best.items():
-        done = [c for c in _cells(cfg, method, rank, lr) if c.id in results]
+        done = [c for c in _cells(cells, method, rank, lr) if c.id in results]
         steps = sorted(set.intersection(*[set(results[c.id]) for c in done])) if done else []
         stats = [bootstrap_ci([value(results, c, cfg.metric, "report", st) for c in done], cfg.bootstrap) for st in steps]
         series.append((f"{method} r{rank} lr {lr:g}", steps, stats))
@@ -618,24 +606,15 @@ def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
                                             cfg.metric)
     long_lines = []
     groups = []
-    for method in [m for m in cfg.methods if m in ("dora", "lora")]:
-        if not cfg.long_steps or (method, cfg.ranks[0]) not in best:
-            continue
-        cell = Cell(method, cfg.ranks[0], best[(method, cfg.ranks[0])], cfg.training_seeds[0], cfg.long_steps,
-                    cfg.ranks[0])
+    for cell in long_cells(cfg, best) if cfg.long_steps else []:
         run = out / "runs" / cell.id
-        if (run / "pytorch_lora_weights.safetensors").is_file():
-            from ..adapter_file import apply_to_models, read_adapter
-            from ..models import load_pipeline, pipeline_models
-            from .analysis import analyse, summarise
+        if (run / ADAPTER_FILE).is_file():
+            from .analysis import summarise
 
-            models = pipeline_models(load_pipeline(cfg.base_model))
-            adapter = read_adapter(run)
-            apply_to_models(adapter, models)
-            points = analyse(models, cell.id, run, ["to_q", "q_proj"], final=adapter)
-            groups.append((f"{method} {cfg.long_steps} steps", points))
+            points = run_points(cfg, run)
+            groups.append((f"{cell.method} {cfg.long_steps} steps", points))
             sm = summarise(points)
-            long_lines.append(f"| {method} | {cfg.long_steps} | {cell.lr:g} | {sm['slope']:.3g} | {sm['r']:.2f} | "
+            long_lines.append(f"| {cell.method} | {cfg.long_steps} | {cell.lr:g} | {sm['slope']:.3g} | {sm['r']:.2f} | "
                               f"{sm['points']} |")
     if groups:
         from .analysis import scatter_plot
