@@ -157,9 +157,10 @@ class Comparison:
                            "letter or digit")
         return label
 
-    def load(self, label: str, path: str | Path, from_ui: bool = False) -> str:
+    def load(self, label: str, path: str | Path, from_ui: bool = False, step: int | None = None) -> str:
         """Load an adapter folder (or file) or a merged pipeline folder as column `label` (new, or
-        replacing that column once the new source has loaded completely)."""
+        replacing that column once the new source has loaded completely); `step`: the training
+        step an adapter snapshot stands for (a checkpoint's), for its caption."""
         label = self._label(label)
         folder = self._path(path, from_ui)
         with self.lock:
@@ -167,7 +168,7 @@ class Comparison:
                 return self._load_merged(label, folder)
             if not folder.is_dir() and folder.suffix != ".safetensors":
                 raise AppError(f"{str(path)!r} is not an adapter folder")
-            return self._load_adapter(label, folder)
+            return self._load_adapter(label, folder, step=step)
 
     def _load_adapter(self, label: str, folder: Path, step: int | None = None) -> str:
         try:
@@ -447,7 +448,7 @@ class Comparison:
         every cell of a row starts from the same initial latents (its row's seed)."""
         cells = self.plan_grid(spec)
         pictures: dict[tuple[int, int], Image.Image] = {}
-        yield 0, len(cells), grid_picture(spec, pictures, self.captions())
+        yield 0, len(cells), grid_picture(spec, pictures)
         with self.lock:
             self.stop.clear()
             latents = {}
@@ -459,7 +460,7 @@ class Comparison:
                                                         cell.seed, spec.steps, spec.guidance, spec.width,
                                                         spec.height, spec.scheduler, cell.scale)[0]
                 self.seconds_per_unit = (time.perf_counter() - t0) / (spec.width * spec.height * spec.steps)
-                yield n, len(cells), grid_picture(spec, pictures, self.captions())
+                yield n, len(cells), grid_picture(spec, pictures)
         self.last_grid = (spec, pictures)
 
     def save_grid(self, spec: "GridSpec", pictures: dict, folder: str | Path | None = None) -> tuple[Path, Path]:
@@ -469,12 +470,12 @@ class Comparison:
         if folder is None:
             raise AppError("no folder for grids: start the app with --adapters-root or --grids-dir")
         folder.mkdir(parents=True, exist_ok=True)
-        stem = time.strftime("grid-%Y%m%d-%H%M%S")
-        n = 0
-        while (folder / f"{stem}{f'-{n}' if n else ''}.png").exists() or \
-                (folder / f"{stem}{f'-{n}' if n else ''}.json").exists():
-            n += 1
-        png, js = folder / f"{stem}{f'-{n}' if n else ''}.png", folder / f"{stem}{f'-{n}' if n else ''}.json"
+        when = time.strftime("grid-%Y%m%d-%H%M%S")
+        for n in itertools.count():  # a name neither file has yet
+            stem = f"{when}-{n}" if n else when
+            png, js = folder / f"{stem}.png", folder / f"{stem}.json"
+            if not png.exists() and not js.exists():
+                break
         labels = [spec.column] if spec.cols == "scales" else list(spec.col_values)
         labels += [self.columns[lbl].source for lbl in labels if lbl in self.columns and self.columns[lbl].source]
         labels = list(dict.fromkeys(lbl for lbl in labels if lbl != "base"))  # views need their source column
@@ -484,7 +485,7 @@ class Comparison:
                     "cells": [[r, c] for (r, c) in sorted(pictures)],
                     "reproduce": "python -m app.grid THIS.json --out NEW.png (the same base model and files)"}
         with atomic_path(png) as tmp:
-            grid_picture(spec, pictures, self.captions()).save(tmp, format="PNG")
+            grid_picture(spec, pictures).save(tmp, format="PNG")
         with atomic_path(js) as tmp:
             tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
         return png, js
@@ -525,7 +526,7 @@ class Cell:
     scale: float
 
 
-def axis_names(spec: GridSpec, captions: dict) -> tuple[list[str], list[str]]:
+def axis_names(spec: GridSpec) -> tuple[list[str], list[str]]:
     rows = [f"seed {v}" if spec.rows == "seeds" else f"scale {float(v):g}" if spec.rows == "scales" else str(v)
             for v in spec.row_values]
     cols = ([f"{spec.column} · scale {float(v):g}" for v in spec.col_values] if spec.cols == "scales"
@@ -533,13 +534,13 @@ def axis_names(spec: GridSpec, captions: dict) -> tuple[list[str], list[str]]:
     return rows, cols
 
 
-def grid_picture(spec: GridSpec, pictures: dict, captions: dict) -> Image.Image:
+def grid_picture(spec: GridSpec, pictures: dict) -> Image.Image:
     """The grid as drawn so far: captioned rows and columns, cells not drawn yet in grey."""
     from dreambooth_dora.validation import image_grid
 
     w, h = int(spec.width), int(spec.height)
     blank = Image.new("RGB", (w, h), (225, 225, 225))
-    rows, cols = axis_names(spec, captions)
+    rows, cols = axis_names(spec)
     cells = [[pictures.get((r, c), blank) for c in range(len(cols))] for r in range(len(rows))]
     return image_grid(cells, rows, column_labels=cols)
 

@@ -20,11 +20,8 @@ def comparison_from(settings: dict, base: str | None = None, device: str | None 
 
     comp = Comparison(base or settings["base_model"], device=device, max_work=10**15)
     for label, col in settings["columns"].items():
-        if col["kind"] == "adapter":
-            with comp.lock:
-                comp._load_adapter(label, Path(col["path"]), step=col.get("step"))
-        elif col["kind"] == "merged":
-            comp.load(label, col["path"])
+        if col["kind"] in ("adapter", "merged"):
+            comp.load(label, col["path"], step=col.get("step"))
     for label, col in settings["columns"].items():  # views after the columns they show
         if col["kind"] == "view":
             comp.add_view(col["source"], col["rule"], label=label)
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with atomic_path(out) as tmp:
-        grid_picture(spec, pictures, comp.captions()).save(tmp, format="PNG")
+        grid_picture(spec, pictures).save(tmp, format="PNG")
     print(f"wrote {out}")
     return 0
 
