@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {args.settings} is not a saved grid's settings ({type(err).__name__}: {err})", file=sys.stderr)
         return 2
+    missing = [c["path"] for c in settings["columns"].values() if c.get("path") and not Path(c["path"]).exists()]
+    if missing:  # before the base model loads
+        print(f"error: the grid's column source {missing[0]!r} is not there (moved or deleted?)", file=sys.stderr)
+        return 2
     from dreambooth_dora.outputs import atomic_path
 
     from .core import AppError, grid_picture

@@ -485,6 +485,9 @@ def test_saved_grid_is_a_png_and_json_that_draw_it_again(many, tmp_path):
     settings = json.loads(js.read_text())
     assert settings["grid"]["row_values"] == [0, 1] and settings["columns"]["dora as ComfyUI"]["rule"] == "comfyui"
     assert grid_main([str(js), "--out", str(png)]) == 2  # an existing file is not replaced
+    moved = tmp_path / "moved.json"
+    moved.write_text(js.read_text().replace(str(many.columns["dora"].path), str(tmp_path / "gone")))
+    assert grid_main([str(moved), "--out", str(tmp_path / "x.png")]) == 2 and not (tmp_path / "x.png").exists()
     again = tmp_path / "again.png"
     assert grid_main([str(js), "--out", str(again)]) == 0
     assert np.array_equal(arr(Image.open(again).convert("RGB")), arr(Image.open(png).convert("RGB")))
