@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import threading
 import time
@@ -367,6 +368,7 @@ class Comparison:
                  columns=None) -> dict[str, list[tuple[Image.Image, float]]]:
         """{column: [(image, seconds), ...]} for every requested column (default: all) that exists."""
         width, height = self._check(prompt, scheduler, width, height)
+        scale = check_scale(scale)
         shown = [c for c in (self.columns if columns is None else columns) if c in self.columns]
         self._bound(width, height, steps, num_images, len(shown), "request")
         with self.lock:
@@ -419,6 +421,9 @@ class Comparison:
             if fixed:
                 raise AppError(f"{fixed[0]!r} has no adapter scale (base, merged and view columns are fixed); "
                                "leave it out of a scale grid")
+        for value in ([*spec.row_values] if spec.rows == "scales" else []) + \
+                ([*spec.col_values] if spec.cols == "scales" else []) + [spec.scale]:
+            check_scale(value)
         cells = []
         for r, rv in enumerate(spec.row_values):
             for c, cv in enumerate(spec.col_values):
@@ -489,6 +494,21 @@ class Comparison:
         with atomic_path(js) as tmp:
             tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
         return png, js
+
+
+SCALE_LIMIT = 8.0  # |adapter scale| a grid draws: beyond it a picture is noise, and 1e9 or inf is a typo
+
+
+def check_scale(value) -> float:
+    """An adapter scale: a finite number within ±SCALE_LIMIT, else one AppError."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise AppError(f"scale {value!r} is not a number") from None
+    if not math.isfinite(scale) or abs(scale) > SCALE_LIMIT:
+        raise AppError(f"scale {value!r} is outside -{SCALE_LIMIT:g}..{SCALE_LIMIT:g} (1 is the adapter as trained, "
+                       "0 the base model)")
+    return scale
 
 
 ROW_AXES = ("seeds", "prompts", "scales")

@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not name.strip() or not path.strip():
             problem = f"--adapter {item!r}: give LABEL=PATH"
         columns.append((name.strip(), path.strip()))
+    labels = [slot for slot in ("dora", "lora") if getattr(args, slot)] + [name for name, _ in columns]
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    if twice and not problem:
+        problem = (f"column label {twice[0]!r} is given twice (--adapter {twice[0]}=... / --{twice[0]}); each "
+                   "column needs its own label, or the second would replace the first")
     for item in args.view:
         name, colon, rule = item.rpartition(":")
         if not colon or rule not in ("comfyui", "a1111"):

@@ -69,12 +69,6 @@ class AdapterInfo:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None and v is not False},
                           sort_keys=True)
 
-    @classmethod
-    def from_json(cls, text: str | None) -> "AdapterInfo":
-        data = json.loads(text) if text else {}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 @dataclass(frozen=True)
 class PartSummary:
@@ -171,11 +165,30 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise AdapterError(f"{str(file)!r} is not in the diffusers adapter layout ({len(unknown)} module(s) like "
                            f"{unknown[0]!r}); {hint}")
     configs: dict[str, dict] = {}
-    if LORA_ADAPTER_METADATA_KEY in meta:
-        for key, value in json.loads(meta[LORA_ADAPTER_METADATA_KEY]).items():
-            prefix, _, name = key.partition(".")
-            configs.setdefault(prefix, {})[name] = value
-    return AdapterFile(file, tensors, configs, AdapterInfo.from_json(meta.get(INFO_KEY)))
+    for key, value in metadata_json(file, meta, LORA_ADAPTER_METADATA_KEY).items():
+        prefix, _, name = key.partition(".")
+        configs.setdefault(prefix, {})[name] = value
+    info = metadata_json(file, meta, INFO_KEY)
+    return AdapterFile(file, tensors, configs, AdapterInfo(**{k: v for k, v in info.items()
+                                                              if k in {f.name for f in fields(AdapterInfo)}}))
+
+
+def metadata_json(file: Path, meta: dict, key: str) -> dict:
+    """The JSON object stored under `key` in a file's metadata ({} when absent); damaged (cut
+    short, edited by hand, not an object) is one AdapterError naming the file and the field."""
+    text = meta.get(key)
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise AdapterError(f"{str(file)!r}: its metadata field {key!r} is damaged (not valid JSON: {err.msg} at "
+                           f"character {err.pos}); the file was cut short or edited, so its settings cannot be "
+                           "trusted: use the training run's copy or retrain") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{str(file)!r}: its metadata field {key!r} is damaged (a JSON {type(data).__name__}, "
+                           "not an object)")
+    return data
 
 
 def check_fits(adapter: AdapterFile, models: dict[str, torch.nn.Module]) -> None:

@@ -60,4 +60,10 @@ def assign(size: tuple[int, int], buckets: list[Bucket], resolution: int, step: 
     if max_upscale is None or max(bucket[0] / w, bucket[1] / h) <= max_upscale:
         return bucket
     s = min(max_upscale, resolution / math.sqrt(w * h))
-    return max(step, int(w * s) // step * step), max(step, int(h * s) // step * step)
+    own = max(step, int(w * s) // step * step), max(step, int(h * s) // step * step)
+    if own[0] * own[1] > resolution * resolution:  # a side rounded up to one step: over the area budget
+        raise ValueError(f"a {w}x{h} picture is too narrow for bucket_step {step} under bucket_max_upscale "
+                         f"{max_upscale:g}: its own bucket would be {own[0]}x{own[1]}, "
+                         f"{own[0] * own[1] / resolution ** 2:.1f}x the area budget {resolution}x{resolution}; "
+                         "crop it, or raise bucket_max_upscale")
+    return own

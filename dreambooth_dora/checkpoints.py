@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .adapters import load_adapter_state_dict
 from .adapter_file import AdapterInfo, layout_prefix, save_adapter
-from .outputs import ADAPTER_FILE, CHECKPOINT, atomic_path, make_readable
+from .outputs import ADAPTER_FILE, CHECKPOINT, OutputError, WriteError, atomic_path, make_readable, write_failure
 from .pivotal import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 
 MANIFEST = "checkpoint.json"
@@ -145,14 +145,24 @@ def register_adapter_hooks(accelerator, models: dict, pivotal=None) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def checkpoint_owner(folder: Path) -> str | None:
+    """The run id a checkpoint's manifest names (None: no readable manifest, owner unknown)."""
+    return (read_manifest(folder) or {}).get("run_id")
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None,
                     run_id: str, settings: dict) -> Path:
     """Save into `checkpoint-<step>.tmp` with its manifest, rename when complete, then drop this
     run's oldest checkpoints beyond the limit (never another run's, never later steps).
 
-    A failed write (a full disk) removes the half-written folder and raises OSError."""
+    A checkpoint of the same step that this run did not write is never replaced (OutputError,
+    before anything is written). A failed write (a full disk) removes the half-written folder and
+    raises WriteError naming the checkpoint."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
+    if final.exists() and checkpoint_owner(final) != run_id:
+        raise OutputError(f"{final} was written by another run; not replacing it (move it away to let this run "
+                          "save its checkpoint there)")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -162,10 +172,13 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
         if accelerator.is_main_process:
             write_manifest(tmp, run_id, step, settings)
             make_readable(tmp)
-    except BaseException:
+    except BaseException as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reason = write_failure(err) if isinstance(err, Exception) else None
+        if reason is None or isinstance(err, WriteError):
+            raise
+        raise WriteError(final, reason) from None
     if accelerator.is_main_process:
         if final.exists():  # this run's own checkpoint of the same step, from before a resume
             shutil.rmtree(final)

@@ -139,9 +139,14 @@ def verify_main(argv: list[str]) -> int:
     except _user_errors() as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    bound = f"<= {report.bound:g}" if report.bound else "within the 16-bit file's own rounding"
-    print(f"{report.file}: error of each UI's merge relative to the adapter's own change, per layer (exact: {bound})")
+    print(f"{report.file} ({report.dtype}): error of each UI's merge relative to the adapter's own change, per "
+          "layer (exact: <= 1e-4; a 16-bit file's own rounding is shown as 'rounding: X%'; NaN/inf: WRONG)")
     print("\n".join(report.table(per_layer=not args.summary)))
+    if report.unchanged:
+        print(f"layers the adapter leaves unchanged, judged against ||W0|| instead: {len(report.unchanged)} "
+              f"(e.g. {report.unchanged[0]})")
+    if report.advice():
+        print(f"note: {report.advice()}")
     if report.missing:
         print(f"layers the file does not cover: {len(report.missing)} (e.g. {report.missing[0]})")
     if report.unmatched:

@@ -221,6 +221,9 @@ class TrainConfig:
     def _validate_datasets(self) -> None:
         if self.instance_data_dir is not None or self.dataset_name is not None:
             raise ConfigError("give either datasets (a list of sets) or instance_data_dir / dataset_name, not both")
+        if not self.datasets:
+            raise ConfigError("datasets is empty; list at least one set (instance_data_dir: ..., instance_prompt: ...), "
+                              "or leave datasets out and give instance_data_dir")
         for i, entry in enumerate(self.datasets):
             if not isinstance(entry, dict):
                 raise ConfigError(f"datasets[{i}] must be a mapping (instance_data_dir: ..., instance_prompt: ...)")
@@ -245,6 +248,15 @@ class TrainConfig:
                 raise ConfigError(f"{where}: repeats and num_class_images must be >= 1")
             if self.with_prior_preservation and not (s.class_prompt and s.class_data_dir):
                 raise ConfigError(f"{where}: with_prior_preservation needs class_prompt and class_data_dir")
+        seen = {}
+        for i, s in enumerate(self.subject_sets()):
+            source = (("folder", str(Path(s.instance_data_dir).resolve())) if s.instance_data_dir is not None
+                      else ("dataset", s.dataset_name))
+            if source in seen:
+                raise ConfigError(f"datasets[{i}] uses the same {source[0]} as datasets[{seen[source]}] "
+                                  f"({s.instance_data_dir or s.dataset_name!r}); give it once, with repeats for more "
+                                  "weight")
+            seen[source] = i
 
     def buckets(self) -> list[tuple[int, int]]:
         """The aspect buckets (w, h) of the run ([] without aspect_buckets)."""
@@ -295,6 +307,14 @@ class TrainConfig:
         if len(set(names)) != len(names) or any(a != b and a in b for a in names for b in names):
             raise ConfigError(f"token_abstraction {self.token_abstraction!r}: each identifier must be distinct and "
                               "not part of another")
+        class_prompts = {p for p in [self.class_prompt, *((d or {}).get("class_prompt") for d in self.datasets or [])]
+                         if p}
+        for name in names:
+            for prompt in sorted(class_prompts):
+                if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", prompt):
+                    raise ConfigError(f"token_abstraction {name!r} is also a word of class_prompt {prompt!r}: every "
+                                      f"prompt saying {name!r} would get the new tokens, the class's too; use a made-up "
+                                      "identifier such as TOK")
 
     def validate(self) -> "TrainConfig":
         """One clear ConfigError per problem, before anything heavy happens."""

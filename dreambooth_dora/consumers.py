@@ -49,10 +49,24 @@ def layers_by_kohya_key(models: dict) -> dict:
             for prefix, model in models.items() for name, layer in adapted_layers(model)}
 
 
-def relative_error(merged: torch.Tensor, w0: torch.Tensor, target: torch.Tensor) -> float:
+NO_CHANGE = 1e-6  # a layer whose change is below this fraction of ||W0|| has (almost) none
+
+
+def has_no_change(w0: torch.Tensor, target: torch.Tensor) -> bool:
+    """The adapter leaves this layer as it was (e.g. SDXL's last clip_l layer, which gets no
+    gradient under penultimate-layer conditioning): ||W' - W0|| <= NO_CHANGE ||W0||."""
+    return (target - w0).float().norm().item() <= NO_CHANGE * w0.float().norm().item()
+
+
+def relative_error(merged: torch.Tensor, w0: torch.Tensor, target: torch.Tensor,
+                   reference: torch.Tensor | None = None) -> float:
     """||W'_merged - W'|| / ||W' - W0||: a consumer's error relative to the adapter's own change
-    (1.0 is as wrong as leaving the adapter out)."""
-    return (merged - target).norm().item() / max((target - w0).norm().item(), 1e-30)
+    (1.0 is as wrong as leaving the adapter out). A layer the adapter does not change is judged
+    against ||W0|| instead (dividing by a change of ~0 would call float rounding a huge error).
+    With `reference`, the error is measured against it instead of W' (the denominator stays).
+    NaN / inf in the merged weights give NaN / inf: never a small number."""
+    scale = (w0 if has_no_change(w0, target) else target - w0).float().norm().item()
+    return (merged - (target if reference is None else reference)).float().norm().item() / max(scale, 1e-30)
 
 
 def part_of(key: str) -> str | None:

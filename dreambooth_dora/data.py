@@ -144,22 +144,44 @@ def load_examples(instance_data_dir: str | None = None, dataset_name: str | None
 
 def attach_masks(examples: list[Example], mask_data_dir: str | None, where: str) -> None:
     """Masks from `mask_data_dir` (same file name, or the same stem with any image suffix), or the
-    alpha already read; every example must have one (DataError naming those without)."""
-    missing = []
+    alpha already read; every example must have one (DataError naming those without), of its
+    image's shape (another aspect ratio would be stretched over the wrong pixels: DataError; the
+    same shape at another size is scaled, with a warning) and not all black (it would train on
+    nothing: DataError)."""
+    missing, shapes, black, scaled = [], [], [], []
     for ex in examples:
+        name = ex.name or "an image"
         if mask_data_dir:
             stem = Path(ex.name).stem
             found = [p for p in [Path(mask_data_dir) / ex.name, *sorted(Path(mask_data_dir).glob(f"{stem}.*"))]
                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
             ex.mask = load_image(found[0]).convert("L") if found else None
-        if ex.mask is not None and ex.mask.size != ex.image.size:
-            ex.mask = ex.mask.resize(ex.image.size, Image.BILINEAR)
         if ex.mask is None:
-            missing.append(ex.name or "an image")
+            missing.append(name)
+            continue
+        (mw, mh), (iw, ih) = ex.mask.size, ex.image.size
+        if (mw, mh) != (iw, ih):
+            if abs(math.log((mw / mh) / (iw / ih))) > 0.01:
+                shapes.append(f"{name} ({mw}x{mh}, image {iw}x{ih})")
+                continue
+            scaled.append(f"{name} ({mw}x{mh} -> {iw}x{ih})")
+            ex.mask = ex.mask.resize(ex.image.size, Image.BILINEAR)
+        if ex.mask.getextrema()[1] == 0:
+            black.append(name)
     if missing:
         source = f"in {mask_data_dir!r}" if mask_data_dir else "(no alpha channel; give mask_data_dir)"
         raise DataError(f"masked_loss: no mask {source} for {len(missing)} image(s) of {where}: "
                         f"{', '.join(missing[:5])}")
+    if shapes:
+        raise DataError(f"masked_loss: {len(shapes)} mask(s) of {where} have another shape than their image and "
+                        f"would be stretched over the wrong pixels: {', '.join(shapes[:3])}; give each mask its "
+                        "image's size")
+    if black:
+        raise DataError(f"masked_loss: {len(black)} mask(s) of {where} are all black, so their images would train "
+                        f"nothing (white marks the subject): {', '.join(black[:5])}")
+    if scaled:
+        warnings.warn(f"masked_loss: {len(scaled)} mask(s) of {where} are scaled to their image's size (same shape): "
+                      f"{', '.join(scaled[:3])}", stacklevel=2)
 
 
 def load_image_folder(folder: str | Path, caption: str = "") -> list[Example]:

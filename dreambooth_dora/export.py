@@ -37,7 +37,7 @@ from .adapter_file import AdapterFile, apply_to_models, base_model_of, load_toke
 from .adapters import merge_adapters
 from .consumers import RULES, KohyaModule, layers_by_kohya_key, merge, relative_error
 from .models import load_pipeline, pipeline_models
-from .outputs import EXPORT_KEY, atomic_dir, atomic_path, check_output_target
+from .outputs import EXPORT_KEY, atomic_dir, atomic_path, claim_output
 from .pivotal import bundled_embeddings
 
 TOKENS_FILE = "tokens.json"  # a fused export's new tokens (pivotal tuning): {abstraction: [token, ...]}
@@ -64,18 +64,18 @@ def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None 
     """A complete diffusers pipeline with the adapter merged into its weights (plain layers),
     saved in `dtype`. `out_dir` must be new or empty, or (with `overwrite`) an earlier fused export."""
     adapter = read_adapter(adapter_dir)
-    out_dir = check_output_target(out_dir, "fused-pipeline", overwrite=overwrite, sources=(adapter.path.parent,))
-    pipe, models = _adapted(adapter, base)
-    for model in models.values():
-        merge_adapters(model)
-    tokens, vectors = token_plan(pipe, adapter, "fused")
-    load_tokens(pipe, tokens, vectors)  # pivotal tuning: the tokenizers and tables gain the new tokens
-    pipe.to(DTYPES[dtype])
-    with atomic_dir(out_dir, "fused-pipeline") as tmp:
-        pipe.save_pretrained(tmp)
-        if tokens:
-            (tmp / TOKENS_FILE).write_text(json.dumps(tokens, indent=1) + "\n", encoding="utf-8")
-    return out_dir
+    with claim_output(out_dir, "fused-pipeline", overwrite=overwrite, sources=(adapter.path.parent,)) as out_dir:
+        pipe, models = _adapted(adapter, base)
+        for model in models.values():
+            merge_adapters(model)
+        tokens, vectors = token_plan(pipe, adapter, "fused")
+        load_tokens(pipe, tokens, vectors)  # pivotal tuning: the tokenizers and tables gain the new tokens
+        pipe.to(DTYPES[dtype])
+        with atomic_dir(out_dir, "fused-pipeline") as tmp:
+            pipe.save_pretrained(tmp)
+            if tokens:
+                (tmp / TOKENS_FILE).write_text(json.dumps(tokens, indent=1) + "\n", encoding="utf-8")
+        return out_dir
 
 
 def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path, sdxl: bool) -> dict:
@@ -123,8 +123,10 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
             tensors[f"{key}.alpha"] = torch.tensor(mod.alpha, dtype=torch.float32)
     exact = EXACT_UNDER[rule]
     measure = (exact or RULES)[0]
-    error = max((relative_error(merge(measure, w0, cast[key]), w0, target) for key, (w0, target) in truths.items()),
-                default=0.0)
+    # the stored precision's error alone: the cast module against the same module in fp32, under the
+    # file's rule (an SVD file's approximation error is its own field, dreambooth_dora_svd_error)
+    error = max((relative_error(merge(measure, w0, cast[key]), w0, target, reference=merge(measure, w0, modules[key]))
+                 for key, (w0, target) in truths.items()), default=0.0)
     metadata = {**_webui_metadata(pipe, adapter, out_file, "text_encoder_2" in models), RULE_KEY: rule,
                 EXACT_KEY: ",".join(exact), "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{error:.3e}",
                 EXPORT_KEY: kind,  # the export marker lets a later `--overwrite` recognise the file as ours
@@ -145,21 +147,21 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
     `dtype` (`dora_scale` computed in fp32 first). `out_file` must be new, or (with `overwrite`)
     an earlier kohya export."""
     adapter = read_adapter(adapter_dir)
-    out_file = check_output_target(out_file, "kohya", overwrite=overwrite, is_file=True,
-                                   sources=(adapter.path.parent,))
-    pipe, models = _adapted(adapter, base)
-    rule = ("comfyui-compensated" if comfyui_compatible else "lycoris-exact") if adapter.use_dora else "lora"
-    prefix = "unet" if adapter.part("unet") else adapter.prefixes[0]
-    rank, alpha = adapter.rank_alpha(prefix)
-    metadata = {
-        "ss_network_module": "lycoris.kohya" if adapter.use_dora else "networks.lora",
-        "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-        "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "wd_on_output": True} if adapter.use_dora
-                                      else {"algo": "lora"}),
-        **({"dreambooth_dora_dora_scale": rule} if adapter.use_dora else {}),  # only DoRA files say which
-    }
-    return _write_module_file(adapter, pipe, models, out_file, rule, "kohya", dtype,
-                              lambda layer, w0, target: kohya_module(layer, comfyui_compatible), metadata)
+    with claim_output(out_file, "kohya", overwrite=overwrite, is_file=True,
+                      sources=(adapter.path.parent,)) as out_file:
+        pipe, models = _adapted(adapter, base)
+        rule = ("comfyui-compensated" if comfyui_compatible else "lycoris-exact") if adapter.use_dora else "lora"
+        prefix = "unet" if adapter.part("unet") else adapter.prefixes[0]
+        rank, alpha = adapter.rank_alpha(prefix)
+        metadata = {
+            "ss_network_module": "lycoris.kohya" if adapter.use_dora else "networks.lora",
+            "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True, "wd_on_output": True} if adapter.use_dora
+                                          else {"algo": "lora"}),
+            **({"dreambooth_dora_dora_scale": rule} if adapter.use_dora else {}),  # only DoRA files say which
+        }
+        return _write_module_file(adapter, pipe, models, out_file, rule, "kohya", dtype,
+                                  lambda layer, w0, target: kohya_module(layer, comfyui_compatible), metadata)
 
 
 @torch.no_grad()
@@ -168,12 +170,12 @@ def export_full(adapter_dir: str | Path, out_file: str | Path, base: str | None 
     """The LyCORIS full-difference file: `diff = W' - W0` (computed in fp32, stored in `dtype`) for
     every adapted layer; exact in A1111, Forge, ComfyUI and LyCORIS."""
     adapter = read_adapter(adapter_dir)
-    out_file = check_output_target(out_file, "full", overwrite=overwrite, is_file=True,
-                                   sources=(adapter.path.parent,))
-    pipe, models = _adapted(adapter, base)
-    return _write_module_file(adapter, pipe, models, out_file, "full", "full", dtype,
-                              lambda layer, w0, target: KohyaModule(diff=target - w0),
-                              {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
+    with claim_output(out_file, "full", overwrite=overwrite, is_file=True,
+                      sources=(adapter.path.parent,)) as out_file:
+        pipe, models = _adapted(adapter, base)
+        return _write_module_file(adapter, pipe, models, out_file, "full", "full", dtype,
+                                  lambda layer, w0, target: KohyaModule(diff=target - w0),
+                                  {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
 
 
 @torch.no_grad()
@@ -186,28 +188,28 @@ def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, ba
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}")
     adapter = read_adapter(adapter_dir)
-    out_file = check_output_target(out_file, "kohya", overwrite=overwrite, is_file=True,
-                                   sources=(adapter.path.parent,))
-    pipe, models = _adapted(adapter, base)
-    worst = 0.0
+    with claim_output(out_file, "kohya", overwrite=overwrite, is_file=True,
+                      sources=(adapter.path.parent,)) as out_file:
+        pipe, models = _adapted(adapter, base)
+        worst = 0.0
 
-    def build(layer, w0, target) -> KohyaModule:
-        nonlocal worst
-        change = (target - w0).flatten(1)  # (out, in·k·k)
-        u, sv, vh = torch.linalg.svd(change, full_matrices=False)
-        r = min(rank, sv.numel())
-        root = sv[:r].sqrt()
-        up, down = u[:, :r] * root, root[:, None] * vh[:r]
-        worst = max(worst, ((up @ down - change).norm() / change.norm().clamp_min(1e-30)).item())
-        if w0.dim() == 4:
-            up, down = up.reshape(w0.shape[0], r, 1, 1), down.reshape(r, *w0.shape[1:])
-        return KohyaModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r))
+        def build(layer, w0, target) -> KohyaModule:
+            nonlocal worst
+            change = (target - w0).flatten(1)  # (out, in·k·k)
+            u, sv, vh = torch.linalg.svd(change, full_matrices=False)
+            r = min(rank, sv.numel())
+            root = sv[:r].sqrt()
+            up, down = u[:, :r] * root, root[:, None] * vh[:r]
+            worst = max(worst, ((up @ down - change).norm() / change.norm().clamp_min(1e-30)).item())
+            if w0.dim() == 4:
+                up, down = up.reshape(w0.shape[0], r, 1, 1), down.reshape(r, *w0.shape[1:])
+            return KohyaModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r))
 
-    _write_module_file(adapter, pipe, models, out_file, "svd-lora", "kohya", dtype, build,
-                       lambda: {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                "ss_network_alpha": str(float(rank)), "ss_network_args": json.dumps({"algo": "lora"}),
-                                "dreambooth_dora_svd_error": f"{worst:.3e}"})  # after the builds measured it
-    return out_file, worst
+        _write_module_file(adapter, pipe, models, out_file, "svd-lora", "kohya", dtype, build,
+                           lambda: {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                    "ss_network_alpha": str(float(rank)), "ss_network_args": json.dumps({"algo": "lora"}),
+                                    "dreambooth_dora_svd_error": f"{worst:.3e}"})  # after the builds measured it
+        return out_file, worst
 
 
 @torch.no_grad()

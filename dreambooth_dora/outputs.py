@@ -3,11 +3,16 @@ the checks that keep a destination from replacing what the project did not write
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +21,58 @@ ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # the adapter in a run folder
 
 class OutputError(ValueError):
     """A destination that would lose or mix something; the CLI prints it on one line (exit 2)."""
+
+
+class WriteError(OutputError):
+    """A write that failed (a full disk, a read-only or lost mount): one line naming the file, why,
+    and what is free there. The atomic writers raise it after removing their half-written files."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason, self.free = str(path), reason, free_space(path)
+        super().__init__(f"could not write {self.path}: {reason} ({self.free} free there)")
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """The free space of the disk holding `path` (or its nearest existing folder), for messages."""
+    place = Path(path)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} bytes"
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a write failed, in words, when `err` is one (OSError, safetensors' SafetensorError,
+    torch's serialisation RuntimeError); None for anything else (a bug stays a traceback)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err) or type(err).__name__
+    text = str(err)
+    if type(err).__name__ == "SafetensorError" or (isinstance(err, RuntimeError) and any(
+            s in text for s in ("inline_container", "PytorchStreamWriter", "file write failed"))):
+        if "os error 28" in text or "No space left" in text:
+            return "No space left on device"
+        if "unexpected pos" in text or "file write failed" in text:  # torch's zip writer on a full disk
+            return "the write stopped short (a full disk?)"
+        return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    return None
+
+
+def resolve(raw: str | os.PathLike, what: str) -> Path:
+    """`raw` made absolute with links followed; a symbolic link loop is one OutputError (Python
+    raises RuntimeError or OSError for it depending on the version)."""
+    try:
+        return Path(raw).expanduser().resolve()
+    except (RuntimeError, OSError) as err:
+        if isinstance(err, RuntimeError) and "loop" not in str(err).lower():
+            raise
+        raise OutputError(f"{what} {str(raw)!r} is a symbolic link loop (a link that leads back to itself); "
+                          "give a real folder or file") from None
 
 
 OUTPUT_MARKER = ".dreambooth-dora-output.json"  # in folders the project wrote (fused export, report)
@@ -48,18 +105,52 @@ def make_readable(path: str | os.PathLike) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]+\.tmp$")  # atomic_path's: .<name>.<pid>-<random>.tmp
+
+
+def clean_stale_temp_files(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove temp files `atomic_path` left in `folder` when its process was killed (their names
+    carry the writer's pid; a live writer's are kept). With `name`, only those of that file."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = TEMP_FILE.match(p.name)
+        if not m or (name is not None and m["name"] != name) or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds
-    (an interrupted or failed write leaves the previous file, and no temp file behind)."""
+    (an interrupted or failed write leaves the previous file, and no temp file behind). The temp
+    name carries the pid, so one left by a killed process is recognised and removed next time.
+    A failed write is a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise WriteError(path, write_failure(err)) from None
     try:
         yield Path(tmp)
         make_readable(tmp)  # after the write: safetensors' save_file resets the mode to 0600
         os.replace(tmp, path)
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None or isinstance(err, WriteError):
+            raise
+        raise WriteError(path, reason) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -109,6 +200,11 @@ def atomic_dir(path: str | os.PathLike, kind: str):
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None or isinstance(err, WriteError):
+            raise
+        raise WriteError(path, reason) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # the swap failed half-way: put the old one back
@@ -173,12 +269,20 @@ def check_writable_place(path: Path, what: str) -> None:
                           f"{err.strerror or type(err).__name__}") from None
 
 
-def check_not_degenerate(path: Path, raw: str, what: str) -> None:
-    """Refuse the file-system root, the home folder, and the current folder or one holding it."""
+def check_not_degenerate(path: Path, raw: str, what: str, file: bool = False) -> None:
+    """Refuse the file-system root, the home folder, and the current folder or one holding it;
+    with `file`, `path` is the folder a file would go into, and the same places are refused for it
+    (an export scattered into /, home or the working folder is what the README promises never to do)."""
     cwd = Path.cwd().resolve()
-    if path == Path(path.anchor) or path == Path.home().resolve():
-        raise OutputError(f"{what} {raw!r} is {'the file-system root' if path == Path(path.anchor) else 'your home folder'}; "
-                          "name a new folder for it")
+    is_root, is_home = path == Path(path.anchor), path == Path.home().resolve()
+    place = "the file-system root" if is_root else "your home folder" if is_home else "the current folder"
+    if file and (is_root or is_home or cwd == path):
+        raise OutputError(f"{what} {raw!r} would write into {place}; put it in a folder of its own, "
+                          "e.g. outputs/exports/NAME.safetensors or your UI's loras folder")
+    if file:
+        return
+    if is_root or is_home:
+        raise OutputError(f"{what} {raw!r} is {place}; name a new folder for it")
     if cwd == path or cwd.is_relative_to(path):
         raise OutputError(f"{what} {raw!r} is the current folder{' or holds it' if cwd != path else ''}; "
                           "name a new folder for it, e.g. outputs/my_export")
@@ -194,10 +298,10 @@ def check_output_target(target: str | os.PathLike, kind: str, *, overwrite: bool
     raw = str(target).strip()
     if not raw:
         raise OutputError(f"{what} is empty: name a {'file' if is_file else 'folder'} to write")
-    path = Path(raw).expanduser().resolve()
-    check_not_degenerate(path, raw, what)
+    path = resolve(raw, what)
+    check_not_degenerate(path.parent if is_file else path, raw, what, file=is_file)
     for source in sources:
-        source = Path(source).resolve()
+        source = resolve(source, "the source")
         folder = source if source.is_dir() else source.parent
         if path == source or path == folder or path.is_relative_to(folder) or folder.is_relative_to(path):
             how = "into" if path != folder and path.is_relative_to(folder) else "over"
@@ -227,3 +331,121 @@ def check_output_target(target: str | os.PathLike, kind: str, *, overwrite: bool
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# ---- one writer per destination ------------------------------------------------------------------
+#
+# A lock file beside the destination (`.<name>.lock`, so it exists before the folder does and a
+# file destination can have one too), held with flock(2) for as long as the command writes there.
+# The kernel releases the lock when its process dies, however it dies: a lock file left by a
+# killed process is recognised (the lock is free) and taken over. The file records who holds it,
+# for the message the second writer gets.
+
+def lock_file_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _holder(text: str) -> str:
+    try:
+        who = json.loads(text)
+        return f"process {who['pid']} ({who['command']}, since {who['since']}" + \
+            (f", on {who['host']}" if who.get("host") != socket.gethostname() else "") + ")"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+class DestinationLock:
+    """An exclusive lock on a destination (a run folder, an export); see above.
+
+    `DestinationLock(path, what, command).acquire()` raises OutputError (one line naming the holder)
+    when another process holds it; `release()` removes the lock file. `taken_over` names the dead
+    process whose lock file was found, if any."""
+
+    def __init__(self, path: str | os.PathLike, what: str, command: str):
+        self.path, self.what, self.command = Path(path), what, command
+        self.file = lock_file_of(self.path)
+        self.fd: int | None = None
+        self.taken_over: str | None = None
+        self.created: list[Path] = []  # folders made to hold the lock file (removed again if left empty)
+
+    def acquire(self) -> "DestinationLock":
+        parent = self.file.parent
+        missing = []
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        try:
+            for folder in reversed(missing):
+                folder.mkdir()
+                self.created.append(folder)
+            while True:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                    os.close(fd)
+                    self._remove_created()
+                    raise OutputError(f"{self.what} {str(self.path)!r} is in use by {_holder(text)}; wait for it to "
+                                      f"finish or choose another {self.what} (lock {self.file.name})") from None
+                try:  # the releaser unlinks the file: make sure we hold the one that is still there
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.file))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            old = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            if old:
+                self.taken_over = _holder(old)
+            record = json.dumps({"pid": os.getpid(), "command": self.command, "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+        except OSError as err:
+            self._remove_created()
+            raise OutputError(f"{self.what} {str(self.path)!r}: cannot create its lock file "
+                              f"{str(self.file)!r}: {err.strerror or err}") from None
+        self.fd = fd
+        return self
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+        self.created = []
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.file)  # while still holding it: a waiter then finds a new file, not this one
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        if not self.path.exists():
+            self._remove_created()
+
+    def __enter__(self) -> "DestinationLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def hold(path: str | os.PathLike, what: str, command: str | None = None) -> DestinationLock:
+    """`with hold(path, "--out"):` one writer at a time for `path` (see DestinationLock)."""
+    return DestinationLock(path, what, command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]).strip())
+
+
+@contextmanager
+def claim_output(target: str | os.PathLike, kind: str, *, what: str = "--out", command: str = "export", **kw):
+    """`check_output_target` under the destination's lock, held while the block writes: a second
+    command (a trainer, another export) aimed at the same place stops with one line, and the
+    check cannot go stale between the look and the write. Yields the vetted path."""
+    path = check_output_target(target, kind, what=what, **kw)  # refused at once when it is plainly wrong
+    with hold(path, what, command):
+        yield check_output_target(target, kind, what=what, **kw)  # again, now that nobody else writes there

@@ -22,15 +22,16 @@ import re
 import shutil
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .pivotal import EMBEDDINGS_FILE, WEBUI_FOLDER
-from .checkpoints import CHECKPOINT, checkpoint_problem, list_checkpoints, read_manifest
+from .checkpoints import CHECKPOINT, checkpoint_owner, checkpoint_problem, checkpoint_step, list_checkpoints, read_manifest
 from .config import ConfigError
 from .outputs import (ADAPTER_FILE, RUN_FILE, TRAIN_CONFIG, OutputError, atomic_path, check_not_degenerate,
-                      check_not_inside_outputs, check_writable_place)
+                      check_not_inside_outputs, check_writable_place, hold, resolve)
 
 TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_path's leftovers: .<name>.<random>.tmp
 
@@ -65,6 +66,11 @@ class RunPlan:
     resume: list[Path] = field(default_factory=list)  # checkpoints to try, newest first (the first verified)
     replace_old: bool = False  # --overwrite_output_dir: the old run goes before the new one comes
     messages: list[str] = field(default_factory=list)
+    foreign: dict[int, Path] = field(default_factory=dict)  # step -> a checkpoint another run wrote here
+
+    def clashes(self, start: int, max_steps: int, every: int) -> list[Path]:
+        """Other runs' checkpoints at steps this run would save (start, max_steps): never replaced."""
+        return [p for s, p in sorted(self.foreign.items()) if start < s < max_steps and s % every == 0]
 
 
 def _settings(cfg) -> dict:
@@ -113,7 +119,7 @@ def check_output_dir(cfg) -> Path:
     """Where the run goes is a folder we may write, apart from the data it trains on."""
     raw = str(cfg.output_dir)
     try:
-        out = Path(raw).expanduser().resolve()
+        out = resolve(raw, "output_dir")
         check_not_degenerate(out, raw, "output_dir")
         if out.exists() and not out.is_dir():
             raise OutputError(f"output_dir {raw!r} is a file; give a folder")
@@ -126,7 +132,10 @@ def check_output_dir(cfg) -> Path:
             given = getattr(s, name)
             if not given:
                 continue
-            data = Path(given).expanduser().resolve()
+            try:
+                data = resolve(given, name)
+            except OutputError as err:
+                raise ConfigError(str(err)) from None
             if out == data or out.is_relative_to(data) or data.is_relative_to(out):
                 raise ConfigError(f"output_dir {raw!r} and {name} {str(given)!r} overlap; "
                                   "keep the run's outputs apart from its images")
@@ -188,9 +197,11 @@ def plan_run(cfg, data_fingerprint: str) -> RunPlan:
         every = list_checkpoints(out)
         own = record.get("run_id") if record else None
         candidates = list(reversed(list_checkpoints(out, run_id=own) if own else every))
-        others = [p.name for p in every if own and p not in candidates]
+        others = [p for p in every if own and p not in candidates]
+        plan.foreign = {checkpoint_step(p): p for p in others}
         if others:
-            plan.messages.append(f"not resuming from {', '.join(others)}: written by another run")
+            plan.messages.append(f"not resuming from {', '.join(p.name for p in others)}: written by another run "
+                                 "(left as they are; this run never replaces them)")
         damaged = []
         for i, ckpt in enumerate(candidates):  # newest first; hashing stops at the first whole one
             problem = checkpoint_problem(ckpt)
@@ -217,6 +228,7 @@ def plan_run(cfg, data_fingerprint: str) -> RunPlan:
     if problem:
         raise ConfigError(f"checkpoint {str(path)!r} is damaged: {problem}")
     manifest = read_manifest(path)
+    plan.foreign = {checkpoint_step(p): p for p in list_checkpoints(out) if checkpoint_owner(p) != plan.run_id}
     if record is None and manifest is not None:  # a checkpoint from elsewhere seeds this new folder
         _check_compatible(str(path), {"settings": manifest["settings"], "data": None}, settings, data_fingerprint)
     plan.resume = [path]
@@ -259,6 +271,34 @@ def clean_leftovers(out: Path) -> list[str]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
     return removed
+
+
+@contextmanager
+def run_folder_lock(accelerator, out: Path):
+    """The run folder's lock (outputs.DestinationLock), held by the main process for the whole run;
+    every process learns whether it was had, so all stop with the same one line if not."""
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = hold(out, "output_dir", "train").acquire()
+        except OutputError as err:
+            problem = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [problem]
+        broadcast_object_list(box, from_process=0)
+        problem = box[0]
+    if problem:
+        raise ConfigError(problem)
+    try:
+        if lock is not None and lock.taken_over:
+            accelerator.print(f"output_dir: took over the lock file left by {lock.taken_over}, which is no longer "
+                              "running")
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def start_run(plan: RunPlan) -> None:

@@ -28,16 +28,16 @@ from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
-from .data import (BatchMaker, Example, cache_latents, load_examples, load_image_folder, micro_steps_per_epoch,
+from .data import (BatchMaker, DataError, Example, cache_latents, load_examples, load_image_folder, micro_steps_per_epoch,
                    step_rng)
 from .ema import AdapterEMA
 from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card
 from .models import load_components, resolve_model
-from .outputs import TRAIN_CONFIG, write_text
+from .outputs import TRAIN_CONFIG, WriteError, free_space, write_failure, write_text
 from .pivotal import PivotalTokens, insert_tokens, new_token_names
 from .prior import ensure_class_images
-from .runs import RunPlan, fingerprint_examples, plan_run, start_run
+from .runs import RunPlan, check_output_dir, fingerprint_examples, plan_run, run_folder_lock, start_run
 from .validation import validate
 
 
@@ -47,14 +47,23 @@ class TrainingError(RuntimeError):
 
 @contextmanager
 def saving(what: str, last_checkpoint: Path | None):
-    """A failed write (a full disk, a lost mount) as one line; the atomic writers have already
+    """A failed write (a full disk, a lost mount: OSError, safetensors' or torch's serialisation
+    errors) as one line naming the file and the free space; the atomic writers have already
     removed their half-written files, so only complete files are ever left behind."""
     try:
         yield
-    except OSError as err:
+    except Exception as err:
+        if isinstance(err, WriteError):
+            path, reason, free = err.path, err.reason, err.free
+        else:
+            reason = write_failure(err)
+            if reason is None:
+                raise
+            path = getattr(err, "filename", None) or what
+            free = free_space(path)
         where = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
-        raise TrainingError(f"could not write {what}: {err.strerror or err}; nothing half-written was left, "
-                            f"{where}") from None
+        raise TrainingError(f"could not write {what}: {reason} ({path}; {free} free there); nothing half-written "
+                            f"was left, {where}") from None
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict]):
@@ -116,8 +125,12 @@ def example_buckets(cfg: TrainConfig, examples: list[Example], say=print) -> lis
     many pictures each bucket holds."""
     if not cfg.aspect_buckets:
         return None
-    found = [assign(ex.image.size, cfg.buckets(), cfg.resolution, cfg.bucket_step, cfg.bucket_max_upscale)
-             for ex in examples]
+    found = []
+    for ex in examples:
+        try:
+            found.append(assign(ex.image.size, cfg.buckets(), cfg.resolution, cfg.bucket_step, cfg.bucket_max_upscale))
+        except ValueError as err:
+            raise DataError(f"aspect_buckets: {ex.name or 'an image'}: {err}") from None
     counts = {b: found.count(b) for b in sorted(set(found), key=lambda b: b[0] / b[1])}
     say("aspect buckets (images): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items()))
     return found
@@ -224,11 +237,17 @@ def resume(accelerator, plan: RunPlan) -> tuple[int, Path | None]:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train an adapter as `cfg` says; returns the adapter file's path."""
-    from diffusers.optimization import get_scheduler
-
+    """Train an adapter as `cfg` says; returns the adapter file's path. The run folder is locked
+    for the whole run: a second trainer (or export) into it stops with one line."""
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, out_dir)
+    with run_folder_lock(accelerator, check_output_dir(cfg)):
+        return run_training(cfg, accelerator, out_dir)
+
+
+def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
+    """The run itself, its folder locked by `train`."""
+    from diffusers.optimization import get_scheduler
 
     # ---- data and the run folder (a new run, this run resumed, another replaced): before any model loads
     sets = cfg.subject_sets()
@@ -254,6 +273,12 @@ def train(cfg: TrainConfig) -> Path:
     tokenizers, text_encoders, vae, unet, noise_scheduler = load_components(
         model_path, cfg.revision, cfg.variant, cfg.pretrained_vae_model_name_or_path)
     sdxl = len(text_encoders) == 2
+    vocab = tokenizers[0].get_vocab() if tokens else {}
+    for abstraction in tokens:  # lower case and one whole token of the vocabulary: a word prompts use as it is
+        if abstraction == abstraction.lower() and f"{abstraction}</w>" in vocab:
+            warnings.warn(f"token_abstraction {abstraction!r} is an ordinary word the text encoder knows: every prompt "
+                          f"that says {abstraction!r} (also when using the adapter later) gets the new tokens in its "
+                          "place; a made-up identifier such as TOK avoids that", stacklevel=2)
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     prediction_type = noise_scheduler.config.prediction_type
@@ -306,6 +331,12 @@ def train(cfg: TrainConfig) -> Path:
         groups.append({"params": pivotal.parameters(), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
                        "weight_decay": cfg.adam_weight_decay if decay_te is None else decay_te})
     params = [p for g in groups for p in g["params"]]
+    start = checkpoint_step(plan.resume[0]) if plan.resume else 0
+    clashes = plan.clashes(start, max_steps, cfg.checkpointing_steps)
+    if clashes:
+        raise ConfigError(f"{clashes[0]} was written by another run and this run would save its own checkpoint "
+                          f"there; it is never replaced: move it away, or resume with max_train_steps <= "
+                          f"{checkpoint_step(clashes[0])} or another checkpointing_steps")
     ti_steps = max(1, int(cfg.train_text_encoder_ti_frac * max_steps))  # the pivot
     optimizer = build_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,

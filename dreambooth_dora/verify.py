@@ -4,11 +4,18 @@ rule we know and compare with the adapter's exact weights, layer by layer, befor
 The truth is the adapter (`--against`, our file) applied to the base model by our exact layers:
 W' per adapted layer. The file (kohya / LyCORIS / full, our adapter, or a fused pipeline folder) is
 merged by each rule of `consumers.RULES`; the error of a layer is `||W'_rule - W'|| / ||W' - W0||`
-(relative to the adapter's own change: 1.0 means as wrong as leaving the adapter out).
+(relative to the adapter's own change: 1.0 means as wrong as leaving the adapter out; a layer the
+adapter leaves unchanged is judged against ||W0||, and the report says how many).
+
+Verdicts, per rule: "exact" (every layer within fp32 rounding, 1e-4); for a 16-bit file,
+"rounding: X%" where the rule is as good as the file's precision allows (within 1.5x of the best
+rule) and X is its measured worst error; "WRONG" otherwise, and always for a layer whose merge is
+NaN / inf or a layer the file does not cover.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +23,22 @@ from pathlib import Path
 import torch
 
 from .adapter_file import AdapterError, apply_to_models, base_model_of, layout_prefix, read_adapter
-from .consumers import (RULE_NAMES, RULES, KohyaModule, kohya_key, layers_by_kohya_key, merge, read_kohya_modules,
-                        relative_error)
+from .consumers import (RULE_NAMES, RULES, KohyaModule, has_no_change, kohya_key, layers_by_kohya_key, merge,
+                        read_kohya_modules, relative_error)
 from .export import kohya_module
 from .file_info import read_safetensors
 from .models import PARTS, load_pipeline, pipeline_models
 from .outputs import ADAPTER_FILE
 
-EXACT = {"fp32": 1e-4, "16-bit": None}  # what "exact" allows: float rounding of the stored tensors
+EXACT = 1e-4  # what "exact" allows: fp32 rounding of the stored tensors
+ROUNDING_ADVICE = 0.01  # a 16-bit file that loses more than this gets a recommendation
+
+
+def worst(values: list[float]) -> float:
+    """The largest error, NaN when any is NaN (Python's max would skip it by order)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values, default=0.0)
 
 
 @dataclass
@@ -33,29 +48,49 @@ class VerifyReport:
     errors: dict[str, list[float]]  # rule -> per layer, in `layers` order
     missing: list[str] = field(default_factory=list)  # adapted layers the file does not cover
     unmatched: list[str] = field(default_factory=list)  # file modules that match no adapted layer
-    bound: float = EXACT["fp32"]
+    dtype: str = "fp32"  # the file's stored precision: fp32, fp16 or bf16
+    unchanged: list[str] = field(default_factory=list)  # layers the adapter leaves as they were: judged vs ||W0||
+
+    @property
+    def rounding(self) -> float:
+        """A 16-bit file's own rounding: the best rule's worst error (no rule can beat it)."""
+        finite = [worst(v) for v in self.errors.values() if math.isfinite(worst(v))]
+        return min(finite, default=math.nan)
+
+    def verdict(self, rule: str) -> str:
+        """'exact', 'rounding: X%' (16-bit files, as good as their precision allows) or 'WRONG'."""
+        w = worst(self.errors[rule])
+        if self.missing or not math.isfinite(w):
+            return "WRONG"
+        if w <= EXACT:
+            return "exact"
+        best = self.rounding
+        if self.dtype != "fp32" and best <= 0.1 and w <= 1.5 * best:
+            return f"rounding: {100 * w:.2g}%"
+        return "WRONG"
 
     def exact(self, rule: str) -> bool:
-        """Within float rounding: 1e-4 for fp32 files; a 16-bit file's own rounding (the best rule's
-        error, which no rule can beat) x 1.5 for 16-bit files."""
-        worst = max(self.errors[rule], default=0.0)
-        if self.missing:
-            return False
-        if self.bound == EXACT["fp32"]:
-            return worst <= self.bound
-        best = min(max(v, default=0.0) for v in self.errors.values())
-        return best <= 0.1 and worst <= max(EXACT["fp32"], 1.5 * best)
+        return self.verdict(rule) == "exact"
+
+    def advice(self) -> str | None:
+        """What to use instead when the file's precision loses more than 1% of the change."""
+        best = self.rounding
+        if self.dtype == "fp32" or not (math.isfinite(best) and best > ROUNDING_ADVICE):
+            return None
+        return (f"{self.dtype} storage loses {100 * best:.2g}% of the adapter's change here; for under 1% export "
+                f"--format full{' or --dtype fp16' if self.dtype == 'bf16' else ''} (or --dtype fp32: exact)")
 
     def table(self, per_layer: bool = True) -> list[str]:
         head = "| layer | " + " | ".join(RULE_NAMES[r] for r in RULES) + " |"
         lines = [head, "|---" * (len(RULES) + 1) + "|"]
         if per_layer:
             for i, layer in enumerate(self.layers):
-                lines.append(f"| {layer} | " + " | ".join(f"{self.errors[r][i]:.2e}" for r in RULES) + " |")
-        lines.append("| **max** | " + " | ".join(f"{max(self.errors[r], default=0):.2e}" for r in RULES) + " |")
+                mark = " (unchanged: vs ‖W0‖)" if layer in self.unchanged else ""
+                lines.append(f"| {layer}{mark} | " + " | ".join(f"{self.errors[r][i]:.2e}" for r in RULES) + " |")
+        lines.append("| **max** | " + " | ".join(f"{worst(self.errors[r]):.2e}" for r in RULES) + " |")
         lines.append("| **median** | " + " | ".join(f"{statistics.median(self.errors[r] or [0]):.2e}"
                                                       for r in RULES) + " |")
-        lines.append("| **verdict** | " + " | ".join("exact" if self.exact(r) else "WRONG" for r in RULES) + " |")
+        lines.append("| **verdict** | " + " | ".join(self.verdict(r) for r in RULES) + " |")
         return lines
 
 
@@ -105,10 +140,10 @@ def verify(file: str | Path, against: str | Path, base: str | None = None) -> Ve
               for key, layer in layers_by_kohya_key(models).items()}
     modules = _file_modules(path, read, base, truths)
     layers = [k for k in truths if k in modules]
-    sixteen = any(isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
-                  for m in modules.values() for t in vars(m).values())
+    dtypes = {t.dtype for m in modules.values() for t in vars(m).values() if isinstance(t, torch.Tensor)}
+    dtype = "bf16" if torch.bfloat16 in dtypes else "fp16" if torch.float16 in dtypes else "fp32"
     errors = {rule: [relative_error(merge(rule, truths[k][0], modules[k]), *truths[k]) for k in layers]
               for rule in RULES}
     return VerifyReport(str(path), layers, errors, missing=[k for k in truths if k not in modules],
-                        unmatched=sorted(k for k in modules if k not in truths),
-                        bound=EXACT["16-bit" if sixteen else "fp32"])
+                        unmatched=sorted(k for k in modules if k not in truths), dtype=dtype,
+                        unchanged=[k for k in layers if has_no_change(*truths[k])])

@@ -190,6 +190,32 @@ def plan(cfg: StudyConfig) -> list[Cell]:
     return cells
 
 
+def cell_argv(cfg: StudyConfig, cell: Cell, run: Path) -> list[str]:
+    """The training flags of one cell (its run folder `run`)."""
+    steps = cell.steps or cfg.max_train_steps
+    return ["--pretrained_model_name_or_path", cfg.base_model, "--instance_data_dir", cfg.instance_data_dir,
+            "--instance_prompt", cfg.instance_prompt, *cfg.train_args, *METHOD_FLAGS[cell.method],
+            "--rank", str(cell.train_rank), "--lora_alpha", str(cell.train_rank), "--learning_rate", str(cell.lr),
+            "--seed", str(cell.seed), "--max_train_steps", str(steps),
+            "--checkpointing_steps", str(cfg.checkpointing_steps if not cell.steps else max(cfg.checkpointing_steps,
+                                                                                           steps // 10)),
+            "--output_dir", str(run), "--report_to", "none", "--validation_prompt", "none"]
+
+
+def check_train_args(cfg: StudyConfig) -> None:
+    """Every cell's training settings validate (ConfigError naming the first problem), checked
+    before the study writes anything: one cell per method (the ranks and rates are checked by
+    the study's own settings)."""
+    from ..config import load_config
+
+    for method in cfg.methods:
+        cell = Cell(method, cfg.ranks[0], cfg.learning_rates[0], cfg.training_seeds[0], 0, cfg.ranks[0])
+        try:
+            load_config(cell_argv(cfg, cell, Path(cfg.output_dir) / "runs" / cell.id))
+        except ConfigError as err:
+            raise ConfigError(f"train_args: {err}") from None
+
+
 def train_cell(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
     """The cell's training run in out/runs/<id> (resumed from its latest checkpoint when there is one)."""
     from ..checkpoints import list_checkpoints
@@ -197,14 +223,7 @@ def train_cell(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
     from ..train import train
 
     run = out / "runs" / cell.id
-    steps = cell.steps or cfg.max_train_steps
-    argv = ["--pretrained_model_name_or_path", cfg.base_model, "--instance_data_dir", cfg.instance_data_dir,
-            "--instance_prompt", cfg.instance_prompt, *cfg.train_args, *METHOD_FLAGS[cell.method],
-            "--rank", str(cell.train_rank), "--lora_alpha", str(cell.train_rank), "--learning_rate", str(cell.lr),
-            "--seed", str(cell.seed), "--max_train_steps", str(steps),
-            "--checkpointing_steps", str(cfg.checkpointing_steps if not cell.steps else max(cfg.checkpointing_steps,
-                                                                                           steps // 10)),
-            "--output_dir", str(run), "--report_to", "none", "--validation_prompt", "none"]
+    argv = cell_argv(cfg, cell, run)
     if list_checkpoints(run):
         argv += ["--resume_from_checkpoint", "latest"]
     return train(load_config(argv))
@@ -301,10 +320,20 @@ def open_study(cfg: StudyConfig) -> tuple[Path, dict]:
     `resume` this same study (its settings must match, except resume, device and bootstrap)."""
     from ..outputs import check_not_degenerate, check_not_inside_outputs, write_text
 
+    from ..outputs import OutputError, resolve
+
     out = Path(cfg.output_dir)
-    check_not_degenerate(out.resolve(), cfg.output_dir, "output_dir")
-    check_not_inside_outputs(out.resolve(), cfg.output_dir, "output_dir")
+    try:
+        where = resolve(cfg.output_dir, "output_dir")
+    except OutputError as err:
+        raise ConfigError(str(err)) from None
+    check_not_degenerate(where, cfg.output_dir, "output_dir")
+    check_not_inside_outputs(where, cfg.output_dir, "output_dir")
     record_file = out / "study.json"
+    if cfg.resume and not record_file.is_file():
+        raise ConfigError(f"--resume: {str(out)!r} holds no study to continue (no study.json); leave out --resume to "
+                          "start one there")
+    check_train_args(cfg)  # a bad --train_args stops here, before study.json exists
     if out.exists() and any(out.iterdir()):
         if not record_file.is_file():
             raise ConfigError(f"output_dir {str(out)!r} holds files that are not a study; give a new folder")
