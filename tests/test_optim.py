@@ -228,8 +228,10 @@ def test_masks_from_alpha_or_a_folder_follow_the_crop_and_flip(tmp_path):
         PILImage.new("L", ex.image.size, 255).save(masks / (ex.name.rsplit(".", 1)[0] + ".jpg"))
     with pytest.raises(DataError, match=r"masked_loss: no mask in .* for 1 image\(s\) .*s2.png"):
         load_examples(str(data), default_caption="x", masked=True, mask_data_dir=str(masks))
-    PILImage.new("L", (10, 10), 128).save(masks / "s2.png")
-    loaded = load_examples(str(data), default_caption="x", masked=True, mask_data_dir=str(masks))
+    PILImage.new("L", (32, 20), 128).save(masks / "s2.png")  # half the image's size, its shape: scaled
+    with pytest.warns(UserWarning, match=r"1 mask\(s\) .* are scaled to their image's size \(same shape\): "
+                                         r"s2.png \(32x20 -> 64x40\)"):
+        loaded = load_examples(str(data), default_caption="x", masked=True, mask_data_dir=str(masks))
     assert loaded[0].mask.getextrema() == (255, 255) and loaded[2].mask.size == loaded[2].image.size
     opaque = tmp_path / "opaque"
     opaque.mkdir()

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..adapter_file import apply_to_models, check_fits, load_adapter
 from ..config import ConfigError
 from ..models import load_pipeline, pipeline_models, resolve_model
-from ..outputs import atomic_dir, check_output_target
+from ..outputs import atomic_dir, check_output_target, hold
 from .analysis import analyse, summarise
 from .config import USAGE, EvalConfig, load_eval_config
 from .generation import generate, parse_sources
@@ -49,8 +49,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
 
     instances = [e.image for e in load_image_folder(cfg.instance_data_dir)]
     sources = parse_sources(cfg.adapters)
-    out = check_output_target(cfg.output_dir, "evaluation-report", overwrite=cfg.overwrite, what="output_dir",
-                              flag="--overwrite", sources=(cfg.instance_data_dir, *(a.path.parent for _, _, a in sources)))
+    target = dict(overwrite=cfg.overwrite, what="output_dir", flag="--overwrite",
+                  sources=(cfg.instance_data_dir, *(a.path.parent for _, _, a in sources)))
+    out = check_output_target(cfg.output_dir, "evaluation-report", **target)
     subject = cfg.subject_prompts or sorted({a.info.instance_prompt for _, _, a in sources} - {None})
     if not subject:
         raise ConfigError("subject_prompts is not set and the adapters record no instance prompt")
@@ -94,8 +95,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     results = compute_metrics(images, prompts, instances, embedders, clip, cfg.seeds, cfg.identifier)
     names = metric_names(embedders, clip)
 
-    with atomic_dir(out, "evaluation-report") as tmp:
-        write_report(tmp, cfg, prompts, images, instances, results, names, points, summaries)
+    with hold(out, "output_dir", "evaluate"):  # checked again under the lock: nothing else wrote there meanwhile
+        check_output_target(cfg.output_dir, "evaluation-report", **target)
+        with atomic_dir(out, "evaluation-report") as tmp:
+            write_report(tmp, cfg, prompts, images, instances, results, names, points, summaries)
     return out, {"metrics": results, "weight_analysis": summaries, "names": names}
 
 
