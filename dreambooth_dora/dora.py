@@ -164,13 +164,15 @@ class AdaptedLayer(nn.Module):
             return self._add_lowrank(self._base(x, self.bias), h)
         base_d = self._base(xd, None)  # (…, out), no bias
         t = self._add_lowrank(base_d, h)  # xd W0ᵀ + s·xd Aᵀ Bᵀ
-        scale = self._per_channel(self.magnitude_scale().to(t.dtype))
+        # m / n applied in fp32: under autocast t is 16-bit, and the magnitude's gradient (a sum over
+        # every token of grad_y * t) would otherwise be formed from 16-bit products
+        scale = self._per_channel(self.magnitude_scale())
         if dropout_active:
-            y = t * scale + self._base(x, self.bias) - base_d
+            y = (t.float() * scale).to(t.dtype) + self._base(x, self.bias) - base_d
         elif self.bias is not None:
-            y = torch.addcmul(self._per_channel(self.bias.to(t.dtype)), t, scale)
+            y = torch.addcmul(self._per_channel(self.bias.float()), t.float(), scale).to(t.dtype)
         else:
-            y = t * scale
+            y = (t.float() * scale).to(t.dtype)
         return y
 
     # ---- merge ----------------------------------------------------------------------------

@@ -266,8 +266,13 @@ def test_new_features_keep_resume_and_accumulation_exact(tiny_sd_path, tmp_path,
     big = load_file(str(run("big", "--train_batch_size", "2")))
     acc = load_file(str(run("acc", "--train_batch_size", "1", "--gradient_accumulation_steps", "2")))
     # float summation order, magnified by Adam's first steps as in test_train's accumulation test
-    # (2e-4 at lr 1e-2); B's learning rate is 4x here (LoRA+ ratio 4), hence 4x the bound
-    assert max((big[k] - acc[k]).abs().max() for k in big) <= 8e-4
+    # (2e-4 at lr 1e-2); B's learning rate is 4x here (LoRA+ ratio 4): 8e-4 on one machine class,
+    # 9e-4 on another (its kernels sum in another order), so 2e-3; training on other examples
+    # (batch 1 without accumulation) is measured here to differ by far more
+    gap = max((big[k] - acc[k]).abs().max() for k in big)
+    assert gap <= 2e-3
+    single = load_file(str(run("single", "--train_batch_size", "1")))
+    assert max((big[k] - single[k]).abs().max() for k in big) > 5 * max(gap, 2e-3)
     plain = load_file(str(run("plain", "--caption_dropout_rate", "0", "--loraplus_lr_ratio", "1")))
     assert max((plain[k] - full[k]).abs().max() for k in full) > 1e-4  # the options do change training
 
