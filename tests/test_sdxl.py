@@ -241,3 +241,24 @@ def test_sdxl_recipe_runs_on_local_models_in_bf16_with_prior_preservation(tiny_s
     assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
     info = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert info["pretrained_vae_model_name_or_path"] == str(tiny_sdxl_path)
+
+
+def test_verify_on_sdxl_with_text_encoders_judges_the_untrained_last_layer_fairly(sdxl_dora, tmp_path, capsys):
+    """SDXL conditions on clip_l's penultimate layer, so its last layer's adapter gets no gradient
+    and leaves the weight as it was: verify must not divide by that ~0 change (it printed 7e+23
+    and WRONG for every UI)."""
+    from dreambooth_dora.cli import main
+    from dreambooth_dora.export import export_full, export_kohya
+
+    files = {"kohya": export_kohya(sdxl_dora, tmp_path / "k.safetensors"),
+             "full": export_full(sdxl_dora, tmp_path / "f.safetensors")}
+    want = {"kohya": ["exact", "WRONG", "exact", "WRONG"], "full": ["exact"] * 4}
+    for name, path in files.items():
+        assert main(["verify", str(path), "--against", str(sdxl_dora), "--summary"]) == 0
+        out = capsys.readouterr().out
+        row = next(r for r in out.splitlines() if "verdict" in r)
+        assert [c.strip() for c in row.strip("|").split("|")][1:] == want[name], (name, out)
+        assert "layers the adapter leaves unchanged, judged against ||W0|| instead:" in out
+        assert "lora_te1_text_model_encoder_layers_" in out.split("instead:")[1]  # clip_l's, as expected
+        top = [float(c) for c in next(r for r in out.splitlines() if "**max**" in r).strip("|").split("|")[1:]]
+        assert max(top) < 10  # relative errors, not 1e23
