@@ -15,7 +15,12 @@
    it (`torch.cuda.max_memory_allocated`); everywhere the bytes autograd keeps for backward
    (exact, device independent). Reported as ratios.
 3. Writes gpu_check.json and gpu_check.md in a new folder (printed) and exits with 1 if any
-   correctness test failed (2 for bad arguments).
+   correctness test failed (2 for bad arguments). Every test runs with TF32 off (fp32 is checked
+   in true fp32) and the report gives each test's precision. Every model build, copy and step is
+   inside the out-of-memory guard (frozen weights cast before they move to the device), so a
+   report is always written; a part that did not fit says "out of memory at <stage>". Without
+   CUDA the JSON says "cuda": "skipped", "ok" is null (the CPU variants' result is
+   "cpu_variants_ok") and the output says that no GPU figure was produced.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ def run_tests(out: Path, where: str = "tests/") -> dict:
             params = name.partition("[")[2]
             on = ("cuda" if "cuda" in params else "cpu" if "cpu" in params
                   else "cuda" if cuda or "CUDA" in why else "cpu")
-            cases.append({"test": name, "outcome": outcome, "reason": why, "on": on})
+            precision = next((p for p in ("fp32", "fp16", "bf16") if p in params),
+                             "fp16" if "half_precision" in name else "fp32")
+            cases.append({"test": name, "outcome": outcome, "reason": why, "on": on, "precision": precision})
     summary = {on: {k: sum(c["outcome"] == k for c in cases if c["on"] == on) for k in ("passed", "failed", "skipped")}
                for on in ("cpu", "cuda")}
     ok = proc.returncode == 0 and bool(cases) and not any(c["outcome"] == "failed" for c in cases)
@@ -103,17 +110,17 @@ def variants_of(base, rank: int, device, dtype):
 
     out = {}
     for name in ("ours LoRA", "ours DoRA", "PEFT DoRA"):
-        unet = copy.deepcopy(base)
+        unet = copy.deepcopy(base)  # `base` is frozen and already in `dtype`: each copy is its size
         if name == "PEFT DoRA":
             unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, use_dora=True),
                                            unet)
         else:
             add_adapters(unet, TARGETS, rank=rank, alpha=rank, use_dora=name == "ours DoRA")
-        unet.to(device)
         params = adapter_parameters(unet) if name.startswith("ours") else \
             [p for p in unet.parameters() if p.requires_grad]
-        for p in unet.parameters():
+        for p in unet.parameters():  # cast on the host, then move: no fp32 copy of the model on the device
             p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+        unet.to(device)
         for p in params:
             if p.dim() == 2 and p.shape[1] == rank:
                 torch.nn.init.normal_(p, std=1e-3)
@@ -121,16 +128,41 @@ def variants_of(base, rank: int, device, dtype):
     return out
 
 
-def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: int, rank: int = 8) -> dict:
-    from timing import saved_for_backward, timed
+def out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                            and "out of memory" in str(err))
 
+
+def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: int, rank: int = 8) -> dict:
+    """One row of the training-step table; every stage inside the out-of-memory guard, so a model
+    that does not fit gives a row saying where ("out of memory at ..."), never a lost report."""
+    variants: dict = {}
+    stage = "building the model (host memory)"
     try:
         base, px, ctx, pooled = factory()
-    except Exception as err:  # building the model itself can exceed the device
-        return {"model": label, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
-    base.requires_grad_(False)
-    variants = variants_of(base, rank, device, dtype)
-    del base
+        base.requires_grad_(False).to(dtype)
+        stage = "building the three variants (cast, then moved to the device)"
+        variants.update(variants_of(base, rank, device, dtype))
+        del base
+        return _train_step_rows(label, variants, device, dtype, repeats, px, ctx, pooled)
+    except Exception as err:
+        first = str(err).splitlines()[0][:120] if str(err) else ""
+        if out_of_memory(err):
+            return {"model": label, "skipped": f"out of memory at {stage}: {first}"}
+        if stage.startswith("building the model"):  # e.g. a host without the memory for SDXL's weights
+            return {"model": label, "skipped": f"{type(err).__name__} at {stage}: {first}"}
+        raise
+    finally:
+        variants.clear()  # the copies go before the next model is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _train_step_rows(label, variants, device, dtype, repeats, px, ctx, pooled) -> dict:
+    """The timed and measured steps of the three variants (out of memory: a row saying where)."""
+    from timing import saved_for_backward, timed
+
+    stage = "making the inputs"
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(1, 4, px // 8, px // 8, generator=g).to(device)
     cond = torch.randn(1, 77, ctx, generator=g).to(device, dtype)
@@ -161,8 +193,10 @@ def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: 
 
     try:
         times, peak = {n: [] for n in variants}, {}
+        stage = "the warm-up steps"
         for name in variants:  # warm-up: optimiser states exist before memory is measured
             step(name)
+        stage = "the peak-memory steps"
         for name in variants:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -171,17 +205,17 @@ def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: 
                 step(name)
                 torch.cuda.synchronize()
                 peak[name] = torch.cuda.max_memory_allocated() - before
+        stage = "the timed steps"
         for _ in range(repeats):
             for name in variants:
                 times[name].append(timed(lambda name=name: step(name), device))
         med = {n: statistics.median(v) for n, v in times.items()}
+        stage = "measuring the bytes saved for backward"
         kept = {n: saved(n) for n in variants}
-    except torch.cuda.OutOfMemoryError as err:  # pragma: no cover - GPU only
-        return {"model": label, "skipped": f"out of memory: {str(err).splitlines()[0][:120]}"}
-    finally:
-        variants.clear()  # the copies go before the next model is built
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        return {"model": label, "skipped": f"out of memory at {stage}: {str(err).splitlines()[0][:120]}"}
     row = {"model": label, "px": px, "dtype": str(dtype).replace("torch.", ""),
            "seconds": med, "dora_over_lora": med["ours DoRA"] / med["ours LoRA"],
            "peft_over_ours_dora": med["PEFT DoRA"] / med["ours DoRA"],
@@ -199,7 +233,15 @@ def layer_rows(device: torch.device, size: str, repeats: int) -> list[dict]:
     shapes = SHAPES[-2:] if size == "quick" else SHAPES
     rows = []
     for width, tokens, where in shapes:
-        med, mem = bench(width, tokens, 8, repeats, str(device))
+        try:
+            med, mem = bench(width, tokens, 8, repeats, str(device))
+        except Exception as err:
+            if not out_of_memory(err):
+                raise
+            rows.append({"shape": f"{width} x {tokens}", "where": where, "skipped": "out of memory at this layer"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         rows.append({"shape": f"{width} x {tokens}", "where": where, "lora_ms": med["ours LoRA"] * 1e3,
                      "dora_over_lora": med["ours DoRA"] / med["ours LoRA"],
                      "peft_over_ours_dora": med["PEFT DoRA"] / med["ours DoRA"],
@@ -210,14 +252,28 @@ def layer_rows(device: torch.device, size: str, repeats: int) -> list[dict]:
 
 # ---- 3. the report ---------------------------------------------------------------------------
 
+NO_GPU = "no GPU figure was produced: no CUDA device here (the CPU variants ran; CUDA ones are skipped)"
+
+
 def markdown(report: dict) -> str:
     t = report["tests"]["summary"]
     lines = [f"# GPU check: {report['device']}", "",
-             f"torch {report['torch']}, {report['when']}, size {report['size']}, {report['seconds']:.0f} s in all", "",
-             "## Correctness (`pytest -m cuda`)", "",
-             "| variants | passed | failed | skipped |", "|---|---|---|---|",
-             f"| CPU | {t['cpu']['passed']} | {t['cpu']['failed']} | {t['cpu']['skipped']} |",
-             f"| CUDA | {t['cuda']['passed']} | {t['cuda']['failed']} | {t['cuda']['skipped']} |", ""]
+             f"torch {report['torch']}, {report['when']}, size {report['size']}, {report['seconds']:.0f} s in all", ""]
+    if report["cuda"] == "skipped":
+        lines += [f"**{NO_GPU[0].upper() + NO_GPU[1:]}.** Nothing below is a GPU result.", ""]
+    lines += ["## Correctness (`pytest -m cuda`, TF32 off: fp32 is checked in true fp32)", "",
+              "| variants | passed | failed | skipped |", "|---|---|---|---|",
+              f"| CPU | {t['cpu']['passed']} | {t['cpu']['failed']} | {t['cpu']['skipped']} |",
+              f"| CUDA | {t['cuda']['passed']} | {t['cuda']['failed']} | {t['cuda']['skipped']} |", "",
+              "| device | precision | passed | failed | skipped |", "|---|---|---|---|---|"]
+    cases = report["tests"]["cases"]
+    for on in ("cpu", "cuda"):
+        for prec in ("fp32", "fp16", "bf16"):
+            mine = [c for c in cases if c["on"] == on and c.get("precision") == prec]
+            if mine:
+                lines.append(f"| {on.upper()} | {prec} | " + " | ".join(str(sum(c["outcome"] == k for c in mine))
+                                                                   for k in ("passed", "failed", "skipped")) + " |")
+    lines.append("")
     skipped = sorted({c["reason"] for c in report["tests"]["cases"] if c["outcome"] == "skipped"})
     if skipped:
         lines += ["Skipped (reported, not passed): " + "; ".join(skipped), ""]
@@ -241,6 +297,9 @@ def markdown(report: dict) -> str:
               "| shape | where | LoRA ms | DoRA/LoRA | PEFT DoRA/ours DoRA | extra saved MB: DoRA | PEFT DoRA |",
               "|---|---|---|---|---|---|---|"]
     for r in report["layers"]:
+        if "skipped" in r:
+            lines.append(f"| {r['shape']} | {r['where']} | skipped: {r['skipped']} | | | | |")
+            continue
         lines.append(f"| {r['shape']} | {r['where']} | {r['lora_ms']:.2f} | {r['dora_over_lora']:.3f} | "
                      f"{r['peft_over_ours_dora']:.2f} | {r['extra_saved_mb_dora']:.2f} | {r['extra_saved_mb_peft']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -279,13 +338,19 @@ def main(argv=None) -> int:
         elif args.size == "full":
             train_rows.append({"model": "SDXL", "skipped": "needs CUDA (1024 px on CPU takes too long)"})
         layers = layer_rows(device, args.size, args.repeats)
-    report = {"device": name, "cuda": cuda, "torch": torch.__version__, "size": args.size,
+    report = {"device": name, "cuda": True if cuda else "skipped", "torch": torch.__version__, "size": args.size,
               "when": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - t0,
-              "tests": tests, "train_step": train_rows, "layers": layers, "ok": tests["ok"]}
+              "tests": tests, "train_step": train_rows, "layers": layers,
+              "ok": tests["ok"] if cuda else None,  # no GPU: nothing here may read as a passed GPU check
+              "cpu_variants_ok": tests["ok"], "tf32": "off in every test"}
+    if not cuda:
+        report["gpu_figures"] = NO_GPU
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (out / "gpu_check.md").write_text(markdown(report), encoding="utf-8")
     print(markdown(report))
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    if not cuda:
+        print(f"NOTE: {NO_GPU}")
     return 0 if tests["ok"] else 1
 
 

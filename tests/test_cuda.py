@@ -35,6 +35,16 @@ SLACK = {"fp32": 1e-4, "fp16": 1e-4, "bf16": 2.0 ** -8}  # beyond twice PEFT's e
 TARGETS = ["up", "down", "conv"]
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 exactness is checked in true fp32: torch lets cuDNN run fp32 convolutions in TF32 by
+    default (and matmuls where asked), which alone would be ~3e-4 off on the adapted Conv2d."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
