@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import math
 import re
 import threading
@@ -28,6 +29,8 @@ from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path
 from dreambooth_dora.adapter_file import AdapterError, describe, load_adapter, read_adapter
 from dreambooth_dora.pivotal import insert_tokens
 
+from .limits import DEFAULT_MAX_WORK  # the work bound of one request
+
 SCHEDULERS = {
     "DPM++ 2M": "DPMSolverMultistepScheduler",
     "DDIM": "DDIMScheduler",
@@ -37,15 +40,16 @@ SCHEDULERS = {
 }
 
 
-# The most work one request may ask for: width x height x steps x images x columns. On 2 CPU
-# cores an SD 1.5-size UNet step with guidance costs 39 us per pixel and the VAE decode 17 s per
-# 512 px image (`python benchmarks/app_work.py`): a minute buys about 1.4 M units (512 x 512 x
-# 5 steps, one image, one column). A GPU gets 200x (an estimate: no GPU measured it yet).
-DEFAULT_MAX_WORK = {"cpu": 1_400_000, "gpu": 280_000_000}
-
-
 class AppError(ValueError):
     """Shown to the user as a message; the app keeps running."""
+
+
+class StoppedError(AppError):
+    """A request or grid stopped by the user: not an error, said calmly where its result goes."""
+
+    def __init__(self, step: int, steps: int, label: str):
+        self.step, self.steps, self.label = step, steps, label
+        super().__init__(f"stopped after step {step} of {steps} (the {label} column)")
 
 
 class Stopped(Exception):
@@ -116,8 +120,9 @@ class Column:
     rule: str | None = None  # a view: the consumer's rule
 
     def record(self) -> dict:
-        """What the saved grid's JSON says about this column (enough to rebuild it)."""
-        return {k: v for k, v in {"kind": self.kind, "path": str(self.path) if self.path else None,
+        """What the saved grid's JSON says about this column (enough to rebuild it); the path
+        absolute, whatever folder the app was started from."""
+        return {k: v for k, v in {"kind": self.kind, "path": str(Path(self.path).resolve()) if self.path else None,
                                   "step": self.step, "source": self.source, "rule": self.rule,
                                   "caption": self.caption}.items() if v is not None}
 
@@ -347,8 +352,7 @@ class Comparison:
                         num_images_per_prompt=latents.shape[0], callback_on_step_end=check_stop,
                         generator=torch.Generator("cpu").manual_seed(int(seed))).images
         except Stopped as stopped:
-            raise AppError(f"stopped after step {stopped.args[0]} of {int(steps)} of the {label} column; "
-                           "nothing was kept from this request") from None
+            raise StoppedError(stopped.args[0], int(steps), label) from None
         finally:
             if self._loaded_adapters():
                 self.pipe.enable_lora()
@@ -484,8 +488,11 @@ class Comparison:
         labels = [spec.column] if spec.cols == "scales" else list(spec.col_values)
         labels += [self.columns[lbl].source for lbl in labels if lbl in self.columns and self.columns[lbl].source]
         labels = list(dict.fromkeys(lbl for lbl in labels if lbl != "base"))  # views need their source column
-        settings = {"grid": asdict(spec), "base_model": self.base_name,
-                    "columns": {lbl: self.columns[lbl].record() for lbl in labels if lbl in self.columns},
+        columns = {lbl: self.columns[lbl].record() for lbl in labels if lbl in self.columns}
+        for col in columns.values():  # also relative to the JSON: found again when moved together with it
+            if col.get("path"):
+                col["relative_path"] = os.path.relpath(col["path"], folder.resolve())
+        settings = {"grid": asdict(spec), "base_model": self.base_name, "columns": columns,
                     "cell_size": [spec.width, spec.height],
                     "cells": [[r, c] for (r, c) in sorted(pictures)],
                     "reproduce": "python -m app.grid THIS.json --out NEW.png (the same base model and files)"}

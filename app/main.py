@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .limits import GPU_FACTOR
+
 QUICKSTART = {"dora": Path("outputs/quickstart_tiny_icon_dora"), "lora": Path("outputs/quickstart_tiny_icon_lora")}
 
 
@@ -37,7 +39,8 @@ def parse(argv):
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--max-work", type=int, default=None,
                         help="the most work one request may ask for, width x height x steps x images x columns "
-                             "(default: about a minute of SD 1.5 on 2 CPU cores; 100x that on a GPU)")
+                             "(default: about a minute of SD 1.5 on 2 CPU cores; "
+                             f"{GPU_FACTOR}x that on a GPU)")
     return parser.parse_args(argv)
 
 

@@ -14,16 +14,20 @@ import re
 import gradio as gr
 import numpy as np
 
-from .core import RULES, SCHEDULERS, AppError, Comparison, GridSpec, difference_map, find_adapters, find_runs
+from .core import (RULES, SCHEDULERS, AppError, Comparison, GridSpec, StoppedError, difference_map, find_adapters,
+                   find_runs)
 
 SCALE_HELP = ("Adapter scale multiplies the low-rank update. For DoRA, 0 is NOT the base model: the "
               "learned magnitudes still apply. The base column always runs with adapters off.")
 
 CSS = """<style>
-.dd-results { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
-.dd-col { margin: 0; flex: 1 1 200px; max-width: 340px; min-width: 150px; border: 1px solid #ddd;
-          border-radius: 8px; padding: 6px; box-sizing: border-box; }
-.dd-col figcaption { font-size: 13px; line-height: 1.3; margin-bottom: 4px; overflow-wrap: anywhere; }
+.dd-results { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 260px)); gap: 12px;
+              align-items: start; }
+.dd-col { margin: 0; min-width: 0; border: 1px solid #ddd; border-radius: 8px; padding: 6px;
+          box-sizing: border-box; }
+.dd-col figcaption { font-size: 13px; line-height: 1.3; margin-bottom: 4px; overflow-wrap: break-word; }
+.dd-grid { overflow-x: auto; max-width: 100%; }
+.dd-grid img { max-width: none; image-rendering: pixelated; display: block; }
 .dd-col img.dd-cell { width: 100%; height: auto; image-rendering: pixelated; display: block; cursor: zoom-in; }
 .dd-time { font-size: 12px; color: #555; }
 .dd-zoom { display: none; }
@@ -43,6 +47,27 @@ def data_uri(im) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def breakable(text: str) -> str:
+    """Escaped text that may wrap after a path separator (/ _ . -), never inside a word."""
+    return re.sub(r"([/_.\-·])", r"\1<wbr>", html.escape(text))
+
+
+def enlarged(im, at_least: int = 256):
+    """`im` enlarged by a whole factor (nearest neighbour) to at least `at_least` px on its long
+    side: a small model's 32 px picture at the size the result cards show it."""
+    from PIL import Image
+
+    k = max(1, -(-at_least // max(im.size)))
+    return im if k == 1 else im.resize((im.width * k, im.height * k), Image.NEAREST)
+
+
+def grid_html(picture) -> str:
+    """The grid at its own pixel size in a box that scrolls sideways: its labels are never
+    shrunk, and no badge lies over them."""
+    return (f'{CSS}<div class="dd-grid"><img src="{data_uri(picture)}" width="{picture.width}" '
+            f'height="{picture.height}" alt="X/Y grid"></div>')
+
+
 def figure(key: str, title: str, caption: str, images: list, notes: list[str]) -> str:
     cells = []
     for i, (im, note) in enumerate(zip(images, notes)):
@@ -51,7 +76,7 @@ def figure(key: str, title: str, caption: str, images: list, notes: list[str]) -
                      f'<div class="dd-time">{html.escape(note)}</div>'
                      f'<a class="dd-zoom" id="{zid}" href="#_"><img src="{src}" alt="enlarged"></a>')
     return (f'<figure class="dd-col" id="col-{key}" data-label="{html.escape(title)}"><figcaption>'
-            f'<b>{html.escape(title)}</b><br>{html.escape(caption)}</figcaption>{"".join(cells)}</figure>')
+            f'<b>{breakable(title)}</b><br>{breakable(caption)}</figcaption>{"".join(cells)}</figure>')
 
 
 def results_html(result: dict, captions: dict, diffs: dict) -> str:
@@ -113,7 +138,9 @@ def build_ui(comp: Comparison) -> gr.Blocks:
             diff_a = gr.Dropdown(labels, value=labels[-1], label="Difference: column A", elem_id="diff-a")
             diff_b = gr.Dropdown(labels, value=labels[0], label="column B", elem_id="diff-b")
             diff_button = gr.Button("Show |A − B| difference map", elem_id="diff")
-        diff_image = gr.Image(label="|A − B| per pixel (black: equal)", elem_id="diff-image", format="png")
+        diff_image = gr.Image(label="|A − B| per pixel (black: equal), enlarged like the pictures above",
+                              elem_id="diff-image", format="png", height=300)
+        diff_status = gr.Markdown("", elem_id="diff-status")
 
         with gr.Accordion("X/Y grid: seeds, prompts or scales against columns or scales", open=True):
             with gr.Row():
@@ -134,8 +161,8 @@ def build_ui(comp: Comparison) -> gr.Blocks:
             grid_cost = gr.Markdown("", elem_id="grid-cost")
             draw = gr.Button("Draw grid", variant="primary", elem_id="draw-grid")
             grid_progress = gr.Markdown("", elem_id="grid-progress")
-            grid_image = gr.Image(label="Grid (saved as PNG + JSON when complete)", elem_id="grid-image",
-                                  format="png", type="pil")
+            gr.Markdown("**Grid** (saved as PNG + JSON when complete; shown at its own size: scroll sideways)")
+            grid_image = gr.HTML("", elem_id="grid-image")
             grid_files = gr.File(label="Saved grid", file_count="multiple", elem_id="grid-files")
 
         with gr.Accordion("Columns: load adapters, merged pipelines, a run's checkpoints, UI views", open=False):
@@ -180,6 +207,9 @@ def build_ui(comp: Comparison) -> gr.Blocks:
             try:
                 result = comp.generate(prompt, negative, int(seed), int(steps), float(guidance), int(width), int(height),
                                        scheduler, float(scale), int(count), cols)
+            except StoppedError as stopped:
+                return (f"Stopped after step {stopped.step} of {stopped.steps} ({stopped.label} column): nothing of "
+                        "this request is shown"), {}, gr.update()
             except AppError as err:
                 return f"Error: {err}", {}, gr.update()
             except Exception as err:  # keep serving whatever went wrong
@@ -191,9 +221,10 @@ def build_ui(comp: Comparison) -> gr.Blocks:
 
         def on_diff(keep, a, b):
             if not keep.get(a) or not keep.get(b):
-                return None, f"Error: generate with both {a!r} and {b!r} shown first"
+                return None, f"Generate with both {a!r} and {b!r} shown first."
             top = np.abs(np.asarray(keep[a][0], dtype=np.int16) - np.asarray(keep[b][0], dtype=np.int16)).max()
-            return difference_map(keep[a][0], keep[b][0]), f"largest per-pixel difference: {top} of 255"
+            return (enlarged(difference_map(keep[a][0], keep[b][0])),
+                    f"|{a} − {b}|: largest per-pixel difference {top} of 255")
 
         def target_of(found, path):
             return (path or "").strip() or (found or "")
@@ -236,13 +267,19 @@ def build_ui(comp: Comparison) -> gr.Blocks:
                 return f"Cannot draw: {err}"
 
         def on_grid(*args):
+            done = total = 0
             try:
                 spec = spec_of(*args)
                 for done, total, picture in comp.draw_grid(spec):
                     yield (f"drawing: {done} of {total} cells" if done < total else f"drew {total} cells; saving",
-                           picture, gr.update())
+                           grid_html(picture), gr.update())
                 png, js = comp.save_grid(spec, comp.last_grid[1])
-                yield f"Saved {png} and {js.name} (the settings that reproduce it)", picture, [str(png), str(js)]
+                yield (f"Saved {png} and {js.name} (the settings that reproduce it)", grid_html(picture),
+                       [str(png), str(js)])
+            except StoppedError as stopped:
+                yield (f"Stopped after {done} of {total} cells (cell {done + 1} at step {stopped.step} of "
+                       f"{stopped.steps}): the cells drawn are shown, the rest grey; this grid is not saved",
+                       gr.update(), gr.update())
             except AppError as err:
                 yield f"Error: {err}", gr.update(), gr.update()
             except Exception as err:
@@ -250,30 +287,32 @@ def build_ui(comp: Comparison) -> gr.Blocks:
                     gr.update(), gr.update()
 
         def on_stop():
-            running = comp.request_stop()
-            return ("Stopped: the running request ends after its current sampling step; nothing of it is shown"
-                    if running else "Stopped: nothing was running")
+            # the running request or grid says "Stopped after step k of n" where its result goes;
+            # here only the case where nothing ran
+            return "" if comp.request_stop() else "Nothing was running."
 
         random_seed.click(on_random, outputs=seed)
-        run = generate.click(on_generate,
-                             inputs=[prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count,
-                                     shown],
-                             outputs=[status, last, results])
+        generate.click(on_generate,
+                       inputs=[prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count, shown],
+                       outputs=[status, last, results])
         grid_inputs = [prompt, negative, seed, steps, guidance, scheduler, width, height, scale, rows_axis,
                        row_values, cols_axis, grid_pick, grid_scales, grid_column]
-        grid_run = draw.click(on_grid, inputs=grid_inputs, outputs=[grid_progress, grid_image, grid_files])
+        draw.click(on_grid, inputs=grid_inputs, outputs=[grid_progress, grid_image, grid_files])
         for widget in grid_inputs:
             widget.change(on_cost, inputs=grid_inputs, outputs=grid_cost, queue=False)
-        # outside the queue, so that it runs while a generation holds the queue; a request still
-        # waiting in the queue is cancelled there, a running one stops at its next sampling step
-        stop.click(on_stop, outputs=stop_status, queue=False, cancels=[run, grid_run])
-        diff_button.click(on_diff, inputs=[last, diff_a, diff_b], outputs=[diff_image, status])
+        # outside the queue, so that it runs while a generation holds the queue: the running request
+        # stops at its next sampling step and says so itself (Gradio's own cancel is not used: it
+        # raced with that and showed a bare "Error"); requests waiting in the queue run after it
+        stop.click(on_stop, outputs=stop_status, queue=False)
+        diff_button.click(on_diff, inputs=[last, diff_a, diff_b], outputs=[diff_image, diff_status])
         refresh.click(lambda: gr.update(choices=sorted(set(find_adapters(comp.root) + find_runs(comp.root)))), outputs=found)
         managed = [load_status, *pickers, column_list]
         load.click(on_load, inputs=[found, path, label], outputs=managed)
         load_run.click(on_load_run, inputs=[found, path, label], outputs=managed)
         add_view.click(on_view, inputs=[view_source, view_rule], outputs=managed)
         remove.click(on_remove, inputs=remove_pick, outputs=managed)
+        # the columns live on the server: a new tab or a reload shows every column added since
+        demo.load(lambda: column_updates(), outputs=[*pickers, column_list], queue=False)
     # one request at a time: the pipeline's active adapter is shared state
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -140,7 +140,8 @@ def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: 
     stage = "building the model (host memory)"
     try:
         base, px, ctx, pooled = factory()
-        base.requires_grad_(False).to(dtype)
+        for p in base.requires_grad_(False).parameters():  # frozen weights in the compute dtype, on the host
+            p.data = p.data.to(dtype)
         stage = "building the three variants (cast, then moved to the device)"
         variants.update(variants_of(base, rank, device, dtype))
         del base

@@ -133,14 +133,21 @@ class AdapterFile:
         return int(rank), float(rank)
 
 
+_GAP_SAID: list = []  # load_adapter's note on the stock loader's known gap, said once per process
+BIN_REFUSED = "pickled .bin weights are refused on purpose: loading a pickle can run code; save it as .safetensors"
+
+
 def adapter_path(path: str | Path) -> Path:
     """The `.safetensors` file of an adapter folder or file; pickled `.bin` files are refused
-    (loading them can run code)."""
+    (loading them can run code), and the message says so."""
     path = Path(path)
     if path.is_dir():
+        bins = sorted(p.name for p in path.glob("*.bin"))
+        if not (path / ADAPTER_FILE).is_file() and bins:
+            raise AdapterError(f"{str(path)!r} holds {bins[0]} but no {ADAPTER_FILE}: {BIN_REFUSED}")
         path = path / ADAPTER_FILE
     if path.suffix == ".bin":
-        raise AdapterError(f"{str(path)!r}: only .safetensors adapters are read (a pickled .bin can run code)")
+        raise AdapterError(f"{str(path)!r}: {BIN_REFUSED}")
     if not path.is_file():
         raise AdapterError(f"no adapter file at {str(path)!r}")
     return path
@@ -255,9 +262,11 @@ def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: f
             if not torch.equal(target, value):
                 target.copy_(value)
                 restored.append(f"{prefix}.{layout_prefix(model)}{rest}")
-    if restored:
-        log.warning("stock load_lora_weights left %d tensor(s) of %s wrong (e.g. %s); restored them",
-                    len(restored), adapter.path, restored[0])
+    if restored and not _GAP_SAID:  # normal for DoRA with a text encoder: information, said once a process
+        _GAP_SAID.append(True)
+        log.info("note: stock load_lora_weights does not load every DoRA tensor (text-encoder magnitudes); "
+                 "load_adapter set %d of %s from the file, as it does for every such adapter", len(restored),
+                 adapter.path.name)
     if scale != 1.0:
         pipe.set_adapters([adapter_name], adapter_weights=[scale])
     load_tokens(pipe, tokens, vectors)

@@ -92,7 +92,8 @@ def test_bad_adapters_give_messages_and_the_app_keeps_working(comp, tiny_sd_path
     root = comp.root
     (root / "pickled").mkdir(exist_ok=True)
     (root / "pickled" / "pytorch_lora_weights.bin").write_bytes(b"not loaded")
-    with pytest.raises(AppError, match="no adapter file"):
+    with pytest.raises(AppError, match=r"holds pytorch_lora_weights.bin but no .*refused on purpose: loading a pickle "
+                                       r"can run code; save it as .safetensors"):
         comp.load("lora", "pickled", from_ui=True)
     other = tmp_path / "wide"
     build_tiny_pipeline(cross_attention_dim=48).save_pretrained(other)
@@ -151,7 +152,7 @@ def served_app(tiny_sd_path, adapters):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "--base", str(tiny_sd_path), "--dora", str(adapters["dora"]),
                              "--lora", str(adapters["lora"]), "--adapters-root", str(adapters["dora"].parent),
-                             "--port", str(port), "--device", "cpu"],
+                             "--port", str(port), "--device", "cpu", "--max-work", "100000000"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(120):
@@ -214,8 +215,13 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
         page.locator("#diff").click()  # the difference of two columns on demand (A: the last, B: the base)
         page.locator("#diff-image img").first.wait_for(timeout=60_000)
         heat = Image.open(io.BytesIO(page.request.get(page.locator("#diff-image img").first.get_attribute("src")).body()))
-        assert heat.size == (64, 64) and arr(heat.convert("RGB")).max() > 0
-        assert "largest per-pixel difference" in page.locator("#status").inner_text()
+        assert heat.size == (256, 256) and arr(heat.convert("RGB")).max() > 0  # 64 px enlarged 4x, nearest
+        assert np.array_equal(arr(heat.convert("RGB"))[::4, ::4],
+                              arr(difference_map(shown["lora"][0], shown["base"][0])))
+        assert page.locator("#diff-image img").first.bounding_box()["width"] >= 250  # as large as the cards show
+        page.wait_for_function("document.querySelector('#diff-status').innerText.includes('largest per-pixel')",
+                               timeout=30_000)
+        assert "seed 0" in page.locator("#status").inner_text()  # the status line keeps its own message
 
         # a 2 x 3 grid (seeds 0 and 1 x base, dora, lora), its cost first, streamed, saved, read back
         page.locator("#grid-row-values textarea").fill("0, 1")
@@ -234,6 +240,12 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
             cell = grid[y0:y0 + 64 * k:k, x0:x0 + 64 * k:k]
             assert np.abs(cell - arr(shown[key][0])).max() <= 1, key
         assert page.locator("#grid-image img").count() == 1
+        page.locator("#grid-image img").scroll_into_view_if_needed()
+        box = page.locator("#grid-image img").bounding_box()  # at its own size: labels never shrunk
+        assert box["width"] == Image.open(saved).width
+        covered = page.evaluate("(([x, y]) => document.elementFromPoint(x, y).tagName)",
+                                [box["x"] + 4, box["y"] + 4])
+        assert covered == "IMG"  # nothing (no badge) lies over the first column's header
 
         # a run's checkpoints as columns and the ComfyUI view of the DoRA column, without a restart
         page.get_by_text("Columns: load adapters").click()
@@ -246,10 +258,24 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
         page.wait_for_function("document.querySelector('#load-status').innerText.includes('as ComfyUI')",
                                timeout=60_000)
         assert "run step 2" in page.locator("#column-list").inner_text()
+        # the columns live on the server: a reload (and any new tab) shows the page-added ones
+        page.reload()
+        page.wait_for_function("document.querySelector('#shown') !== null && "
+                               "document.querySelector('#shown').innerText.includes('run step 4 as ComfyUI')",
+                               timeout=30_000)
+        assert "run step 2" in page.locator("#grid-pick").inner_text()
+        page.get_by_text("Columns: load adapters").click()
+        page.wait_for_function("document.querySelector('#column-list') !== null && "
+                               "document.querySelector('#column-list').innerText.includes('run step 2')",
+                               timeout=30_000)
+        page.locator("#prompt textarea").fill("a sks icon, 3d render")
         page.locator("#generate").click()
         page.locator("#col-run-step-4-as-comfyui img.dd-cell").first.wait_for(timeout=120_000)
         assert page.locator("#col-diff-run-step-4-as-comfyui img.dd-cell").count() == 1  # beside its per-pixel difference
         assert np.abs(arr(column_images(page, "run-step-4")[0]) - arr(shown["dora"][0])).max() <= 1
+        widths = page.locator(".dd-col").evaluate_all("els => els.map(e => e.getBoundingClientRect().width)")
+        assert len(widths) >= 6 and max(widths) - min(widths) < 1, widths  # every row's cards alike
+        assert len(set(tops(page, ("base", "run-step-4-as-comfyui")))) > 1  # they did wrap into rows
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
 
         # a phone's width: the columns wrap, nothing overflows sideways
@@ -279,17 +305,29 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
         for key in ("base", "dora", "lora"):  # the second browser, seed 0: the same pictures as the first run
             assert np.abs(arr(column_images(second, key)[0]) - arr(shown[key][0])).max() <= 1, key
 
-        # Stop ends a long request part-way (outside the queue), and the next request runs
+        # Stop ends a long request part-way (outside the queue): one calm line where the result goes
         page.locator("#steps input[type=number]").fill("100")
         page.locator("#steps input[type=number]").press("Enter")
         page.locator("#generate").click()
-        time.sleep(1.0)
+        time.sleep(1.5)  # it is running (six columns of 100 steps take far longer)
         page.locator("#stop").click()
-        page.wait_for_function("document.querySelector('#stop-status').innerText.includes('Stopped')",
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Stopped after step')",
                                timeout=60_000)
-        # normally the running request is stopped; on a slow machine it may still wait in the queue,
-        # where Stop cancels it ("nothing was running"); either way the next request runs
-        assert page.locator("#stop-status").inner_text().startswith("Stopped")
+        said = page.locator("#status").inner_text()
+        assert re.search(r"Stopped after step \d+ of 100 \(\w+ column\)", said) and "Error" not in said, said
+        assert page.locator("#stop-status").inner_text().strip() == ""  # said once, in one place
+        # a grid: the stop is said beside the grid, the cells drawn so far stay, nothing is saved
+        grids_before = sorted((adapters["dora"].parent / "grids").glob("*.png"))
+        page.locator("#draw-grid").click()
+        page.wait_for_function("document.querySelector('#grid-progress').innerText.includes('drawing: 1 of')",
+                               timeout=120_000)
+        page.locator("#stop").click()
+        page.wait_for_function("document.querySelector('#grid-progress').innerText.includes('Stopped after')",
+                               timeout=120_000)
+        said = page.locator("#grid-progress").inner_text()
+        assert re.search(r"Stopped after \d+ of \d+ cells .*not saved", said) and "Error" not in said, said
+        assert "Error" not in page.locator("#status").inner_text()
+        assert sorted((adapters["dora"].parent / "grids").glob("*.png")) == grids_before
         page.locator("#steps input[type=number]").fill("2")
         page.locator("#steps input[type=number]").press("Enter")
         page.locator("#generate").click()
@@ -360,7 +398,7 @@ def test_requests_have_a_work_limit_and_stop_works(comp):
     worker.join(timeout=60)
     assert not worker.is_alive()
     stopped_at = int(result["error"].split("stopped after step ")[1].split(" ")[0])
-    assert 0 < stopped_at < 300 and "of 300 of the base column" in result["error"]
+    assert 0 < stopped_at < 300 and "of 300 (the base column)" in result["error"]
     assert set(comp.generate("a sks icon", steps=2)) == {"base", "lora", "dora"}  # the next request runs
 
 
@@ -494,3 +532,44 @@ def test_saved_grid_is_a_png_and_json_that_draw_it_again(many, tmp_path):
     k, grid = cell_scale((64, 64)), arr(Image.open(png).convert("RGB"))
     cell = grid[-64 * k::k, -64 * k::k]  # the last row's last cell, back at its own size
     assert np.array_equal(cell, arr(many.last_grid[1][(1, 2)]))
+
+
+def test_a_grid_saved_from_anywhere_draws_again_from_anywhere(tiny_sd_path, adapters, tmp_path, monkeypatch, capfd):
+    """Sources loaded by a relative path are saved absolute (and relative to the JSON): the grid
+    draws again from another folder, and after the project moved as a whole; quietly."""
+    import json
+
+    from app.core import GridSpec
+    from app.grid import main as grid_main
+
+    project = tmp_path / "project"
+    shutil.copytree(adapters["dora"], project / "cols" / "dora")
+    monkeypatch.chdir(project)
+    comp = Comparison(str(tiny_sd_path), device="cpu", grids_dir=project / "grids")
+    comp.load("dora", "cols/dora")  # relative, as a command line gives it
+    spec = GridSpec("a sks icon", rows="seeds", row_values=[0], cols="columns", col_values=["base", "dora"], steps=2)
+    list(comp.draw_grid(spec))
+    png, js = comp.save_grid(*comp.last_grid)
+    saved = json.loads(js.read_text())["columns"]["dora"]
+    assert Path(saved["path"]).is_absolute() and saved["relative_path"] == "../cols/dora"
+    monkeypatch.chdir(tmp_path)  # another folder
+    capfd.readouterr()
+    assert grid_main([str(js), "--out", str(tmp_path / "again.png")]) == 0
+    out, err = capfd.readouterr()
+    assert len((out + err).strip().splitlines()) <= 2, out + err  # quiet like the app: "wrote ..." only
+    first = arr(Image.open(png).convert("RGB"))
+    shutil.move(project, tmp_path / "moved")  # the grid and its sources moved together
+    moved = tmp_path / "moved" / "grids" / js.name
+    assert grid_main([str(moved), "--out", str(tmp_path / "moved.png")]) == 0
+    for again in ("again.png", "moved.png"):
+        assert np.array_equal(arr(Image.open(tmp_path / again).convert("RGB")), first)
+
+
+def test_help_and_readme_state_the_same_gpu_limit(capsys):
+    from app.limits import GPU_FACTOR
+    from app.main import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    assert f"{GPU_FACTOR}x that on a GPU" in " ".join(capsys.readouterr().out.split())
+    assert f"{GPU_FACTOR}x that on a GPU" in " ".join((REPO / "README.md").read_text().split())
