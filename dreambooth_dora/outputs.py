@@ -3,7 +3,6 @@ the checks that keep a destination from replacing what the project did not write
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
