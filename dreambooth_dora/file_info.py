@@ -64,6 +64,14 @@ class FileInfo:
         return out
 
 
+def _number(meta: dict, key: str) -> str:
+    """A number the file's metadata states, formatted; a damaged one is said, never a traceback."""
+    try:
+        return f"{float(meta[key]):.2e}"
+    except (KeyError, TypeError, ValueError):
+        return f"an unknown amount (its {key} is {'missing' if key not in meta else 'damaged'})"
+
+
 def _target(name: str) -> str:
     return next((t for t in KNOWN_TARGETS if name.endswith("_" + t)), name.rsplit("_", 1)[-1])
 
@@ -174,7 +182,7 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
     elif kinds <= {"lora"} and rule == "svd-lora":
         fmt, method, exact = "kohya LoRA re-extracted by SVD", "LoRA (approximation)", []
         notes.append(f"every UI applies it the same way; it differs from the adapter by "
-                     f"{float(meta.get('dreambooth_dora_svd_error', 'nan')):.2e} of its change (max over layers)")
+                     f"{_number(meta, 'dreambooth_dora_svd_error')} of its change (max over layers)")
     elif kinds <= {"lora"}:
         fmt, method, exact = "kohya LoRA", "LoRA", list(RULES)
     elif "other" in kinds:
@@ -193,9 +201,9 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
         exact = ["lycoris", "comfyui-15458"] if rule == "lycoris-exact" else ["comfyui"]
         if not meta.get("dreambooth_dora_rule") and not meta.get("dreambooth_dora_dora_scale"):
             notes.append("the file does not say which dora_scale it holds; LyCORIS's (wd_on_output) assumed")
-    if meta.get("dreambooth_dora_dtype_error") and rule != "svd-lora":
+    if meta.get("dreambooth_dora_dtype_error"):  # the cast alone (an SVD file's approximation is said above)
         notes.append(f"casting to {meta.get('dreambooth_dora_dtype', '?')} changed the merged weights by "
-                     f"{float(meta['dreambooth_dora_dtype_error']):.2e} of the adapter's own change (max over layers)")
+                     f"{_number(meta, 'dreambooth_dora_dtype_error')} of the adapter's own change (max over layers)")
     bundled = a1111_bundled_embeddings(tensors)
     if bundled:
         notes.append("bundled embeddings, loaded with the LoRA by A1111 / Forge (write the trigger word in the "

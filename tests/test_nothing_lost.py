@@ -416,3 +416,16 @@ def test_study_resume_needs_a_study_and_bad_train_args_stop_before_its_record(tm
     with pytest.raises(ConfigError, match=r"train_args: .*resolution must be a multiple of 8"):
         study.run_study(study.load_study_config(argv + ["--train_args", "--resolution,33"]), progress=False)
     assert not (tmp_path / "s").exists()  # nothing written: a plain run (or a fixed one) can still start there
+
+
+def test_damaged_numbers_in_an_exports_metadata_are_said_not_raised(adapters, tmp_path, capsys):
+    from dreambooth_dora.export import export_svd_lora
+
+    path = export_svd_lora(adapters["dora"], tmp_path / "svd.safetensors", 2)[0]
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    meta["dreambooth_dora_svd_error"], meta["dreambooth_dora_dtype_error"] = "0.1x", "n/a"
+    save_file(load_file(str(path)), str(tmp_path / "edited.safetensors"), metadata=meta)
+    assert main(["info", str(tmp_path / "edited.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "its dreambooth_dora_svd_error is damaged" in out and "its dreambooth_dora_dtype_error is damaged" in out
