@@ -142,8 +142,8 @@ def adapter_path(path: str | Path) -> Path:
     (loading them can run code), and the message says so."""
     path = Path(path)
     if path.is_dir():
-        bins = sorted(p.name for p in path.glob("*.bin"))
-        if not (path / ADAPTER_FILE).is_file() and bins:
+        bins = [] if (path / ADAPTER_FILE).is_file() else sorted(p.name for p in path.glob("*.bin"))
+        if bins:
             raise AdapterError(f"{str(path)!r} holds {bins[0]} but no {ADAPTER_FILE}: {BIN_REFUSED}")
         path = path / ADAPTER_FILE
     if path.suffix == ".bin":
@@ -175,9 +175,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
     for key, value in metadata_json(file, meta, LORA_ADAPTER_METADATA_KEY).items():
         prefix, _, name = key.partition(".")
         configs.setdefault(prefix, {})[name] = value
-    info = metadata_json(file, meta, INFO_KEY)
-    return AdapterFile(file, tensors, configs, AdapterInfo(**{k: v for k, v in info.items()
-                                                              if k in {f.name for f in fields(AdapterInfo)}}))
+    known = {f.name for f in fields(AdapterInfo)}  # a newer file's extra fields are ignored
+    info = AdapterInfo(**{k: v for k, v in metadata_json(file, meta, INFO_KEY).items() if k in known})
+    return AdapterFile(file, tensors, configs, info)
 
 
 def metadata_json(file: Path, meta: dict, key: str) -> dict:

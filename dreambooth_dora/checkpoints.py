@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .adapters import load_adapter_state_dict
 from .adapter_file import AdapterInfo, layout_prefix, save_adapter
-from .outputs import ADAPTER_FILE, CHECKPOINT, OutputError, WriteError, atomic_path, make_readable, write_failure
+from .outputs import ADAPTER_FILE, CHECKPOINT, OutputError, atomic_path, make_readable, named_write_errors
 from .pivotal import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 
 MANIFEST = "checkpoint.json"
@@ -167,18 +167,16 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_manifest(tmp, run_id, step, settings)
-            make_readable(tmp)
-    except BaseException as err:
+        with named_write_errors(final):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_manifest(tmp, run_id, step, settings)
+                make_readable(tmp)
+    except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = write_failure(err) if isinstance(err, Exception) else None
-        if reason is None or isinstance(err, WriteError):
-            raise
-        raise WriteError(final, reason) from None
+        raise
     if accelerator.is_main_process:
         if final.exists():  # this run's own checkpoint of the same step, from before a resume
             shutil.rmtree(final)

@@ -307,8 +307,7 @@ class TrainConfig:
         if len(set(names)) != len(names) or any(a != b and a in b for a in names for b in names):
             raise ConfigError(f"token_abstraction {self.token_abstraction!r}: each identifier must be distinct and "
                               "not part of another")
-        class_prompts = {p for p in [self.class_prompt, *((d or {}).get("class_prompt") for d in self.datasets or [])]
-                         if p}
+        class_prompts = {s.class_prompt for s in self.subject_sets() if s.class_prompt}
         for name in names:
             for prompt in sorted(class_prompts):
                 if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", prompt):

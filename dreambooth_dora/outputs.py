@@ -4,12 +4,12 @@ the checks that keep a destination from replacing what the project did not write
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -62,6 +62,19 @@ def write_failure(err: BaseException) -> str | None:
     return None
 
 
+@contextmanager
+def named_write_errors(path: str | os.PathLike):
+    """Inside the block, a failed write (`write_failure`) becomes one WriteError naming `path`;
+    anything else, and a WriteError already raised deeper, passes unchanged."""
+    try:
+        yield
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None or isinstance(err, WriteError):
+            raise
+        raise WriteError(path, reason) from None
+
+
 def resolve(raw: str | os.PathLike, what: str) -> Path:
     """`raw` made absolute with links followed; a symbolic link loop is one OutputError (Python
     raises RuntimeError or OSError for it depending on the version)."""
@@ -107,24 +120,13 @@ def make_readable(path: str | os.PathLike) -> None:
 TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]+\.tmp$")  # atomic_path's: .<name>.<pid>-<random>.tmp
 
 
-def clean_stale_temp_files(folder: Path, name: str | None = None) -> list[Path]:
-    """Remove temp files `atomic_path` left in `folder` when its process was killed (their names
-    carry the writer's pid; a live writer's are kept). With `name`, only those of that file."""
-    removed = []
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
+def clean_stale_temp_files(folder: Path, name: str) -> None:
+    """Remove the temp files of `name` that `atomic_path` left in `folder` when its process was
+    killed (their names carry the writer's pid; a live writer's are kept)."""
+    for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
         m = TEMP_FILE.match(p.name)
-        if not m or (name is not None and m["name"] != name) or _pid_alive(int(m["pid"])):
-            continue
-        try:
-            p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    return removed
+        if m and m["name"] == name and not _pid_alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -142,14 +144,10 @@ def atomic_path(path: str | os.PathLike):
     except OSError as err:
         raise WriteError(path, write_failure(err)) from None
     try:
-        yield Path(tmp)
-        make_readable(tmp)  # after the write: safetensors' save_file resets the mode to 0600
-        os.replace(tmp, path)
-    except Exception as err:
-        reason = write_failure(err)
-        if reason is None or isinstance(err, WriteError):
-            raise
-        raise WriteError(path, reason) from None
+        with named_write_errors(path):
+            yield Path(tmp)
+            make_readable(tmp)  # after the write: safetensors' save_file resets the mode to 0600
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -191,19 +189,15 @@ def atomic_dir(path: str | os.PathLike, kind: str):
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        yield tmp
-        (tmp / OUTPUT_MARKER).write_text(json.dumps({"kind": kind, "written_by": "dreambooth-dora"}) + "\n")
-        make_readable(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except Exception as err:
-        reason = write_failure(err)
-        if reason is None or isinstance(err, WriteError):
-            raise
-        raise WriteError(path, reason) from None
+        with named_write_errors(path):
+            tmp.mkdir()
+            yield tmp
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"kind": kind, "written_by": "dreambooth-dora"}) + "\n")
+            make_readable(tmp)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # the swap failed half-way: put the old one back
@@ -435,9 +429,9 @@ class DestinationLock:
         self.release()
 
 
-def hold(path: str | os.PathLike, what: str, command: str | None = None) -> DestinationLock:
-    """`with hold(path, "--out"):` one writer at a time for `path` (see DestinationLock)."""
-    return DestinationLock(path, what, command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]).strip())
+def hold(path: str | os.PathLike, what: str, command: str) -> DestinationLock:
+    """`with hold(path, "--out", "export"):` one writer at a time for `path` (see DestinationLock)."""
+    return DestinationLock(path, what, command)
 
 
 @contextmanager

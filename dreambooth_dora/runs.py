@@ -33,7 +33,9 @@ from .config import ConfigError
 from .outputs import (ADAPTER_FILE, RUN_FILE, TRAIN_CONFIG, OutputError, atomic_path, check_not_degenerate,
                       check_not_inside_outputs, check_writable_place, hold, resolve)
 
-TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_path's leftovers: .<name>.<random>.tmp
+# any temp file in a run folder (atomic_path's .<name>.<pid>-<random>.tmp, and earlier versions'
+# .<name>.<random>.tmp): nothing else writes in a run folder while its lock is held
+TEMP_FILE = re.compile(r"^\..+\.tmp$")
 
 # Settings that may change when a run is resumed: how long it runs, how often it saves and
 # validates, where it logs, and memory/speed switches that do not change the arithmetic.

@@ -256,6 +256,15 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
     tokens = pivotal_tokens(cfg, examples)
     examples = [replace(ex, caption=insert_tokens(ex.caption, tokens)) for ex in examples]
     buckets = example_buckets(cfg, examples, accelerator.print)
+    global_batch = cfg.train_batch_size * accelerator.num_processes
+    micro_per_epoch = micro_steps_per_epoch(len(order), global_batch,
+                                            None if buckets is None else tuple(buckets[i] for i in order))
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    clashes = plan.clashes(checkpoint_step(plan.resume[0]) if plan.resume else 0, max_steps, cfg.checkpointing_steps)
+    if clashes:  # another run's checkpoint where this one would save: never replaced
+        raise ConfigError(f"{clashes[0]} was written by another run and this run would save its own checkpoint "
+                          f"there; it is never replaced: move it away, or resume with max_train_steps <= "
+                          f"{checkpoint_step(clashes[0])} or another checkpointing_steps")
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
     class_examples: list[Example] = []
     if cfg.with_prior_preservation:
@@ -318,11 +327,6 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
             latent_cache = cache_latents(vae, examples, buckets, flips, device, vae.dtype, buckets=True)
 
     # ---- optimiser and schedule
-    global_batch = cfg.train_batch_size * accelerator.num_processes
-    micro_per_epoch = micro_steps_per_epoch(len(order), global_batch,
-                                            None if buckets is None else tuple(buckets[i] for i in order))
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
     groups = parameter_groups(cfg, unet, text_encoders, lr_factor)
     adapter_params = [p for g in groups for p in g["params"]]
@@ -331,12 +335,6 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
         groups.append({"params": pivotal.parameters(), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
                        "weight_decay": cfg.adam_weight_decay if decay_te is None else decay_te})
     params = [p for g in groups for p in g["params"]]
-    start = checkpoint_step(plan.resume[0]) if plan.resume else 0
-    clashes = plan.clashes(start, max_steps, cfg.checkpointing_steps)
-    if clashes:
-        raise ConfigError(f"{clashes[0]} was written by another run and this run would save its own checkpoint "
-                          f"there; it is never replaced: move it away, or resume with max_train_steps <= "
-                          f"{checkpoint_step(clashes[0])} or another checkpointing_steps")
     ti_steps = max(1, int(cfg.train_text_encoder_ti_frac * max_steps))  # the pivot
     optimizer = build_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,

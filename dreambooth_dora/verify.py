@@ -54,8 +54,7 @@ class VerifyReport:
     @property
     def rounding(self) -> float:
         """A 16-bit file's own rounding: the best rule's worst error (no rule can beat it)."""
-        finite = [worst(v) for v in self.errors.values() if math.isfinite(worst(v))]
-        return min(finite, default=math.nan)
+        return min((w for w in map(worst, self.errors.values()) if math.isfinite(w)), default=math.nan)
 
     def verdict(self, rule: str) -> str:
         """'exact', 'rounding: X%' (16-bit files, as good as their precision allows) or 'WRONG'."""
@@ -68,9 +67,6 @@ class VerifyReport:
         if self.dtype != "fp32" and best <= 0.1 and w <= 1.5 * best:
             return f"rounding: {100 * w:.2g}%"
         return "WRONG"
-
-    def exact(self, rule: str) -> bool:
-        return self.verdict(rule) == "exact"
 
     def advice(self) -> str | None:
         """What to use instead when the file's precision loses more than 1% of the change."""

@@ -158,16 +158,18 @@ def test_a_stale_lock_file_is_taken_over_by_training(tiny_sd_path, tmp_path, cap
 
 # ---- another run's checkpoint ----------------------------------------------------------------------
 
-def test_another_runs_checkpoint_is_never_replaced(tiny_sd_path, tmp_path, capsys):
+def test_another_runs_checkpoint_is_never_replaced(tiny_sd_path, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     train(load_config(flags(tiny_sd_path, out, "--max_train_steps", "2")))
     foreign = tmp_path / "foreign"
     train(load_config(flags(tiny_sd_path, foreign, "--max_train_steps", "4", "--seed", "8")))
     os.rename(foreign / "checkpoint-3", out / "checkpoint-3")  # another run's checkpoint moved in
     before = {p.name: p.read_bytes() for p in (out / "checkpoint-3").iterdir()}
+    monkeypatch.setattr(train_module, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     err = one_line(capsys, train_main(flags(tiny_sd_path, out, "--max_train_steps", "5", "--resume_from_checkpoint",
                                             "latest")))
-    assert "checkpoint-3 was written by another run" in err and "never replaced" in err
+    assert "checkpoint-3 was written by another run" in err and "never replaced" in err  # before any model loads
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (out / "checkpoint-3").iterdir()} == before
     # a run that would not save at that step goes on, beside it
     assert train_main(flags(tiny_sd_path, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")) == 0

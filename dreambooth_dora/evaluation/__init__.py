@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..adapter_file import apply_to_models, check_fits, load_adapter
 from ..config import ConfigError
 from ..models import load_pipeline, pipeline_models, resolve_model
-from ..outputs import atomic_dir, check_output_target, hold
+from ..outputs import atomic_dir, check_output_target, claim_output
 from .analysis import analyse, summarise
 from .config import USAGE, EvalConfig, load_eval_config
 from .generation import generate, parse_sources
@@ -95,8 +95,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     results = compute_metrics(images, prompts, instances, embedders, clip, cfg.seeds, cfg.identifier)
     names = metric_names(embedders, clip)
 
-    with hold(out, "output_dir", "evaluate"):  # checked again under the lock: nothing else wrote there meanwhile
-        check_output_target(cfg.output_dir, "evaluation-report", **target)
+    with claim_output(cfg.output_dir, "evaluation-report", command="evaluate", **target) as out:
         with atomic_dir(out, "evaluation-report") as tmp:
             write_report(tmp, cfg, prompts, images, instances, results, names, points, summaries)
     return out, {"metrics": results, "weight_analysis": summaries, "names": names}

@@ -147,7 +147,7 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): the Student-t interval of the mean, mean +- t(n-1) * sd / sqrt(n), over
     independent values (training seeds; for a paired difference, the per-seed differences). NaN
     bounds below 2 values. It holds its level at small n where a percentile bootstrap does not."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return float("nan"), float("nan"), float("nan")
     mean = float(v.mean())
