@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth_dora.models import load_pipeline, resolve_model
-from dreambooth_dora.checkpoints import checkpoint_step
+from dreambooth_dora.families.models import load_pipeline, resolve_model
+from dreambooth_dora.training.checkpoints import checkpoint_step
 from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path
-from dreambooth_dora.adapter_file import AdapterError, describe, load_adapter, read_adapter
-from dreambooth_dora.pivotal import insert_tokens
+from dreambooth_dora.adapters.file import AdapterError, describe, load_adapter, read_adapter
+from dreambooth_dora.adapters.pivotal import insert_tokens
 
 from .limits import DEFAULT_MAX_WORK  # the work bound of one request
 
@@ -251,7 +251,7 @@ class Comparison:
         (ComfyUI and Forge today: output-axis DoRA over the base weight's norm) or 'a1111' (the
         built-in Lora extension: per input column). Built from the file's own tensors and the
         consumer's published rule (consumers.merge); compare it with the exact column."""
-        from dreambooth_dora.export import consumer_view
+        from dreambooth_dora.formats.export import consumer_view
 
         col = self.columns.get(source)
         if col is None or col.kind != "adapter":
@@ -563,7 +563,7 @@ def axis_names(spec: GridSpec) -> tuple[list[str], list[str]]:
 
 def grid_picture(spec: GridSpec, pictures: dict) -> Image.Image:
     """The grid as drawn so far: captioned rows and columns, cells not drawn yet in grey."""
-    from dreambooth_dora.validation import image_grid
+    from dreambooth_dora.training.validation import image_grid
 
     w, h = int(spec.width), int(spec.height)
     blank = Image.new("RGB", (w, h), (225, 225, 225))
@@ -574,7 +574,7 @@ def grid_picture(spec: GridSpec, pictures: dict) -> Image.Image:
 
 def run_snapshots(folder: Path) -> list[tuple[int, Path]]:
     """(step, folder) of a run's checkpoints holding an adapter, and its final adapter, by step."""
-    from dreambooth_dora.checkpoints import list_checkpoints
+    from dreambooth_dora.training.checkpoints import list_checkpoints
 
     found = [(checkpoint_step(p), p) for p in list_checkpoints(folder) if (p / ADAPTER_FILE).is_file()]
     if (folder / ADAPTER_FILE).is_file():

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="another location of the same base model")
     parser.add_argument("--device")
     args = parser.parse_args(argv)
-    from dreambooth_dora.models import quiet_libraries
+    from dreambooth_dora.families.models import quiet_libraries
 
     quiet_libraries()  # like the app: the libraries' load reports would bury the one line that matters
     out = Path(args.out)

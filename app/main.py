@@ -65,7 +65,7 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreambooth_dora.models import quiet_libraries
+    from dreambooth_dora.families.models import quiet_libraries
 
     quiet_libraries()
     args = parse(sys.argv[1:] if argv is None else argv)

@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dreambooth_dora.dora import AdaptedLinear  # noqa: E402
+from dreambooth_dora.adapters.dora import AdaptedLinear  # noqa: E402
 from timing import saved_for_backward, timed  # noqa: E402
 
 # (width, tokens, where): SD 1.5 UNet attention at 64x64 / 32x32 / 16x16 / 8x8 latents, CLIP text encoder

@@ -57,8 +57,8 @@ ON = ["--train_text_encoder", "false", "--train_text_encoder_ti", "--token_abstr
       "--use_ema", "--loraplus_lr_ratio", "4", "--magnitude_lr", "1e-4", "--caption_dropout_rate", "0.1"]
 RUN = """
 import statistics, sys, time
-import dreambooth_dora.train as train_module
-from dreambooth_dora.config import load_config
+import dreambooth_dora.training.loop as train_module
+from dreambooth_dora.training.config import load_config
 
 class Clock(train_module.tqdm):  # the loop's progress bar: a time stamp per finished step
     stamps = []

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dreambooth_dora.data import load_image_folder  # noqa: E402
+from dreambooth_dora.training.data import load_image_folder  # noqa: E402
 from dreambooth_dora.toy.embedded import score_base, subject_distance  # noqa: E402
-from dreambooth_dora.adapter_file import load_adapter  # noqa: E402
-from dreambooth_dora.models import resolve_model  # noqa: E402
+from dreambooth_dora.adapters.file import load_adapter  # noqa: E402
+from dreambooth_dora.families.models import resolve_model  # noqa: E402
 from dreambooth_dora.toy.world import CLASSES, classify, load_classifier  # noqa: E402
 
 

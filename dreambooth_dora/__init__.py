@@ -1,6 +1,6 @@
 """DreamBooth fine-tuning of Stable Diffusion with DoRA (and LoRA as the baseline)."""
 
-from .adapters import (
+from .adapters.inject import (
     TEXT_ENCODER_TARGETS,
     UNET_ATTENTION_TARGETS,
     adapted_layers,
@@ -11,8 +11,8 @@ from .adapters import (
     merge_adapters,
     set_adapters_enabled,
 )
-from .dora import AdaptedConv2d, AdaptedLayer, AdaptedLinear
-from .adapter_file import AdapterError, load_adapter, read_adapter
+from .adapters.dora import AdaptedConv2d, AdaptedLayer, AdaptedLinear
+from .adapters.file import AdapterError, load_adapter, read_adapter
 
 __all__ = [
     "TEXT_ENCODER_TARGETS", "UNET_ATTENTION_TARGETS", "AdaptedConv2d", "AdaptedLayer", "AdaptedLinear", "AdapterError",

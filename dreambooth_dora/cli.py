@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .models import quiet_libraries
+from .families.models import quiet_libraries
 
 USAGE = """usage: dreambooth-dora <command> [options]
 
@@ -31,13 +31,13 @@ commands:
 
 
 def _user_errors():
-    from .config import ConfigError
-    from .data import DataError
+    from .training.config import ConfigError
+    from .training.data import DataError
     from .evaluation.metrics import MetricModelError
-    from .models import ModelLoadError
+    from .families.models import ModelLoadError
     from .outputs import OutputError
-    from .adapter_file import AdapterError
-    from .train import TrainingError
+    from .adapters.file import AdapterError
+    from .training.loop import TrainingError
 
     return (ConfigError, DataError, TrainingError, ModelLoadError, AdapterError, MetricModelError, OutputError, OSError)
 
@@ -51,8 +51,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from .config import help_text, load_config
-    from .train import train
+    from .training.config import help_text, load_config
+    from .training.loop import train
 
     argv = sys.argv[1:] if argv is None else argv
     quiet_libraries()
@@ -91,7 +91,7 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--comfyui", action="store_true",
                         help="kohya: write dora_scale for ComfyUI's loader (exact there, wrong in LyCORIS/A1111)")
     args = parser.parse_args(argv)
-    from .export import export_full, export_fused, export_kohya, export_svd_lora
+    from .formats.export import export_full, export_fused, export_kohya, export_svd_lora
 
     if args.format != "fused" and not args.out.lower().endswith(".safetensors"):
         print(f"error: --out must be a .safetensors file for --format {args.format}", file=sys.stderr)
@@ -132,7 +132,7 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--base", help="base model; default: the one recorded in the adapter")
     parser.add_argument("--summary", action="store_true", help="only the max / median / verdict rows")
     args = parser.parse_args(argv)
-    from .verify import verify
+    from .formats.verify import verify
 
     try:
         report = verify(args.file, args.against, base=args.base)
@@ -155,7 +155,7 @@ def verify_main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    from .config import help_text
+    from .training.config import help_text
     from .evaluation import USAGE, EvalConfig, evaluate, load_eval_config, summary_lines
 
     if argv and argv[0] in ("-h", "--help"):
@@ -173,8 +173,8 @@ def evaluate_main(argv: list[str]) -> int:
 
 
 def study_main(argv: list[str]) -> int:
-    from .config import help_text
-    from .evaluation.study import USAGE, StudyConfig, load_study_config, run_study
+    from .training.config import help_text
+    from .study import USAGE, StudyConfig, load_study_config, run_study
 
     if argv and argv[0] in ("-h", "--help"):
         print(help_text(StudyConfig, USAGE))
@@ -198,8 +198,8 @@ def info_main(argv: list[str]) -> int:
     parser.add_argument("adapter", help="adapter folder or .safetensors file")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
-    from .adapter_file import describe
-    from .file_info import file_info
+    from .adapters.file import describe
+    from .formats.info import file_info
 
     try:
         info = file_info(args.adapter)

@@ -71,8 +71,8 @@ def adapters(tiny_sd_path, tmp_path_factory):
     checkpoint every 2) on the tiny pipeline, in one folder: {"dora": root/dora, "lora": root/lora}."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from dreambooth_dora.config import load_config
-    from dreambooth_dora.train import train
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
 
     root = tmp_path_factory.mktemp("adapters")
     out = {}

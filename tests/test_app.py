@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from app.core import AppError, Comparison, difference_map, find_adapters, resolve_under_root
-from dreambooth_dora.export import export_fused
+from dreambooth_dora.formats.export import export_fused
 from dreambooth_dora.toy.tiny import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def tops(page, keys):
 def test_page_in_a_real_browser(served_app, adapters, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from dreambooth_dora.validation import cell_scale
+    from dreambooth_dora.training.validation import cell_scale
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -479,8 +479,8 @@ def test_ui_views_apply_the_consumers_rules_to_the_exported_file(many, adapters,
     import torch
     from safetensors.torch import load_file
 
-    from dreambooth_dora.consumers import merge, read_kohya_modules
-    from dreambooth_dora.export import export_kohya
+    from dreambooth_dora.formats.consumers import merge, read_kohya_modules
+    from dreambooth_dora.formats.export import export_kohya
 
     many.add_view("dora", "comfyui")
     many.add_view("dora", "a1111")
@@ -511,7 +511,7 @@ def test_saved_grid_is_a_png_and_json_that_draw_it_again(many, tmp_path):
 
     from app.core import GridSpec
     from app.grid import main as grid_main
-    from dreambooth_dora.validation import cell_scale
+    from dreambooth_dora.training.validation import cell_scale
 
     many.add_view("dora", "comfyui")
     spec = GridSpec("a sks icon", rows="seeds", row_values=[0, 1], cols="columns",

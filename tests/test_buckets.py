@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth_dora.buckets import assign, default_buckets
-from dreambooth_dora.config import ConfigError, load_config
-from dreambooth_dora.data import BatchMaker, Example, batches_per_epoch, bucket_epoch, cache_latents, training_view
-from dreambooth_dora.train import train
+from dreambooth_dora.training.buckets import assign, default_buckets
+from dreambooth_dora.training.config import ConfigError, load_config
+from dreambooth_dora.training.data import BatchMaker, Example, batches_per_epoch, bucket_epoch, cache_latents, training_view
+from dreambooth_dora.training.loop import train
 from conftest import interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_cached_latents_per_bucket_equal_uncached(tiny_pipeline):
 
 def test_default_square_path_is_unchanged(tiny_pipeline):
     """Without buckets the batch maker draws exactly what it drew before buckets existed."""
-    from dreambooth_dora.data import batch_indices
+    from dreambooth_dora.training.data import batch_indices
 
     vae, examples = tiny_pipeline.vae, pictures()
     square = BatchMaker(examples, [], 3, 2, 1, 0, list(range(6)), 32, False, True, 0.0, 0.0, 1000, vae, None,
@@ -144,7 +144,7 @@ def mixed_folder(tmp_path) -> Path:
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_resume_equals_uninterrupted_with_buckets(tiny_sd_path, mixed_folder, tmp_path, monkeypatch):
-    import dreambooth_dora.train as train_module
+    import dreambooth_dora.training.loop as train_module
 
     def run(name, *extra):
         return train(load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir",
@@ -191,7 +191,7 @@ def test_sdxl_with_every_option_resumes_exactly(tiny_sdxl_path, tmp_path, monkey
     """SDXL with pivotal tuning, aspect buckets on non-square RGBA pictures, masked loss from their
     alpha, EMA, LoRA+, a magnitude learning rate and caption dropout: a resumed run ends with the
     uninterrupted run's adapter and tokens."""
-    import dreambooth_dora.train as train_module
+    import dreambooth_dora.training.loop as train_module
 
     data = tmp_path / "rgba"
     data.mkdir()

@@ -1,6 +1,6 @@
 import pytest
 
-from dreambooth_dora.config import ConfigError, TrainConfig, load_config, parse_flags
+from dreambooth_dora.training.config import ConfigError, TrainConfig, load_config, parse_flags
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ validation_steps report_to logging_dir""".split()
 
 
 def test_diffusers_flag_names_are_settings_and_documented():
-    from dreambooth_dora.config import describe_fields, help_text
+    from dreambooth_dora.training.config import describe_fields, help_text
 
     names = {f[0] for f in describe_fields()}
     assert set(DIFFUSERS_FLAGS) <= names
@@ -137,7 +137,7 @@ def test_yaml_that_is_not_utf8_and_output_dirs_that_cannot_be(tmp_path, base_arg
         load_config(["--config", str(bad)])
     a_file = tmp_path / "f"
     a_file.write_text("x")
-    from dreambooth_dora.runs import check_output_dir
+    from dreambooth_dora.training.runs import check_output_dir
 
     for out, message in [(a_file, "is a file"), (a_file / "sub", "cannot be created"), (".", "current folder"),
                          ("/", "file-system root")]:

@@ -122,8 +122,8 @@ def test_layers_match_peft_under_autocast(device, precision, path, dora):
 
 
 def _train(model: Path, out: Path, precision: str, *extra) -> Path:
-    from dreambooth_dora.config import load_config
-    from dreambooth_dora.train import train
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
 
     return train(load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
                               str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon",
@@ -145,8 +145,8 @@ def test_mixed_precision_training_saves_an_adapter_that_reloads_exactly(precisio
 
     from peft import get_peft_model_state_dict
 
-    from dreambooth_dora.adapter_file import layout_prefix, load_adapter
-    from dreambooth_dora.models import pipeline_models
+    from dreambooth_dora.adapters.file import layout_prefix, load_adapter
+    from dreambooth_dora.families.models import pipeline_models
 
     if precision == "fp16" and not CUDA:
         pytest.skip("fp16 mixed precision (grad scaler) needs a CUDA device")
@@ -173,8 +173,8 @@ def test_half_precision_loading_and_fused_export(device, adapters, tiny_sd_path,
     outputs equal the fp32 adapter's within fp16's rounding (2e-3 of the output's size)."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_dora.adapter_file import load_adapter
-    from dreambooth_dora.export import export_fused
+    from dreambooth_dora.adapters.file import load_adapter
+    from dreambooth_dora.formats.export import export_fused
 
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)

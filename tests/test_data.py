@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_dora.data import DataError, batch_indices, load_examples, load_image, to_training_tensor, step_rng
+from dreambooth_dora.training.data import DataError, batch_indices, load_examples, load_image, to_training_tensor, step_rng
 
 
 def save_odd_images(folder):

@@ -1,5 +1,5 @@
 """Every export format merged by every consumer rule: exact where the file says so (checked against
-rules written here from the consumers' code, independently of dreambooth_dora.consumers), wrong
+rules written here from the consumers' code, independently of dreambooth_dora.formats.consumers), wrong
 where it says so; `info` on every format; what a webui reads; `verify`'s table."""
 
 import json
@@ -10,13 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth_dora.adapter_file import apply_to_models, read_adapter
-from dreambooth_dora.adapters import adapted_layers
+from dreambooth_dora.adapters.file import apply_to_models, read_adapter
+from dreambooth_dora.adapters.inject import adapted_layers
 from dreambooth_dora.cli import main
-from dreambooth_dora.consumers import RULES, kohya_key, merge, read_kohya_modules
-from dreambooth_dora.export import export_full, export_fused, export_kohya, export_svd_lora
-from dreambooth_dora.file_info import file_info
-from dreambooth_dora.models import load_pipeline, pipeline_models
+from dreambooth_dora.formats.consumers import RULES, kohya_key, merge, read_kohya_modules
+from dreambooth_dora.formats.export import export_full, export_fused, export_kohya, export_svd_lora
+from dreambooth_dora.formats.info import file_info
+from dreambooth_dora.families.models import load_pipeline, pipeline_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,8 @@ def conv_dora(tiny_sd_path, tmp_path_factory):
     """DoRA on attention Linear layers AND 3x3 / 1x1 convolutions, UNet and text encoder."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from dreambooth_dora.config import load_config
-    from dreambooth_dora.train import train
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
 
     out = tmp_path_factory.mktemp("exports") / "conv_dora"
     train(load_config(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir",
@@ -49,7 +49,7 @@ def truths(adapter_dir):
             for p, m in models.items() for n, layer in adapted_layers(m)}
 
 
-# ---- the consumers' rules, written here from their code (not from dreambooth_dora.consumers) ----
+# ---- the consumers' rules, written here from their code (not from dreambooth_dora.formats.consumers) ----
 
 def v_of(w0, mod):
     return w0 + mod["alpha"] / mod["down"].shape[0] * (mod["up"].flatten(1) @ mod["down"].flatten(1)).reshape(w0.shape)
@@ -169,8 +169,8 @@ def test_webui_metadata_and_markers(adapters, tiny_sd2_path, tmp_path):
     # an SD 2.x adapter: ss_v2 so A1111 shows it with an SD 2.x checkpoint loaded
     from accelerate.state import AcceleratorState, GradientState
 
-    from dreambooth_dora.config import load_config
-    from dreambooth_dora.train import train
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
 
     train(load_config(["--pretrained_model_name_or_path", str(tiny_sd2_path), "--instance_data_dir",
                        str(REPO / "sample_data" / "3d_icon"), "--instance_prompt", "a sks icon", "--resolution", "64",

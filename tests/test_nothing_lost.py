@@ -14,12 +14,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-import dreambooth_dora.train as train_module
-from dreambooth_dora.checkpoints import save_checkpoint
+import dreambooth_dora.training.loop as train_module
+from dreambooth_dora.training.checkpoints import save_checkpoint
 from dreambooth_dora.cli import main, train_main
-from dreambooth_dora.config import ConfigError, load_config
+from dreambooth_dora.training.config import ConfigError, load_config
 from dreambooth_dora.outputs import DestinationLock, OutputError, lock_file_of
-from dreambooth_dora.train import train
+from dreambooth_dora.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER = "pytorch_lora_weights.safetensors"
@@ -118,7 +118,7 @@ def test_two_trainers_and_an_export_started_together_into_one_folder(tiny_sd_pat
 
 
 def test_a_study_cell_or_an_export_into_a_running_trainers_folder_stops(tiny_sd_path, adapters, tmp_path, capsys):
-    from dreambooth_dora.evaluation import study
+    from dreambooth_dora import study
 
     argv = [
         "--base_model", str(tiny_sd_path), "--instance_data_dir", str(ICONS), "--methods", "dora", "--ranks", "2",
@@ -186,8 +186,8 @@ def test_another_runs_checkpoint_is_never_replaced(tiny_sd_path, tmp_path, capsy
 
 def test_write_errors_of_every_kind_are_one_line_naming_the_file(tiny_sd_path, adapters, tmp_path, capsys,
                                                                  monkeypatch):
-    import dreambooth_dora.adapter_file as adapter_file
-    import dreambooth_dora.export as export
+    import dreambooth_dora.adapters.file as adapter_file
+    import dreambooth_dora.formats.export as export
 
     full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
@@ -288,7 +288,7 @@ def test_damaged_metadata_is_one_line_naming_the_file(adapters, tmp_path, capsys
 
 
 def test_temp_files_of_killed_exports_are_recognised_and_removed(adapters, tmp_path):
-    from dreambooth_dora.export import export_kohya
+    from dreambooth_dora.formats.export import export_kohya
 
     folder = tmp_path / "loras"
     folder.mkdir()
@@ -307,7 +307,7 @@ def test_temp_files_of_killed_exports_are_recognised_and_removed(adapters, tmp_p
 def test_masks_of_another_shape_or_all_black_are_refused(tmp_path):
     from PIL import Image
 
-    from dreambooth_dora.data import DataError, load_examples
+    from dreambooth_dora.training.data import DataError, load_examples
 
     data, masks = tmp_path / "data", tmp_path / "masks"
     data.mkdir()
@@ -330,7 +330,7 @@ def test_masks_of_another_shape_or_all_black_are_refused(tmp_path):
 def test_a_bucket_over_the_area_budget_is_refused(tiny_sd_path, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    from dreambooth_dora.buckets import assign, default_buckets
+    from dreambooth_dora.training.buckets import assign, default_buckets
 
     with pytest.raises(ValueError, match=r"a 4000x10 picture is too narrow .* its own bucket would be 640x8, 5.0x "
                                          r"the area budget 32x32"):
@@ -408,7 +408,7 @@ def test_kohya_files_never_land_in_root_home_or_the_current_folder(adapters, tmp
 
 
 def test_study_resume_needs_a_study_and_bad_train_args_stop_before_its_record(tmp_path):
-    from dreambooth_dora.evaluation import study
+    from dreambooth_dora import study
 
     argv = ["--base_model", "embedded:toy-world", "--instance_data_dir", str(ICONS), "--methods", "dora,lora",
             "--ranks", "2", "--learning_rates", "1e-3", "--training_seeds", "0", "--output_dir", str(tmp_path / "s")]
@@ -421,7 +421,7 @@ def test_study_resume_needs_a_study_and_bad_train_args_stop_before_its_record(tm
 
 
 def test_damaged_numbers_in_an_exports_metadata_are_said_not_raised(adapters, tmp_path, capsys):
-    from dreambooth_dora.export import export_svd_lora
+    from dreambooth_dora.formats.export import export_svd_lora
 
     path = export_svd_lora(adapters["dora"], tmp_path / "svd.safetensors", 2)[0]
     with safe_open(str(path), "pt") as f:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_dora.adapters import add_adapters, adapted_layers
-from dreambooth_dora.config import ConfigError, load_config
-from dreambooth_dora.data import BatchMaker, Example
-from dreambooth_dora.train import parameter_groups, train
+from dreambooth_dora.adapters.inject import add_adapters, adapted_layers
+from dreambooth_dora.training.config import ConfigError, load_config
+from dreambooth_dora.training.data import BatchMaker, Example
+from dreambooth_dora.training.loop import parameter_groups, train
 from conftest import interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_dora_train_ablations(part, tiny_sd_path, icon_dir, tmp_path):
                        "--max_train_steps", "3", "--output_dir", str(out), "--report_to", "none",
                        "--dora_train", part]))
     tensors = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    from dreambooth_dora.models import load_components
+    from dreambooth_dora.families.models import load_components
 
     unet = load_components(str(tiny_sd_path))[3]
     mags = {k: v for k, v in tensors.items() if k.endswith("lora_magnitude_vector")}
@@ -121,8 +121,8 @@ def ema_flags(tiny_sd_path, icon_dir, out, *extra):
 
 
 def test_ema_is_the_hand_computed_average_and_resumes_exactly(tiny_sd_path, icon_dir, tmp_path, monkeypatch):
-    import dreambooth_dora.train as train_module
-    from dreambooth_dora.ema import AdapterEMA
+    import dreambooth_dora.training.loop as train_module
+    from dreambooth_dora.training.ema import AdapterEMA
 
     seen = []
 
@@ -144,7 +144,7 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tiny_sd_path, icon
         hand = [d * h + (1 - d) * r for h, r in zip(hand, raw)]
     assert len(seen) == 5
     saved = load_file(str(path))
-    from dreambooth_dora.models import load_components
+    from dreambooth_dora.families.models import load_components
 
     unet = load_components(str(tiny_sd_path))[3]
     add_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=4)
@@ -172,7 +172,7 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tiny_sd_path, icon
 # ---- masked loss ------------------------------------------------------------------------------
 
 def test_masked_loss_is_the_mask_weighted_mean():
-    from dreambooth_dora.losses import diffusion_loss
+    from dreambooth_dora.training.losses import diffusion_loss
 
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
@@ -206,7 +206,7 @@ def test_masks_from_alpha_or_a_folder_follow_the_crop_and_flip(tmp_path):
 
     import numpy as np
 
-    from dreambooth_dora.data import DataError, load_examples, mask_view, training_view
+    from dreambooth_dora.training.data import DataError, load_examples, mask_view, training_view
 
     data = rgba_subject_folder(tmp_path / "data")
     examples = load_examples(str(data), default_caption="x", masked=True)
@@ -243,7 +243,7 @@ def test_masks_from_alpha_or_a_folder_follow_the_crop_and_flip(tmp_path):
 def test_new_features_keep_resume_and_accumulation_exact(tiny_sd_path, tmp_path, monkeypatch):
     """Masked loss, caption dropout, EMA, LoRA+ and a magnitude learning rate all on: a resumed
     run ends with the uninterrupted run's adapter, and accumulation equals the larger batch."""
-    import dreambooth_dora.train as train_module
+    import dreambooth_dora.training.loop as train_module
 
     data = rgba_subject_folder(tmp_path / "data")
 
@@ -313,8 +313,8 @@ def test_subject_sets_config(tmp_path):
 def test_two_subjects_in_one_run(tiny_sd_path, tmp_path):
     from collections import Counter
 
-    from dreambooth_dora.data import batch_indices
-    from dreambooth_dora.train import load_subject_sets
+    from dreambooth_dora.training.data import batch_indices
+    from dreambooth_dora.training.loop import load_subject_sets
 
     icon, lego = REPO / "sample_data" / "3d_icon", REPO / "sample_data" / "lego"
     config = sets_yaml(tmp_path, f"""datasets:

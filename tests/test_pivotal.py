@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth_dora.adapter_file import AdapterError, load_adapter
-from dreambooth_dora.config import ConfigError, load_config
-from dreambooth_dora.consumers import a1111_embedding, comfyui_embedding
-from dreambooth_dora.pivotal import NewTokenEmbedding, insert_tokens, new_token_names
-from dreambooth_dora.train import train
+from dreambooth_dora.adapters.file import AdapterError, load_adapter
+from dreambooth_dora.training.config import ConfigError, load_config
+from dreambooth_dora.formats.consumers import a1111_embedding, comfyui_embedding
+from dreambooth_dora.adapters.pivotal import NewTokenEmbedding, insert_tokens, new_token_names
+from dreambooth_dora.training.loop import train
 from conftest import interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_settings_are_checked(tmp_path):
 def _grid_cells(path: Path, count: int, size: int) -> list[np.ndarray]:
     """The images of the validation grid's first row (the label column is on the left; cells
     enlarged by a whole factor, nearest neighbour, so every k-th pixel is the original)."""
-    from dreambooth_dora.validation import cell_scale
+    from dreambooth_dora.training.validation import cell_scale
 
     k = cell_scale((size, size))
     grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
@@ -147,7 +147,7 @@ def test_webui_files_load_under_the_consumers_rules(ti_run):
     assert torch.equal(comfyui_embedding(webui, "clip_l", 32), final)
     card = (ti_run / "README.md").read_text()
     assert "<s0><s1>" in card and "webui_embeddings/TOK.safetensors" in card and "| options | none |" in card
-    from dreambooth_dora.file_info import file_info
+    from dreambooth_dora.formats.info import file_info
 
     assert "new tokens (pivotal tuning): TOK=<s0><s1>; vectors in embeddings.safetensors beside it" in \
         file_info(ti_run).notes
@@ -168,7 +168,7 @@ def test_missing_embeddings_file_is_one_line(ti_run, tiny_sd_path, tmp_path):
 
 
 def test_resume_equals_uninterrupted_with_pivotal_tuning(ti_run, tiny_sd_path, tmp_path, monkeypatch):
-    import dreambooth_dora.train as train_module
+    import dreambooth_dora.training.loop as train_module
 
     interrupt_at(monkeypatch, train_module, 2)  # killed during step 2, before the pivot
     with pytest.raises(KeyboardInterrupt):
@@ -211,9 +211,9 @@ def test_sdxl_pivotal_tuning_both_encoders(tiny_sdxl_path, tmp_path):
 def test_exports_carry_the_tokens(ti_run, tiny_sd_path, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_dora.consumers import a1111_bundled_embeddings, read_kohya_modules
-    from dreambooth_dora.export import export_full, export_fused, export_kohya
-    from dreambooth_dora.file_info import file_info
+    from dreambooth_dora.formats.consumers import a1111_bundled_embeddings, read_kohya_modules
+    from dreambooth_dora.formats.export import export_full, export_fused, export_kohya
+    from dreambooth_dora.formats.info import file_info
 
     trained = load_file(str(ti_run / "embeddings.safetensors"))["clip_l"]
     fused = export_fused(ti_run, tmp_path / "fused")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_dora.config import load_config
+from dreambooth_dora.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,5 +103,5 @@ def test_no_import_cycles():
     assert not any(m.startswith("app") or m == "dreambooth_dora.cli" for src, deps in graph.items()
                    if src.startswith("dreambooth_dora") and src != "dreambooth_dora.cli" for m in deps)
     # the config stays light: no torch-importing module behind it at import time
-    assert "dreambooth_dora.adapters" not in graph["dreambooth_dora.config"]
+    assert "dreambooth_dora.adapters.inject" not in graph["dreambooth_dora.training.config"]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dreambooth_dora.train as train_module
+import dreambooth_dora.training.loop as train_module
 from dreambooth_dora.cli import train_main
-from dreambooth_dora.config import ConfigError, load_config
-from dreambooth_dora.train import train
+from dreambooth_dora.training.config import ConfigError, load_config
+from dreambooth_dora.training.loop import train
 
 ADAPTER = "pytorch_lora_weights.safetensors"
 
@@ -195,7 +195,7 @@ def fail_half_way(real):
 
 def test_a_full_disk_leaves_no_half_written_checkpoint_or_adapter(tiny_sd_path, icon_dir, tmp_path, monkeypatch,
                                                                    capsys):
-    import dreambooth_dora.adapter_file as adapter_file
+    import dreambooth_dora.adapters.file as adapter_file
 
     out = tmp_path / "run"
     real_save = torch.save

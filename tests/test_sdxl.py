@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth_dora.conditioning import encode_prompts, time_ids
-from dreambooth_dora.data import training_view
+from dreambooth_dora.families.conditioning import encode_prompts, time_ids
+from dreambooth_dora.training.data import training_view
 from dreambooth_dora.outputs import ADAPTER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +25,8 @@ REPO_ICONS = "sample_data/3d_icon"
 def _train(model, out, *extra):
     from accelerate.state import AcceleratorState, GradientState
 
-    from dreambooth_dora.config import load_config
-    from dreambooth_dora.train import train
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
 
     cfg = load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / REPO_ICONS),
                        "--instance_prompt", "a sks icon", "--resolution", "64", "--learning_rate", "3e-2",
@@ -95,7 +95,7 @@ def test_sdxl_training_writes_diffusers_sdxl_layout(sdxl_dora):
     assert sorted(p.name for p in (sdxl_dora / "validation").iterdir()) == ["step-000004.png"]
     card = (sdxl_dora / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card and "load_adapter(pipe," in card
-    from dreambooth_dora.adapter_file import describe
+    from dreambooth_dora.adapters.file import describe
 
     d = describe(sdxl_dora).as_dict()
     assert d["method"] == "DoRA" and set(d["parts"]) == {"unet", "text_encoder", "text_encoder_2"}
@@ -126,9 +126,9 @@ def test_sdxl_cached_latents_and_embeddings_equal_uncached(tiny_sdxl_path, tmp_p
 
 
 def test_sdxl_adapter_loads_exactly_and_exports(sdxl_dora, tiny_sdxl_path, tmp_path):
-    from dreambooth_dora.adapter_file import apply_to_models, load_adapter, read_adapter
-    from dreambooth_dora.export import export_fused, export_kohya
-    from dreambooth_dora.models import pipeline_models
+    from dreambooth_dora.adapters.file import apply_to_models, load_adapter, read_adapter
+    from dreambooth_dora.formats.export import export_fused, export_kohya
+    from dreambooth_dora.families.models import pipeline_models
 
     ref = _pipe(tiny_sdxl_path)  # our layers: the reference the trainer optimised
     apply_to_models(read_adapter(sdxl_dora), pipeline_models(ref))
@@ -188,7 +188,7 @@ def test_sdxl_app_and_evaluate(sdxl_dora, tiny_sdxl_path, tmp_path):
 
 def test_pretrained_vae_path(tiny_sdxl_path, tmp_path):
     from dreambooth_dora.toy.tiny import build_tiny_sdxl_pipeline
-    from dreambooth_dora.models import ModelLoadError, load_components
+    from dreambooth_dora.families.models import ModelLoadError, load_components
 
     other = build_tiny_sdxl_pipeline(seed=7)
     other.vae.save_pretrained(tmp_path / "vae-only")
@@ -200,7 +200,7 @@ def test_pretrained_vae_path(tiny_sdxl_path, tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load model .*nowhere"):
         load_components(str(tiny_sdxl_path), vae_path=str(tmp_path / "nowhere"))
 
-    from dreambooth_dora.prior import ensure_class_images
+    from dreambooth_dora.training.prior import ensure_class_images
 
     pictures = {}
     for name, vae_path in (("own", None), ("other", str(tmp_path / "vae-only"))):  # class images decode with it too
@@ -215,8 +215,8 @@ def test_sdxl_recipe_runs_on_local_models_in_bf16_with_prior_preservation(tiny_s
     bf16 autocast and prior preservation (class images drawn by the SDXL pipeline)."""
     import json
 
-    from dreambooth_dora.config import load_config
-    from dreambooth_dora.train import train
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
 
     monkeypatch.chdir(REPO)
     cfg = load_config(["--config", "train_configs/sdxl_lego_dora.yaml", "--pretrained_model_name_or_path",
@@ -248,7 +248,7 @@ def test_verify_on_sdxl_with_text_encoders_judges_the_untrained_last_layer_fairl
     and leaves the weight as it was: verify must not divide by that ~0 change (it printed 7e+23
     and WRONG for every UI)."""
     from dreambooth_dora.cli import main
-    from dreambooth_dora.export import export_full, export_kohya
+    from dreambooth_dora.formats.export import export_full, export_kohya
 
     files = {"kohya": export_kohya(sdxl_dora, tmp_path / "k.safetensors"),
              "full": export_full(sdxl_dora, tmp_path / "f.safetensors")}

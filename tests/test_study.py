@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreambooth_dora.config import ConfigError
-from dreambooth_dora.evaluation import study
-from dreambooth_dora.evaluation.study import load_study_config, matched_rank, mean_ci
+from dreambooth_dora.training.config import ConfigError
+from dreambooth_dora import study
+from dreambooth_dora.study import load_study_config, matched_rank, mean_ci
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_settings_are_checked(tmp_path):
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_a_killed_study_resumes_without_redoing_finished_cells(tmp_path, monkeypatch):
-    import dreambooth_dora.train as train_module
+    import dreambooth_dora.training.loop as train_module
     from conftest import interrupt_at
 
     trained = []
@@ -146,9 +146,9 @@ def test_best_rate_is_chosen_on_selection_seeds_only(tmp_path):
 
 def test_matched_rank_counts_the_real_adapters(tmp_path):
     """lora-matched's rank from the layer shapes equals counting the parameters of real adapters."""
-    from dreambooth_dora.adapters import adapter_parameters, add_adapters
-    from dreambooth_dora.config import UNET_ATTENTION_TARGETS
-    from dreambooth_dora.models import load_components, resolve_model
+    from dreambooth_dora.adapters.inject import adapter_parameters, add_adapters
+    from dreambooth_dora.training.config import UNET_ATTENTION_TARGETS
+    from dreambooth_dora.families.models import load_components, resolve_model
 
     cfg = load_study_config(["--instance_data_dir", str(REPO / "sample_data" / "3d_icon"), "--methods",
                              "dora,lora-matched", "--ranks", "1,4", "--output_dir", str(tmp_path / "s")])

@@ -58,7 +58,7 @@ def test_pretraining_script_saves_a_loadable_pipeline(tmp_path):
 
 def test_pretraining_command_never_writes_over_a_model_it_did_not_make(tmp_path, capsys):
     from dreambooth_dora.toy.embedded import main
-    from dreambooth_dora.models import resolve_model
+    from dreambooth_dora.families.models import resolve_model
 
     shipped = Path(resolve_model("embedded:toy-world"))
     before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*") if p.is_file()}
@@ -82,7 +82,7 @@ def test_the_embedded_model_draws_its_world():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_dora.models import resolve_model
+    from dreambooth_dora.families.models import resolve_model
     from dreambooth_dora.toy.world import load_classifier
 
     path = resolve_model("embedded:toy-world")

@@ -14,10 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreambooth_dora import add_adapters, load_adapter_state_dict
-from dreambooth_dora.config import ConfigError, load_config
-from dreambooth_dora.prior import count_images, ensure_class_images
-from dreambooth_dora.models import load_components
-from dreambooth_dora.train import TrainingError, train
+from dreambooth_dora.training.config import ConfigError, load_config
+from dreambooth_dora.training.prior import count_images, ensure_class_images
+from dreambooth_dora.families.models import load_components
+from dreambooth_dora.training.loop import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_resumed_run_ends_with_the_same_adapter(tmp_path, tiny_sd_path, icon_dir
     flags = ["--max_train_steps", "6", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
              "--train_batch_size", "2", "--random_flip", "--lr_scheduler", "cosine", "--train_text_encoder"]
     full, _ = read_adapter(run(tmp_path, tiny_sd_path, icon_dir, *flags, name="full"))
-    import dreambooth_dora.train as train_module
+    import dreambooth_dora.training.loop as train_module
 
     calls = {"n": 0}
     real_loss = train_module.diffusion_loss

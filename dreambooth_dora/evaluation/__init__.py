@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_file import apply_to_models, check_fits, load_adapter
-from ..config import ConfigError
-from ..models import load_pipeline, pipeline_models, resolve_model
+from ..adapters.file import apply_to_models, check_fits, load_adapter
+from ..training.config import ConfigError
+from ..families.models import load_pipeline, pipeline_models, resolve_model
 from ..outputs import atomic_dir, check_output_target, claim_output
 from .analysis import analyse, summarise
 from .config import USAGE, EvalConfig, load_eval_config
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     """Run the evaluation; returns (output folder, metrics)."""
-    from ..data import load_image_folder
+    from ..training.data import load_image_folder
 
     instances = [e.image for e in load_image_folder(cfg.instance_data_dir)]
     sources = parse_sources(cfg.adapters)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from ..adapter_file import AdapterFile, read_adapter
-from ..adapters import _matches, adapted_layers, load_adapter_state_dict
-from ..checkpoints import checkpoint_step, list_checkpoints
+from ..adapters.file import AdapterFile, read_adapter
+from ..adapters.inject import _matches, adapted_layers, load_adapter_state_dict
+from ..training.checkpoints import checkpoint_step, list_checkpoints
 from ..outputs import ADAPTER_FILE
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
+from ..training.config import ConfigError
 
 USAGE = "usage: dreambooth-dora evaluate [--config FILE.yaml] [--name value ...]"
 
@@ -64,8 +64,8 @@ class EvalConfig:
             raise ConfigError("identifier is empty")
         if any(seed < 0 for seed in self.seeds):
             raise ConfigError(f"seeds must be >= 0, got {self.seeds}")
-        from ..config import check_ranges
-        from ..models import check_embedded_name
+        from ..training.config import check_ranges
+        from ..families.models import check_embedded_name
 
         check_ranges(self, {"guidance_scale": (">=", 0)})
         try:
@@ -76,6 +76,6 @@ class EvalConfig:
 
 
 def load_eval_config(argv: list[str]) -> EvalConfig:
-    from ..config import load_config
+    from ..training.config import load_config
 
     return load_config(argv, EvalConfig)

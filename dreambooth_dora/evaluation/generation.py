@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_file import AdapterFile, read_adapter
-from ..pivotal import insert_tokens
+from ..adapters.file import AdapterFile, read_adapter
+from ..adapters.pivotal import insert_tokens
 from .config import EvalConfig
 
 

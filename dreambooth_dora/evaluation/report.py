@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..validation import image_grid
+from ..training.validation import image_grid
 from .analysis import points_as_dicts, scatter_plot, summarise
 from .config import EvalConfig
 

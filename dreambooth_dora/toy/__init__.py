@@ -5,6 +5,6 @@
     embedded.py  pretraining of the embedded `embedded:toy-world` model on the toy world
     models/      the shipped embedded model (+ its classifier/)
 
-Product code reaches these only through `dreambooth_dora.models.resolve_model("embedded:...")`
+Product code reaches these only through `dreambooth_dora.families.models.resolve_model("embedded:...")`
 and the evaluation's toy judge.
 """

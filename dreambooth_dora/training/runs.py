@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .pivotal import EMBEDDINGS_FILE, WEBUI_FOLDER
+from ..adapters.pivotal import EMBEDDINGS_FILE, WEBUI_FOLDER
 from .checkpoints import CHECKPOINT, checkpoint_owner, checkpoint_problem, checkpoint_step, list_checkpoints, read_manifest
 from .config import ConfigError
-from .outputs import (ADAPTER_FILE, RUN_FILE, TRAIN_CONFIG, OutputError, atomic_path, check_not_degenerate,
+from ..outputs import (ADAPTER_FILE, RUN_FILE, TRAIN_CONFIG, OutputError, atomic_path, check_not_degenerate,
                       check_not_inside_outputs, check_writable_place, hold, resolve)
 
 # any temp file in a run folder (atomic_path's .<name>.<pid>-<random>.tmp, and earlier versions'

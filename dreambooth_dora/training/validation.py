@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .outputs import atomic_path
+from ..outputs import atomic_path
 
 
 MIN_CELL = 256  # small models' pictures are enlarged (nearest neighbour) to at least this many pixels

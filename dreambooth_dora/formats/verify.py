@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .adapter_file import AdapterError, apply_to_models, base_model_of, layout_prefix, read_adapter
+from ..adapters.file import AdapterError, apply_to_models, base_model_of, layout_prefix, read_adapter
 from .consumers import (RULE_NAMES, RULES, KohyaModule, has_no_change, kohya_key, layers_by_kohya_key, merge,
                         read_kohya_modules, relative_error)
 from .export import kohya_module
-from .file_info import read_safetensors
-from .models import PARTS, load_pipeline, pipeline_models
-from .outputs import ADAPTER_FILE
+from .info import read_safetensors
+from ..families.models import PARTS, load_pipeline, pipeline_models
+from ..outputs import ADAPTER_FILE
 
 EXACT = 1e-4  # what "exact" allows: fp32 rounding of the stored tensors
 ROUNDING_ADVICE = 0.01  # a 16-bit file that loses more than this gets a recommendation

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dora_fused import fused_linear
+from .fused import fused_linear
 
 NORM_EPS = 1e-12  # an all-zero row (n = 0, m = 0) gives scale 0, never NaN
 

@@ -30,9 +30,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapters import adapted_layers, adapter_state_dict, add_adapters, load_adapter_state_dict
-from .models import PARTS as PREFIXES, pipeline_models, resolve_model
-from .outputs import ADAPTER_FILE, atomic_path
+from .inject import adapted_layers, adapter_state_dict, add_adapters, load_adapter_state_dict
+from ..families.models import PARTS as PREFIXES, pipeline_models, resolve_model
+from ..outputs import ADAPTER_FILE, atomic_path
 from .pivotal import EMBEDDINGS_FILE, ENCODER_KEYS, read_embeddings
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads adapter configs from

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .adapter_file import AdapterInfo
+from ..adapters.file import AdapterInfo
 from .config import TrainConfig
-from .models import EMBEDDED_PREFIX
+from ..families.models import EMBEDDED_PREFIX
 
 
 def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str, pivotal: bool = False) -> str:
@@ -13,10 +13,10 @@ def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str, pivota
     `pivotal`, the new tokens come with the adapter and replace the identifier in the prompt."""
     imports = [f"from diffusers import {pipeline}", "from dreambooth_dora import load_adapter"]
     if pivotal:
-        imports.append("from dreambooth_dora.pivotal import insert_tokens")
+        imports.append("from dreambooth_dora.adapters.pivotal import insert_tokens")
     source = repr(base)
     if base.startswith(EMBEDDED_PREFIX):
-        imports.append("from dreambooth_dora.models import resolve_model")
+        imports.append("from dreambooth_dora.families.models import resolve_model")
         source = f"resolve_model({base!r})"
     return "\n".join([
         *imports,

@@ -35,8 +35,8 @@ def resolve_model(name_or_path: str) -> str:
     check_embedded_name(name_or_path)
     name = name_or_path[len(EMBEDDED_PREFIX):]
     if name == "toy-world":  # trained by `python -m dreambooth_dora.toy.embedded`, shipped in the package
-        return str(Path(__file__).resolve().parent / "toy" / "models" / "toy-world")
-    from .toy.tiny import save_tiny_pipeline
+        return str(Path(__file__).resolve().parents[1] / "toy" / "models" / "toy-world")
+    from ..toy.tiny import save_tiny_pipeline
 
     cache = Path(os.environ.get("DREAMBOOTH_DORA_CACHE", Path.home() / ".cache" / "dreambooth_dora"))
     return str(save_tiny_pipeline(cache / name))

@@ -18,10 +18,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .adapters import load_adapter_state_dict
-from .adapter_file import AdapterInfo, layout_prefix, save_adapter
-from .outputs import ADAPTER_FILE, CHECKPOINT, OutputError, atomic_path, make_readable, named_write_errors
-from .pivotal import EMBEDDINGS_FILE, read_embeddings, save_embeddings
+from ..adapters.inject import load_adapter_state_dict
+from ..adapters.file import AdapterInfo, layout_prefix, save_adapter
+from ..outputs import ADAPTER_FILE, CHECKPOINT, OutputError, atomic_path, make_readable, named_write_errors
+from ..adapters.pivotal import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 
 MANIFEST = "checkpoint.json"
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter_file import layout_prefix
-from .adapters import adapted_layers
+from ..adapters.file import layout_prefix
+from ..adapters.inject import adapted_layers
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 RULES = ("lycoris", "comfyui", "comfyui-15458", "a1111")

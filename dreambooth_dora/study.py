@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError
+from .training.config import ConfigError
 
 MIN_SEEDS = 3  # fewer training seeds: a t-interval on 2 values spans +-12.7 standard errors: nothing to read
 USAGE = "usage: dreambooth-dora study [--config FILE.yaml] [--resume] [--name value ...]"
@@ -115,7 +115,7 @@ class StudyConfig:
 
 
 def load_study_config(argv: list[str]) -> StudyConfig:
-    from ..config import load_config
+    from .training.config import load_config
 
     return load_config(argv, StudyConfig)
 
@@ -182,9 +182,9 @@ class Cell:
 def adapted_shapes(cfg: StudyConfig) -> tuple[int, int]:
     """(sum of in + out features, sum of out features) over the layers the study's runs adapt:
     a LoRA of rank r has r x the first trainable parameters, a DoRA the second on top."""
-    from ..adapters import adapted_layers, add_adapters
-    from ..config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
-    from ..models import load_components, resolve_model
+    from .adapters.inject import adapted_layers, add_adapters
+    from .training.config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
+    from .families.models import load_components, resolve_model
 
     _, text_encoders, _, unet, _ = load_components(resolve_model(cfg.base_model))
     train_te = "--train_text_encoder" in cfg.train_args
@@ -231,7 +231,7 @@ def check_train_args(cfg: StudyConfig) -> None:
     """Every cell's training settings validate (ConfigError naming the first problem), checked
     before the study writes anything: one cell per method (the ranks and rates are checked by
     the study's own settings)."""
-    from ..config import load_config
+    from .training.config import load_config
 
     for method in cfg.methods:
         cell = Cell(method, cfg.ranks[0], cfg.learning_rates[0], cfg.training_seeds[0], 0, cfg.ranks[0])
@@ -243,9 +243,9 @@ def check_train_args(cfg: StudyConfig) -> None:
 
 def train_cell(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
     """The cell's training run in out/runs/<id> (resumed from its latest checkpoint when there is one)."""
-    from ..checkpoints import list_checkpoints
-    from ..config import load_config
-    from ..train import train
+    from .training.checkpoints import list_checkpoints
+    from .training.config import load_config
+    from .training.loop import train
 
     run = out / "runs" / cell.id
     argv = cell_argv(cfg, cell, run)
@@ -260,9 +260,9 @@ class Judge:
     def __init__(self, cfg: StudyConfig):
         import torch
 
-        from ..data import load_image_folder
-        from ..models import load_pipeline, resolve_model
-        from .metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder
+        from .training.data import load_image_folder
+        from .families.models import load_pipeline, resolve_model
+        from .evaluation.metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder
 
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -285,7 +285,7 @@ class Judge:
         seed's initial latents from its own generator (the same latents for every model)."""
         import torch
 
-        from ..pivotal import insert_tokens
+        from .adapters.pivotal import insert_tokens
 
         if adapter is None:
             self.pipe.disable_lora()
@@ -305,15 +305,15 @@ class Judge:
         """{step: {metric: {"selection": mean over selection seeds, "report": ..., "per_seed": [...]}}}"""
         import logging
 
-        from ..adapter_file import load_adapter
-        from .analysis import snapshots
-        from .metrics import compute_metrics
+        from .adapters.file import load_adapter
+        from .evaluation.analysis import snapshots
+        from .evaluation.metrics import compute_metrics
 
         self.pipe.set_progress_bar_config(disable=True)
         if self.base is None:
             self.base = self.draw(None, {})
         out = {}
-        quiet = logging.getLogger("dreambooth_dora.adapter_file")
+        quiet = logging.getLogger("dreambooth_dora.adapters.file")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # the stock loader's known text-encoder gap, restored every time
         try:
@@ -343,9 +343,9 @@ def _settings(cfg: StudyConfig) -> dict:
 def open_study(cfg: StudyConfig) -> tuple[Path, dict]:
     """The study folder and its record: new (refusing a folder holding anything else), or with
     `resume` this same study (its settings must match, except resume and device)."""
-    from ..outputs import check_not_degenerate, check_not_inside_outputs, write_text
+    from .outputs import check_not_degenerate, check_not_inside_outputs, write_text
 
-    from ..outputs import OutputError, resolve
+    from .outputs import OutputError, resolve
 
     out = Path(cfg.output_dir)
     try:
@@ -400,7 +400,7 @@ class _StepsInto:
 def quiet_training(bar=None, cell: str = ""):
     """The training loop reports to the study's one bar (one bar over the grid, its time
     estimate from every step so far) instead of drawing its own."""
-    import dreambooth_dora.train as train_module
+    import dreambooth_dora.training.loop as train_module
 
     real = train_module.tqdm
     train_module.tqdm = lambda *a, **k: _StepsInto(bar, cell)
@@ -414,7 +414,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> Path:
     """Run (or continue) the grid, then write the report; returns the report's path."""
     from tqdm.auto import tqdm
 
-    from ..outputs import write_text
+    from .outputs import write_text
 
     out, record = open_study(cfg)
     cells = plan(cfg)
@@ -548,8 +548,8 @@ def band_plot(series: list[tuple[str, list[float], list[tuple[float, float, floa
     """Lines of means with shaded intervals: series = [(label, xs, [(mean, low, high), ...])]."""
     from PIL import Image, ImageDraw
 
-    from ..validation import _font
-    from .analysis import PALETTE
+    from .training.validation import _font
+    from .evaluation.analysis import PALETTE
 
     w, h = size
     left, right, top, bottom = 70, 150, 40, 50
@@ -608,9 +608,9 @@ def band_plot(series: list[tuple[str, list[float], list[tuple[float, float, floa
 
 def run_points(cfg: StudyConfig, run: Path) -> list:
     """The DoRA paper's magnitude / direction points of a run's query projections, every snapshot."""
-    from ..adapter_file import apply_to_models, read_adapter
-    from ..models import load_pipeline, pipeline_models
-    from .analysis import analyse
+    from .adapters.file import apply_to_models, read_adapter
+    from .families.models import load_pipeline, pipeline_models
+    from .evaluation.analysis import analyse
 
     models = pipeline_models(load_pipeline(cfg.base_model))
     adapter = read_adapter(run)
@@ -620,7 +620,7 @@ def run_points(cfg: StudyConfig, run: Path) -> list:
 
 def weight_slope(cfg: StudyConfig, run: Path) -> dict:
     """A run's weight pattern: slope of dM on dD over its snapshots, r, mean changes."""
-    from .analysis import summarise
+    from .evaluation.analysis import summarise
 
     sm = summarise(run_points(cfg, run))
     return {k: sm[k] for k in ("slope", "r", "mean_dm", "mean_dd")}
@@ -628,7 +628,7 @@ def weight_slope(cfg: StudyConfig, run: Path) -> dict:
 
 def weight_slopes(cfg: StudyConfig, out: Path, cells: list[Cell]) -> dict:
     """{cell id: weight analysis} for every finished cell, kept in its cells/<id>.json."""
-    from ..outputs import write_text
+    from .outputs import write_text
 
     found = {}
     for cell in cells:
@@ -645,7 +645,7 @@ def weight_slopes(cfg: StudyConfig, out: Path, cells: list[Cell]) -> dict:
 
 def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
     """study.md, summary.json and the plots, each written atomically."""
-    from ..outputs import ADAPTER_FILE, atomic_path, write_text
+    from .outputs import ADAPTER_FILE, atomic_path, write_text
 
     results = collect(out, cells)
     s = summary(cfg, cells, results)
@@ -676,7 +676,7 @@ def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
     for cell in long_cells(cfg, best) if cfg.long_steps else []:
         run = out / "runs" / cell.id
         if (run / ADAPTER_FILE).is_file():
-            from .analysis import summarise
+            from .evaluation.analysis import summarise
 
             points = run_points(cfg, run)
             groups.append((f"{cell.method} {cfg.long_steps} steps", points))
@@ -684,7 +684,7 @@ def write_study_report(cfg: StudyConfig, out: Path, cells: list[Cell]) -> Path:
             long_lines.append(f"| {cell.method} | {cfg.long_steps} | {cell.lr:g} | {sm['slope']:.3g} | {sm['r']:.2f} | "
                               f"{sm['points']} |")
     if groups:
-        from .analysis import scatter_plot
+        from .evaluation.analysis import scatter_plot
 
         plots["magnitude_direction.png"] = scatter_plot(groups)
     for name, img in plots.items():

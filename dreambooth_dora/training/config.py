@@ -290,7 +290,7 @@ class TrainConfig:
         return [a.strip() for a in self.token_abstraction.split(",") if a.strip()]
 
     def _validate_pivotal(self) -> None:
-        from .pivotal import ABSTRACTION
+        from ..adapters.pivotal import ABSTRACTION
 
         if self.train_text_encoder:
             raise ConfigError("give only one of train_text_encoder (adapters on the text encoder) or "
@@ -369,7 +369,7 @@ class TrainConfig:
         dora_only = [n for n in ("magnitude_lr", "magnitude_weight_decay") if getattr(self, n) is not None]
         if not self.use_dora and (dora_only or self.dora_train != "both"):
             raise ConfigError(f"{(dora_only or ['dora_train'])[0]} applies to DoRA (use_dora true) only")
-        from .models import check_embedded_name
+        from ..families.models import check_embedded_name
 
         for name in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
             try:

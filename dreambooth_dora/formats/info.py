@@ -14,11 +14,11 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .adapter_file import AdapterError, describe
-from .pivotal import EMBEDDINGS_FILE
+from ..adapters.file import AdapterError, describe
+from ..adapters.pivotal import EMBEDDINGS_FILE
 from .consumers import RULE_NAMES, RULES, a1111_bundled_embeddings, part_of, read_kohya_modules
-from .models import PARTS
-from .outputs import ADAPTER_FILE, OUTPUT_MARKER
+from ..families.models import PARTS
+from ..outputs import ADAPTER_FILE, OUTPUT_MARKER
 
 # what an output-axis DoRA file is exact under when it does not say (LyCORIS's wd_on_output layout)
 DEFAULT_RULE = "lycoris-exact"

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # noqa: F401 (defaults, defined with the config)
+from ..training.config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # noqa: F401 (defaults, defined with the config)
 from .dora import ADAPTED_TYPES, AdaptedLayer
 
 

@@ -22,20 +22,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter_file import AdapterInfo, save_adapter
-from .adapters import adapter_parameters, adapter_parameters_by_role, add_adapters
+from ..adapters.file import AdapterInfo, save_adapter
+from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, add_adapters
 from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
-from .conditioning import PromptEncoder, unet_kwargs
+from ..families.conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
 from .data import (BatchMaker, DataError, Example, cache_latents, load_examples, load_image_folder, micro_steps_per_epoch,
                    step_rng)
 from .ema import AdapterEMA
 from .losses import diffusion_loss, diffusion_target, snr_weights
 from .model_card import model_card
-from .models import load_components, resolve_model
-from .outputs import TRAIN_CONFIG, WriteError, free_space, write_failure, write_text
-from .pivotal import PivotalTokens, insert_tokens, new_token_names
+from ..families.models import load_components, resolve_model
+from ..outputs import TRAIN_CONFIG, WriteError, free_space, write_failure, write_text
+from ..adapters.pivotal import PivotalTokens, insert_tokens, new_token_names
 from .prior import ensure_class_images
 from .runs import RunPlan, check_output_dir, fingerprint_examples, plan_run, run_folder_lock, start_run
 from .validation import validate

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import IMAGE_SUFFIXES
-from .outputs import atomic_path
+from ..outputs import atomic_path
 
 
 def count_images(folder: Path) -> int:
@@ -24,7 +24,7 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
                         num_inference_steps: int = 25, show_progress: bool = True, vae_path: str | None = None) -> int:
     """Generate class images until `class_data_dir` holds `num_class_images`; returns how many were
     made. `vae_path`: a VAE to use instead of the model's (the fp16-safe one training was given)."""
-    from .models import load_pipeline
+    from ..families.models import load_pipeline
 
     folder = Path(class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .outputs import atomic_dir, atomic_path
+from ..outputs import atomic_dir, atomic_path
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 WEBUI_FOLDER = "webui_embeddings"

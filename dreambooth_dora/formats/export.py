@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_file import AdapterFile, apply_to_models, base_model_of, load_tokens, read_adapter, token_plan
-from .adapters import merge_adapters
+from ..adapters.file import AdapterFile, apply_to_models, base_model_of, load_tokens, read_adapter, token_plan
+from ..adapters.inject import merge_adapters
 from .consumers import RULES, KohyaModule, layers_by_kohya_key, merge, relative_error
-from .models import load_pipeline, pipeline_models
-from .outputs import EXPORT_KEY, atomic_dir, atomic_path, claim_output
-from .pivotal import bundled_embeddings
+from ..families.models import load_pipeline, pipeline_models
+from ..outputs import EXPORT_KEY, atomic_dir, atomic_path, claim_output
+from ..adapters.pivotal import bundled_embeddings
 
 TOKENS_FILE = "tokens.json"  # a fused export's new tokens (pivotal tuning): {abstraction: [token, ...]}
 TOKENS_KEY = "dreambooth_dora_tokens"  # the same in a kohya / full file's metadata
@@ -218,7 +218,7 @@ def consumer_view(adapter_dir: str | Path, rule: str, base: str | None = None):
     'comfyui', 'a1111', 'lycoris', 'comfyui-15458') computes it from our `--format kohya` file
     (the output-axis `dora_scale` layout): what that UI draws, to set beside the exact adapter.
     Plain layers (merged); the new tokens of a pivotal-tuning adapter are added as for `fused`."""
-    from .adapters import adapted_layers
+    from ..adapters.inject import adapted_layers
 
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; one of {', '.join(RULES)}")

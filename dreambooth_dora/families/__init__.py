@@ -1,0 +1,1 @@
+"""Model families (placeholder, filled in by the next step)."""
