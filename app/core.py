@@ -27,7 +27,8 @@ from dreambooth_dora.families.models import load_pipeline, resolve_model
 from dreambooth_dora.training.checkpoints import checkpoint_step
 from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path
 from dreambooth_dora.adapters.file import AdapterError, describe, load_adapter, read_adapter
-from dreambooth_dora.adapters.pivotal import insert_tokens
+from dreambooth_dora.evaluation.drawing import draw, loaded_adapters, seeded_latents
+from dreambooth_dora.families import family_of_pipeline
 
 from .limits import DEFAULT_MAX_WORK  # the work bound of one request
 
@@ -289,10 +290,7 @@ class Comparison:
                 self.pipe.delete_adapters(name)
 
     def _loaded_adapters(self) -> list[str]:
-        try:
-            return list(self.pipe.get_list_adapters().get("unet", []))
-        except (AttributeError, ValueError):
-            return []
+        return loaded_adapters(self.pipe)
 
     def request_stop(self) -> bool:
         """Stop the running generation after its current sampling step (the queue moves on);
@@ -312,17 +310,19 @@ class Comparison:
             raise AppError("type a prompt first")
         if scheduler not in SCHEDULERS:
             raise AppError(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        size = self.native_size()
         width, height = int(width or size), int(height or size)
         if width % 8 or height % 8:
             raise AppError("width and height must be multiples of 8")
         return width, height
 
+    def native_size(self) -> int:
+        """The base model's picture size (px): the default width and height."""
+        return family_of_pipeline(self.pipe).native_size(self.pipe)
+
     def _latents(self, seed: int, num_images: int, width: int, height: int) -> torch.Tensor:
-        gen = torch.Generator("cpu").manual_seed(int(seed))
-        f = self.pipe.vae_scale_factor
-        return torch.randn((int(num_images), self.pipe.unet.config.in_channels, height // f, width // f),
-                           generator=gen, dtype=torch.float32)
+        """fp32 whatever each column's precision: every column starts from the same numbers."""
+        return seeded_latents(self.pipe, [seed], int(num_images), width, height, dtype=torch.float32)[0]
 
     def _draw(self, label: str, prompt: str, negative: str, latents: torch.Tensor, seed: int, steps: int,
               guidance: float, width: int, height: int, scheduler: str, scale: float) -> list[Image.Image]:
@@ -330,14 +330,7 @@ class Comparison:
         import diffusers
 
         col = self.columns[label]
-        pipe = col.pipe or self.pipe
-        if pipe is self.pipe:
-            if col.kind == "base":
-                if self._loaded_adapters():
-                    self.pipe.disable_lora()
-            else:
-                self.pipe.enable_lora()
-                self.pipe.set_adapters([col.name], adapter_weights=[float(scale)])
+        pipe = col.pipe or self.pipe  # a checkpoint column has a pipeline of its own
 
         def check_stop(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end
             if self.stop.is_set():
@@ -346,11 +339,10 @@ class Comparison:
 
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
         try:
-            return pipe(insert_tokens(prompt, col.tokens), negative_prompt=insert_tokens(negative, col.tokens) or None,
-                        num_inference_steps=int(steps), guidance_scale=float(guidance), width=width, height=height,
-                        latents=latents.to(self.device, pipe.unet.dtype) * 1.0,
-                        num_images_per_prompt=latents.shape[0], callback_on_step_end=check_stop,
-                        generator=torch.Generator("cpu").manual_seed(int(seed))).images
+            return draw(pipe, col.name if pipe is self.pipe and col.kind != "base" else None, prompt, latents,
+                        torch.Generator("cpu").manual_seed(int(seed)), tokens=col.tokens, scale=scale,
+                        negative_prompt=negative, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                        width=width, height=height, callback_on_step_end=check_stop)
         except Stopped as stopped:
             raise StoppedError(stopped.args[0], int(steps), label) from None
         finally:

@@ -105,7 +105,7 @@ def parse_values(axis: str, text: str) -> list:
 
 
 def build_ui(comp: Comparison) -> gr.Blocks:
-    size = comp.pipe.unet.config.sample_size * comp.pipe.vae_scale_factor
+    size = comp.native_size()
     labels = list(comp.columns)
     with gr.Blocks(title="dreambooth-dora: compare adapters") as demo:
         gr.Markdown("## Base and any adapters, checkpoints and UI views — same prompt, seed, initial latents and "

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dreambooth_dora.adapters.inject import adapted_layers, merge_adapters  # noqa: E402
 from dreambooth_dora.adapters.file import apply_to_models, base_model_of, read_adapter  # noqa: E402
-from dreambooth_dora.families.models import load_pipeline, pipeline_models  # noqa: E402
+from dreambooth_dora.families import pipeline_models
+from dreambooth_dora.families.models import load_pipeline  # noqa: E402
 
 
 @torch.no_grad()

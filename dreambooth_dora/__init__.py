@@ -1,8 +1,6 @@
 """DreamBooth fine-tuning of Stable Diffusion with DoRA (and LoRA as the baseline)."""
 
 from .adapters.inject import (
-    TEXT_ENCODER_TARGETS,
-    UNET_ATTENTION_TARGETS,
     adapted_layers,
     adapter_parameters,
     adapter_state_dict,
@@ -11,6 +9,7 @@ from .adapters.inject import (
     merge_adapters,
     set_adapters_enabled,
 )
+from .families.sd import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 from .adapters.dora import AdaptedConv2d, AdaptedLayer, AdaptedLinear
 from .adapters.file import AdapterError, load_adapter, read_adapter
 

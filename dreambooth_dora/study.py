@@ -41,10 +41,10 @@ from .training.config import ConfigError
 MIN_SEEDS = 3  # fewer training seeds: a t-interval on 2 values spans +-12.7 standard errors: nothing to read
 USAGE = "usage: dreambooth-dora study [--config FILE.yaml] [--resume] [--name value ...]"
 METHODS = ("dora", "lora", "dora-magnitude", "dora-direction", "lora-matched")
-METHOD_FLAGS = {"dora": ["--use_dora", "true"], "lora": ["--use_dora", "false"],
-                "dora-magnitude": ["--use_dora", "true", "--dora_train", "magnitude"],
-                "dora-direction": ["--use_dora", "true", "--dora_train", "direction"],
-                "lora-matched": ["--use_dora", "false"]}
+METHOD_SETTINGS = {"dora": {"use_dora": True}, "lora": {"use_dora": False},
+                   "dora-magnitude": {"use_dora": True, "dora_train": "magnitude"},
+                   "dora-direction": {"use_dora": True, "dora_train": "direction"},
+                   "lora-matched": {"use_dora": False}}
 
 
 @dataclass
@@ -183,14 +183,16 @@ def adapted_shapes(cfg: StudyConfig) -> tuple[int, int]:
     """(sum of in + out features, sum of out features) over the layers the study's runs adapt:
     a LoRA of rank r has r x the first trainable parameters, a DoRA the second on top."""
     from .adapters.inject import adapted_layers, add_adapters
-    from .training.config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
-    from .families.models import load_components, resolve_model
+    from .families import family_of
+    from .families.models import resolve_model
 
-    _, text_encoders, _, unet, _ = load_components(resolve_model(cfg.base_model))
-    train_te = "--train_text_encoder" in cfg.train_args
+    settings = cell_settings(cfg, Cell("lora", 1, 1.0, 0, 0, 1), Path(cfg.output_dir))
+    path = resolve_model(settings.pretrained_model_name_or_path)
+    parts = family_of(path).load_components(path)
     both = outs = 0
-    for model, targets in [(unet, UNET_ATTENTION_TARGETS)] + [(te, TEXT_ENCODER_TARGETS)
-                                                               for te in (text_encoders if train_te else [])]:
+    for model, targets in [(parts.denoiser, settings.unet_target_modules)] + [
+            (te, settings.text_encoder_target_modules)
+            for te in (parts.text_encoders if settings.train_text_encoder else [])]:
         add_adapters(model, list(targets), rank=1, alpha=1, use_dora=True)
         for _, layer in adapted_layers(model):
             a, b = layer.lora_A.weight, layer.lora_B.weight
@@ -215,28 +217,32 @@ def plan(cfg: StudyConfig) -> list[Cell]:
     return cells
 
 
-def cell_argv(cfg: StudyConfig, cell: Cell, run: Path) -> list[str]:
-    """The training flags of one cell (its run folder `run`)."""
+def cell_settings(cfg: StudyConfig, cell: Cell, run: Path, resume: bool = False):
+    """The training settings (TrainConfig) of one cell, its run folder `run`: the study's model and
+    data, then `train_args` (which may change those), then the cell's own method, rank, rate,
+    seed and budget."""
+    from .training.config import build_config, given_values
+
     steps = cell.steps or cfg.max_train_steps
-    return ["--pretrained_model_name_or_path", cfg.base_model, "--instance_data_dir", cfg.instance_data_dir,
-            "--instance_prompt", cfg.instance_prompt, *cfg.train_args, *METHOD_FLAGS[cell.method],
-            "--rank", str(cell.train_rank), "--lora_alpha", str(cell.train_rank), "--learning_rate", str(cell.lr),
-            "--seed", str(cell.seed), "--max_train_steps", str(steps),
-            "--checkpointing_steps", str(cfg.checkpointing_steps if not cell.steps else max(cfg.checkpointing_steps,
-                                                                                           steps // 10)),
-            "--output_dir", str(run), "--report_to", "none", "--validation_prompt", "none"]
+    values = {"pretrained_model_name_or_path": cfg.base_model, "instance_data_dir": cfg.instance_data_dir,
+              "instance_prompt": cfg.instance_prompt, **given_values(cfg.train_args), **METHOD_SETTINGS[cell.method],
+              "rank": cell.train_rank, "lora_alpha": float(cell.train_rank), "learning_rate": cell.lr,
+              "seed": cell.seed, "max_train_steps": steps,
+              "checkpointing_steps": cfg.checkpointing_steps if not cell.steps else max(cfg.checkpointing_steps,
+                                                                                      steps // 10),
+              "output_dir": str(run), "report_to": "none", "validation_prompt": None,
+              **({"resume_from_checkpoint": "latest"} if resume else {})}
+    return build_config(values)
 
 
 def check_train_args(cfg: StudyConfig) -> None:
     """Every cell's training settings validate (ConfigError naming the first problem), checked
     before the study writes anything: one cell per method (the ranks and rates are checked by
     the study's own settings)."""
-    from .training.config import load_config
-
     for method in cfg.methods:
         cell = Cell(method, cfg.ranks[0], cfg.learning_rates[0], cfg.training_seeds[0], 0, cfg.ranks[0])
         try:
-            load_config(cell_argv(cfg, cell, Path(cfg.output_dir) / "runs" / cell.id))
+            cell_settings(cfg, cell, Path(cfg.output_dir) / "runs" / cell.id)
         except ConfigError as err:
             raise ConfigError(f"train_args: {err}") from None
 
@@ -244,14 +250,10 @@ def check_train_args(cfg: StudyConfig) -> None:
 def train_cell(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
     """The cell's training run in out/runs/<id> (resumed from its latest checkpoint when there is one)."""
     from .training.checkpoints import list_checkpoints
-    from .training.config import load_config
     from .training.loop import train
 
     run = out / "runs" / cell.id
-    argv = cell_argv(cfg, cell, run)
-    if list_checkpoints(run):
-        argv += ["--resume_from_checkpoint", "latest"]
-    return train(load_config(argv))
+    return train(cell_settings(cfg, cell, run, resume=bool(list_checkpoints(run))))
 
 
 class Judge:
@@ -261,13 +263,14 @@ class Judge:
         import torch
 
         from .training.data import load_image_folder
-        from .families.models import load_pipeline, resolve_model
         from .evaluation.metrics import ClipEmbedder, DinoEmbedder, ToyEmbedder
+        from .families import family_of_pipeline
+        from .families.models import load_pipeline, resolve_model
 
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.pipe = load_pipeline(cfg.base_model).to(self.device)
-        self.size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.size = family_of_pipeline(self.pipe).native_size(self.pipe)
         self.prompts = ([("subject", p) for p in cfg.subject_prompts] + [("class", p) for p in cfg.class_prompts]
                         + [("unrelated", p) for p in cfg.unrelated_prompts])
         self.seeds = list(cfg.selection_seeds) + list(cfg.report_seeds)
@@ -283,21 +286,14 @@ class Judge:
     def draw(self, adapter: str | None, tokens: dict) -> dict:
         """{(prompt index, seed): [picture]}: each prompt once for all seeds in one batch, every
         seed's initial latents from its own generator (the same latents for every model)."""
-        import torch
+        from .evaluation.drawing import draw, seeded_latents
 
-        from .adapters.pivotal import insert_tokens
-
-        if adapter is None:
-            self.pipe.disable_lora()
-        else:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([adapter])
         out = {}
         for j, (_, prompt) in enumerate(self.prompts):
-            gens = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
-            images = self.pipe(insert_tokens(prompt, tokens), num_images_per_prompt=len(self.seeds), generator=gens,
-                               num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
-                               width=self.size, height=self.size).images
+            latents, gens = seeded_latents(self.pipe, self.seeds, 1, self.size, self.size)
+            images = draw(self.pipe, adapter, prompt, latents, gens, tokens=tokens,
+                          num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
+                          width=self.size, height=self.size)
             out.update({(j, s): [im] for s, im in zip(self.seeds, images)})
         return out
 
@@ -609,7 +605,8 @@ def band_plot(series: list[tuple[str, list[float], list[tuple[float, float, floa
 def run_points(cfg: StudyConfig, run: Path) -> list:
     """The DoRA paper's magnitude / direction points of a run's query projections, every snapshot."""
     from .adapters.file import apply_to_models, read_adapter
-    from .families.models import load_pipeline, pipeline_models
+    from .families import pipeline_models
+    from .families.models import load_pipeline
     from .evaluation.analysis import analyse
 
     models = pipeline_models(load_pipeline(cfg.base_model))

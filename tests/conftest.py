@@ -114,3 +114,14 @@ def interrupt_at(monkeypatch, module, call: int):
 
     monkeypatch.setattr(module, "diffusion_loss", interrupted)
 
+
+
+def ddpm_draw(noise_offset: float = 0.0):
+    """A batch maker's noise and timestep draw as SD training binds it (1000 DDPM timesteps)."""
+    from functools import partial
+
+    from diffusers import DDPMScheduler
+
+    from dreambooth_dora.families import StableDiffusion
+
+    return partial(StableDiffusion().draw_noise, noise_offset=noise_offset, scheduler=DDPMScheduler())

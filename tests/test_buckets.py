@@ -16,7 +16,7 @@ from dreambooth_dora.training.buckets import assign, default_buckets
 from dreambooth_dora.training.config import ConfigError, load_config
 from dreambooth_dora.training.data import BatchMaker, Example, batches_per_epoch, bucket_epoch, cache_latents, training_view
 from dreambooth_dora.training.loop import train
-from conftest import interrupt_at
+from conftest import ddpm_draw, interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(48, 32), (32, 48), (40, 40), (64, 24), (30, 45), (50, 33)]  # landscape, portrait, square, wide
@@ -85,7 +85,7 @@ def maker(vae, examples, batch_size, processes, index, cache=None, **kw):
     buckets = [assign(ex.image.size, default_buckets(32, 8), 32, 8, None) for ex in examples]
     return BatchMaker(examples, [], seed=3, batch_size=batch_size, num_processes=processes, process_index=index,
                       order=list(range(len(examples))), resolution=32, center_crop=kw.get("center", False),
-                      random_flip=True, noise_offset=0.0, caption_dropout_rate=0.0, num_train_timesteps=1000, vae=vae,
+                      random_flip=True, caption_dropout_rate=0.0, draw=ddpm_draw(), vae=vae,
                       latent_cache=cache, device=torch.device("cpu"), dtype=torch.float32, buckets=buckets)
 
 
@@ -125,7 +125,7 @@ def test_default_square_path_is_unchanged(tiny_pipeline):
     from dreambooth_dora.training.data import batch_indices
 
     vae, examples = tiny_pipeline.vae, pictures()
-    square = BatchMaker(examples, [], 3, 2, 1, 0, list(range(6)), 32, False, True, 0.0, 0.0, 1000, vae, None,
+    square = BatchMaker(examples, [], 3, 2, 1, 0, list(range(6)), 32, False, True, 0.0, ddpm_draw(), vae, None,
                         torch.device("cpu"), torch.float32)
     batch = square(2)
     picked = [examples[i] for i in batch_indices(6, 2, 2, 3)]

@@ -146,7 +146,7 @@ def test_mixed_precision_training_saves_an_adapter_that_reloads_exactly(precisio
     from peft import get_peft_model_state_dict
 
     from dreambooth_dora.adapters.file import layout_prefix, load_adapter
-    from dreambooth_dora.families.models import pipeline_models
+    from dreambooth_dora.families import pipeline_models
 
     if precision == "fp16" and not CUDA:
         pytest.skip("fp16 mixed precision (grad scaler) needs a CUDA device")

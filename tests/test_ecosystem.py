@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth_dora.adapters.file import AdapterError, apply_to_models, load_adapter, read_adapter
 from dreambooth_dora.formats.export import export_fused, export_kohya
-from dreambooth_dora.families.models import pipeline_models
+from dreambooth_dora.families import pipeline_models
 from dreambooth_dora.toy.tiny import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

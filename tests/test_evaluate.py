@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_dora.adapters.inject import UNET_ATTENTION_TARGETS, add_adapters
+from dreambooth_dora import UNET_ATTENTION_TARGETS, add_adapters
 from dreambooth_dora.evaluation.analysis import PALETTE, LayerPoint, analyse, fit_line, scatter_plot, snapshots, weight_change
 from dreambooth_dora.evaluation import clip_text, evaluate, load_eval_config
-from dreambooth_dora.families.models import load_pipeline, pipeline_models
+from dreambooth_dora.families import pipeline_models
+from dreambooth_dora.families.models import load_pipeline
 from dreambooth_dora.evaluation.metrics import pixel_mse, ssim
 from dreambooth_dora.adapters.file import apply_to_models, load_adapter, read_adapter, save_adapter
 from dreambooth_dora.outputs import ADAPTER_FILE

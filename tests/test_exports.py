@@ -13,10 +13,11 @@ from safetensors.torch import load_file, save_file
 from dreambooth_dora.adapters.file import apply_to_models, read_adapter
 from dreambooth_dora.adapters.inject import adapted_layers
 from dreambooth_dora.cli import main
-from dreambooth_dora.formats.consumers import RULES, kohya_key, merge, read_kohya_modules
+from dreambooth_dora.formats.consumers import RULES, merge, read_kohya_modules
 from dreambooth_dora.formats.export import export_full, export_fused, export_kohya, export_svd_lora
 from dreambooth_dora.formats.info import file_info
-from dreambooth_dora.families.models import load_pipeline, pipeline_models
+from dreambooth_dora.families import family_of_pipeline, pipeline_models
+from dreambooth_dora.families.models import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,9 +43,10 @@ def conv_dora(tiny_sd_path, tmp_path_factory):
 
 def truths(adapter_dir):
     """{kohya name: (W0, W')} from our exact layers (the fused export's weights, tested elsewhere)."""
-    models = pipeline_models(load_pipeline(read_adapter(adapter_dir).info.base_model))
+    pipe = load_pipeline(read_adapter(adapter_dir).info.base_model)
+    models = pipeline_models(pipe)
     apply_to_models(read_adapter(adapter_dir), models)
-    return {kohya_key(p, ("text_model." if p != "unet" and not hasattr(m, "text_model") else "") + n):
+    return {family_of_pipeline(pipe).kohya_key(p, ("text_model." if p != "unet" and not hasattr(m, "text_model") else "") + n):
             (layer.weight.detach().float(), layer.merged_weight().float())
             for p, m in models.items() for n, layer in adapted_layers(m)}
 

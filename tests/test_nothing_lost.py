@@ -165,7 +165,7 @@ def test_another_runs_checkpoint_is_never_replaced(tiny_sd_path, tmp_path, capsy
     train(load_config(flags(tiny_sd_path, foreign, "--max_train_steps", "4", "--seed", "8")))
     os.rename(foreign / "checkpoint-3", out / "checkpoint-3")  # another run's checkpoint moved in
     before = {p.name: p.read_bytes() for p in (out / "checkpoint-3").iterdir()}
-    monkeypatch.setattr(train_module, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train_module, "family_of", lambda *a, **k: pytest.fail("a model was loaded"))
     err = one_line(capsys, train_main(flags(tiny_sd_path, out, "--max_train_steps", "5", "--resume_from_checkpoint",
                                             "latest")))
     assert "checkpoint-3 was written by another run" in err and "never replaced" in err  # before any model loads
@@ -339,7 +339,7 @@ def test_a_bucket_over_the_area_budget_is_refused(tiny_sd_path, tmp_path, capsys
     data = tmp_path / "thin"
     data.mkdir()
     Image.new("RGB", (4000, 10), "red").save(data / "strip.png")
-    monkeypatch.setattr(train_module, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train_module, "family_of", lambda *a, **k: pytest.fail("a model was loaded"))
     err = one_line(capsys, train_main(flags(tiny_sd_path, tmp_path / "run", "--resolution", "32", "--aspect_buckets",
                                             "--bucket_step", "8", "--bucket_max_upscale", "1", data=data)))
     assert "aspect_buckets: strip.png: a 4000x10 picture is too narrow" in err

@@ -12,7 +12,7 @@ from dreambooth_dora.adapters.inject import add_adapters, adapted_layers
 from dreambooth_dora.training.config import ConfigError, load_config
 from dreambooth_dora.training.data import BatchMaker, Example
 from dreambooth_dora.training.loop import parameter_groups, train
-from conftest import interrupt_at
+from conftest import ddpm_draw, interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,9 +65,9 @@ def test_dora_train_ablations(part, tiny_sd_path, icon_dir, tmp_path):
                        "--max_train_steps", "3", "--output_dir", str(out), "--report_to", "none",
                        "--dora_train", part]))
     tensors = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    from dreambooth_dora.families.models import load_components
+    from dreambooth_dora.families import load_components
 
-    unet = load_components(str(tiny_sd_path))[3]
+    unet = load_components(str(tiny_sd_path)).denoiser
     mags = {k: v for k, v in tensors.items() if k.endswith("lora_magnitude_vector")}
     norms = {k: unet.get_submodule(k[len("unet."):-len(".lora_magnitude_vector")]).weight.flatten(1).norm(dim=1)
              for k in mags}
@@ -88,8 +88,8 @@ def test_caption_dropout_draws_from_its_own_generator():
 
     def maker(rate):
         return BatchMaker(examples, classes, seed=3, batch_size=2, num_processes=1, process_index=0, order=[0, 1, 2, 3],
-                          resolution=16, center_crop=True, random_flip=False, noise_offset=0.0,
-                          caption_dropout_rate=rate, num_train_timesteps=1000, vae=vae, latent_cache=cache,
+                          resolution=16, center_crop=True, random_flip=False,
+                          caption_dropout_rate=rate, draw=ddpm_draw(), vae=vae, latent_cache=cache,
                           device=torch.device("cpu"), dtype=torch.float32)
 
     batches = {rate: [maker(rate)(k) for k in range(40)] for rate in (0.0, 0.5, 1.0)}
@@ -144,9 +144,9 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tiny_sd_path, icon
         hand = [d * h + (1 - d) * r for h, r in zip(hand, raw)]
     assert len(seen) == 5
     saved = load_file(str(path))
-    from dreambooth_dora.families.models import load_components
+    from dreambooth_dora.families import load_components
 
-    unet = load_components(str(tiny_sd_path))[3]
+    unet = load_components(str(tiny_sd_path)).denoiser
     add_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=4)
     keys = [f"unet.{name}.{kind}" for name, _ in adapted_layers(unet)
             for kind in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")]

@@ -45,7 +45,7 @@ def no_model_loads(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(train_module, "load_components", boom)
+    monkeypatch.setattr(train_module, "family_of", boom)
     monkeypatch.setattr(train_module, "ensure_class_images", boom)
 
 
@@ -175,11 +175,11 @@ def test_a_damaged_checkpoint_falls_back_to_an_earlier_one(finished, tiny_sd_pat
     for ckpt in out.glob("checkpoint-*"):
         (ckpt / ADAPTER).write_bytes(b"")
     before = snapshot(out)
-    train_module.load_components, real = None, train_module.load_components
+    train_module.family_of, real = None, train_module.family_of
     try:
         err = one_line_error(capsys, flags(tiny_sd_path, icon_dir, out, "--resume_from_checkpoint", "latest"))
     finally:
-        train_module.load_components = real
+        train_module.family_of = real
     assert "no checkpoint in" in err and "loads completely" in err and snapshot(out) == before
 
 

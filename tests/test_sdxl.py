@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth_dora.families.conditioning import encode_prompts, time_ids
+from dreambooth_dora.families import StableDiffusionXL
+from dreambooth_dora.training.data import time_ids
 from dreambooth_dora.training.data import training_view
 from dreambooth_dora.outputs import ADAPTER_FILE
 
@@ -63,7 +64,7 @@ def _image(pipe, prompt="a sks icon", seed=0):
 
 def test_conditioning_equals_the_pipelines(tiny_sdxl_path):
     pipe = _pipe(tiny_sdxl_path)
-    embeds, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+    embeds, pooled = StableDiffusionXL().encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
                                     ["a sks icon", "a red cube"])
     ref, _, ref_pooled, _ = pipe.encode_prompt(["a sks icon", "a red cube"], do_classifier_free_guidance=False)
     assert embeds.shape == (2, 77, 64) and torch.allclose(embeds, ref) and torch.allclose(pooled, ref_pooled)
@@ -128,7 +129,7 @@ def test_sdxl_cached_latents_and_embeddings_equal_uncached(tiny_sdxl_path, tmp_p
 def test_sdxl_adapter_loads_exactly_and_exports(sdxl_dora, tiny_sdxl_path, tmp_path):
     from dreambooth_dora.adapters.file import apply_to_models, load_adapter, read_adapter
     from dreambooth_dora.formats.export import export_fused, export_kohya
-    from dreambooth_dora.families.models import pipeline_models
+    from dreambooth_dora.families import pipeline_models
 
     ref = _pipe(tiny_sdxl_path)  # our layers: the reference the trainer optimised
     apply_to_models(read_adapter(sdxl_dora), pipeline_models(ref))
@@ -188,12 +189,14 @@ def test_sdxl_app_and_evaluate(sdxl_dora, tiny_sdxl_path, tmp_path):
 
 def test_pretrained_vae_path(tiny_sdxl_path, tmp_path):
     from dreambooth_dora.toy.tiny import build_tiny_sdxl_pipeline
-    from dreambooth_dora.families.models import ModelLoadError, load_components
+    from dreambooth_dora.families import load_components
+    from dreambooth_dora.families.models import ModelLoadError
 
     other = build_tiny_sdxl_pipeline(seed=7)
     other.vae.save_pretrained(tmp_path / "vae-only")
     for where in (tmp_path / "vae-only", tiny_sdxl_path):
-        _, encoders, vae, _, _ = load_components(str(tiny_sdxl_path), vae_path=str(where))
+        parts = load_components(str(tiny_sdxl_path), vae_path=str(where))
+        encoders, vae = parts.text_encoders, parts.vae
         assert len(encoders) == 2
         expected = other.vae if where != tiny_sdxl_path else _pipe(tiny_sdxl_path).vae
         assert torch.equal(vae.encoder.conv_in.weight, expected.encoder.conv_in.weight)

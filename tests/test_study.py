@@ -147,14 +147,15 @@ def test_best_rate_is_chosen_on_selection_seeds_only(tmp_path):
 def test_matched_rank_counts_the_real_adapters(tmp_path):
     """lora-matched's rank from the layer shapes equals counting the parameters of real adapters."""
     from dreambooth_dora.adapters.inject import adapter_parameters, add_adapters
-    from dreambooth_dora.training.config import UNET_ATTENTION_TARGETS
-    from dreambooth_dora.families.models import load_components, resolve_model
+    from dreambooth_dora import UNET_ATTENTION_TARGETS
+    from dreambooth_dora.families import load_components
+    from dreambooth_dora.families.models import resolve_model
 
     cfg = load_study_config(["--instance_data_dir", str(REPO / "sample_data" / "3d_icon"), "--methods",
                              "dora,lora-matched", "--ranks", "1,4", "--output_dir", str(tmp_path / "s")])
 
     def count(rank, dora):
-        unet = load_components(resolve_model(cfg.base_model))[3]
+        unet = load_components(resolve_model(cfg.base_model)).denoiser
         add_adapters(unet, list(UNET_ATTENTION_TARGETS), rank=rank, alpha=rank, use_dora=dora)
         return sum(p.numel() for p in adapter_parameters(unet))
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from dreambooth_dora import add_adapters, load_adapter_state_dict
 from dreambooth_dora.training.config import ConfigError, load_config
 from dreambooth_dora.training.prior import count_images, ensure_class_images
-from dreambooth_dora.families.models import load_components
+from dreambooth_dora.families import load_components
 from dreambooth_dora.training.loop import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def read_adapter(path):
 
 
 def unet_output(model_path, tensors=None, rank=4, dora=True):
-    _, _, _, unet, _ = load_components(str(model_path))
+    unet = load_components(str(model_path)).denoiser
     if tensors is not None:
         add_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=rank, use_dora=dora)
         load_adapter_state_dict(unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})

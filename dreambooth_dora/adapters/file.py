@@ -31,9 +31,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .inject import adapted_layers, adapter_state_dict, add_adapters, load_adapter_state_dict
-from ..families.models import PARTS as PREFIXES, pipeline_models, resolve_model
+from ..families import ADAPTER_PARTS as PREFIXES, family_of_pipeline, pipeline_models
+from ..families.models import resolve_model
 from ..outputs import ADAPTER_FILE, atomic_path
-from .pivotal import EMBEDDINGS_FILE, ENCODER_KEYS, read_embeddings
+from .pivotal import EMBEDDINGS_FILE, read_embeddings
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads adapter configs from
 INFO_KEY = "dreambooth_dora"  # the key training's AdapterInfo is stored under
@@ -278,14 +279,9 @@ def load_tokens(pipe, tokens: dict[str, list[str]], vectors: dict) -> None:
     names = [t for group in tokens.values() for t in group]
     if not names:
         return
-    for key, tokenizer, encoder in zip(ENCODER_KEYS, *_token_parts(pipe)):
+    family = family_of_pipeline(pipe)
+    for key, tokenizer, encoder in zip(family.embedding_keys, *family.text_parts(pipe)):
         pipe.load_textual_inversion(vectors[key], token=names, text_encoder=encoder, tokenizer=tokenizer)
-
-
-def _token_parts(pipe) -> tuple[list, list]:
-    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
-    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
-    return tokenizers, encoders
 
 
 def token_plan(pipe, adapter: AdapterFile, adapter_name: str) -> tuple[dict[str, list[str]], dict]:
@@ -304,9 +300,10 @@ def token_plan(pipe, adapter: AdapterFile, adapter_name: str) -> tuple[dict[str,
         vectors, _ = read_embeddings(file)
     except Exception as err:  # safetensors raises several types for a damaged file
         raise AdapterError(f"{file} does not load ({type(err).__name__})") from None
-    tokenizers, encoders = _token_parts(pipe)
+    family = family_of_pipeline(pipe)
+    tokenizers, encoders = family.text_parts(pipe)
     count = sum(len(t) for t in adapter.info.tokens.values())
-    for key, encoder in zip(ENCODER_KEYS, encoders):
+    for key, encoder in zip(family.embedding_keys, encoders):
         rows = vectors.get(key)
         width = encoder.get_input_embeddings().weight.shape[1]
         if rows is None or rows.shape != (count, width):

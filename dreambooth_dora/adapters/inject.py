@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from ..training.config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # noqa: F401 (defaults, defined with the config)
 from .dora import ADAPTED_TYPES, AdaptedLayer
 
 

@@ -35,7 +35,6 @@ from ..outputs import atomic_dir, atomic_path
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 WEBUI_FOLDER = "webui_embeddings"
-ENCODER_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2 (the names the ecosystem reads)
 ABSTRACTION = re.compile(r"[A-Za-z0-9_\-]+")  # also a file name: the web UIs' trigger word
 
 
@@ -93,8 +92,9 @@ class PivotalTokens:
     (token k takes the concept's token k mod its length), as diffusers does."""
 
     def __init__(self, tokenizers: list, text_encoders: list, tokens: dict[str, list[str]],
-                 initializer_concept: str | None, seed: int):
-        self.tokens = tokens
+                 initializer_concept: str | None, seed: int, keys: tuple[str, ...] = ("clip_l", "clip_g")):
+        """`keys`: each text encoder's name in the embeddings file (the family's `embedding_keys`)."""
+        self.tokens, self.keys = tokens, keys
         self.names = [t for names in tokens.values() for t in names]
         self.tables: list[NewTokenEmbedding] = []
         gen = torch.Generator().manual_seed(seed)
@@ -131,12 +131,12 @@ class PivotalTokens:
     @torch.no_grad()
     def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
         """Rows from `vectors()`'s layout (a checkpoint's embeddings file)."""
-        for key, t in zip(ENCODER_KEYS, self.tables):
+        for key, t in zip(self.keys, self.tables):
             t.new.copy_(vectors[key])
 
     def vectors(self) -> dict[str, torch.Tensor]:
         """{"clip_l": (n, D1)[, "clip_g": (n, D2)]} fp32 on the CPU, all tokens in order."""
-        return {key: t.new.detach().to("cpu", torch.float32).contiguous() for key, t in zip(ENCODER_KEYS, self.tables)}
+        return {key: t.new.detach().to("cpu", torch.float32).contiguous() for key, t in zip(self.keys, self.tables)}
 
     def save(self, out_dir: str | Path) -> list[Path]:
         return save_embeddings(out_dir, self.vectors(), self.tokens)

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from ..adapters.file import apply_to_models, check_fits, load_adapter
 from ..training.config import ConfigError
-from ..families.models import load_pipeline, pipeline_models, resolve_model
+from ..families import family_of_pipeline, pipeline_models
+from ..families.models import load_pipeline, resolve_model
 from ..outputs import atomic_dir, check_output_target, claim_output
 from .analysis import analyse, summarise
 from .config import USAGE, EvalConfig, load_eval_config
@@ -86,7 +87,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     pipe.to(device)
     tokens = [{}] + [load_adapter(pipe, path, adapter_name=f"adapter{i}")["tokens"]
                      for i, (_, path, _) in enumerate(sources)]
-    size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = cfg.resolution or family_of_pipeline(pipe).native_size(pipe)
     images = generate(pipe, ["base"] + [label for label, _, _ in sources], prompts, cfg, size, progress, tokens)
     del pipe
 

@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.file import AdapterFile, read_adapter
-from ..adapters.pivotal import insert_tokens
 from .config import EvalConfig
+from .drawing import draw, seeded_latents
 
 
 def parse_sources(entries: list[str]) -> list[tuple[str, Path, AdapterFile]]:
@@ -39,19 +39,14 @@ def generate(pipe, names: list[str], prompts: list[tuple[str, str]], cfg: EvalCo
     out = {}
     bar = tqdm(total=len(names) * len(prompts) * len(cfg.seeds), desc="generating", disable=not progress)
     for m, name in enumerate(names):
-        if m == 0:
-            pipe.disable_lora()
-        else:
-            pipe.enable_lora()
-            pipe.set_adapters([f"adapter{m - 1}"])
         out[name] = {}
         for j, (_, prompt) in enumerate(prompts):
             for seed in cfg.seeds:
-                out[name][(j, seed)] = pipe(insert_tokens(prompt, tokens[m] if tokens else {}),
-                                            num_images_per_prompt=cfg.images_per_prompt,
+                latents, gens = seeded_latents(pipe, [seed], cfg.images_per_prompt, size, size)
+                out[name][(j, seed)] = draw(pipe, None if m == 0 else f"adapter{m - 1}", prompt, latents, gens[0],
+                                            tokens=tokens[m] if tokens else None,
                                             num_inference_steps=cfg.num_inference_steps,
-                                            guidance_scale=cfg.guidance_scale, width=size, height=size,
-                                            generator=torch.Generator("cpu").manual_seed(seed)).images
+                                            guidance_scale=cfg.guidance_scale, width=size, height=size)
                 bar.update(1)
     bar.close()
     return out

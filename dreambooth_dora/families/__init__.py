@@ -1,1 +1,89 @@
-"""Model families (placeholder, filled in by the next step)."""
+"""Model families: every difference between base models, one object per family.
+
+    family.py  the interface (Family, Components, FamilyError) and what a family owns
+    sd.py      Stable Diffusion 1.x / 2.x
+    sdxl.py    Stable Diffusion XL
+    models.py  base models by name: hub ids, local folders, `embedded:` models; pipelines
+
+A family is detected once, from the pipeline's `model_index.json` (a local folder or a hub id),
+and recorded in the adapter's metadata (`architecture`); code elsewhere asks it. A new family is a
+new module here, listed in FAMILIES (the detection order: the more specific first), and its tests.
+"""
+
+from __future__ import annotations
+
+from .family import Components, Family, FamilyError
+from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
+
+FAMILIES: tuple[Family, ...] = (StableDiffusionXL(), StableDiffusion())
+# what files of any family hold: the adapter file's part prefixes, and pivotal tuning's embedding
+# keys with the text encoder each belongs to
+ADAPTER_PARTS = tuple(dict.fromkeys(p for f in reversed(FAMILIES) for p in f.parts))
+EMBEDDING_PARTS = {k: e for f in FAMILIES for k, e in zip(f.embedding_keys, f.encoder_parts)}
+
+__all__ = ["ADAPTER_PARTS", "EMBEDDING_PARTS", "FAMILIES", "Components", "Family", "FamilyError", "StableDiffusion",
+           "StableDiffusionXL", "family_named", "family_of", "family_of_index",
+           "family_of_pipeline", "load_components", "pipeline_models"]
+
+
+def family_named(architecture: str | None) -> Family:
+    """The family an adapter's metadata names (`architecture`); files from before the field
+    existed were SD 1.x / 2.x or SDXL, told apart by their parts: pass None and ask
+    `family_of_parts`."""
+    for family in FAMILIES:
+        if family.name == architecture:
+            return family
+    known = ", ".join(f.name for f in FAMILIES)
+    raise FamilyError(f"unknown model family {architecture!r}; known: {known}")
+
+
+def family_of_parts(parts) -> Family:
+    """The family whose adapter parts (file prefixes) cover `parts` most narrowly."""
+    parts = set(parts)
+    for family in reversed(FAMILIES):  # the least specific first: SD before SDXL
+        if parts <= set(family.parts):
+            return family
+    return FAMILIES[0]
+
+
+def family_of_index(index: dict) -> Family:
+    """The family of a pipeline's `model_index.json` contents."""
+    for family in FAMILIES:
+        if family.matches(index):
+            return family
+    raise FamilyError(f"{index.get('_class_name') or 'this pipeline'} is of no model family dreambooth-dora "
+                      f"trains; known: {', '.join(f.label for f in FAMILIES)}")
+
+
+def family_of(path: str, revision: str | None = None) -> Family:
+    """The family of a base model: a local diffusers folder or a hub id (its `model_index.json`)."""
+    from diffusers import DiffusionPipeline
+
+    from .models import ModelLoadError
+
+    try:
+        index = DiffusionPipeline.load_config(path, revision=revision)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"cannot load model {path!r}: {first}") from None
+    return family_of_index(index)
+
+
+def load_components(path: str, revision: str | None = None, variant: str | None = None,
+                    vae_path: str | None = None, prediction_type: str | None = None) -> Components:
+    """What training loads of the base model at `path`, by its family (`Family.load_components`)."""
+    return family_of(path, revision).load_components(path, revision, variant, vae_path, prediction_type)
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a loaded pipeline (its class, or its parts for other pipeline classes)."""
+    index = {"_class_name": type(pipe).__name__,
+             **{name: [None if getattr(pipe, name, None) is None else "x"]
+                for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")}}
+    return family_of_index(index)
+
+
+def pipeline_models(pipe) -> dict:
+    """{part: model}: the parts of a pipeline adapters live in (the adapter file's prefixes)."""
+    return family_of_pipeline(pipe).models(pipe)

@@ -4,7 +4,8 @@ A name is a hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local diff
 (`save_pretrained` layout) or `embedded:<name>` for a model shipped with the package
 (`embedded:toy-world`, the project's own 32 px model in `toy/models/`, and
 `embedded:tiny-random`, built from configs into a local cache). Everything that loads a base
-model goes through here: training (components), class images, exports, evaluation, the app.
+model goes through here: class images, exports, evaluation, the app (training loads its
+components through its family, `families/`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_NAMES = ("toy-world", "tiny-random")
-PARTS = ("unet", "text_encoder", "text_encoder_2")  # the pipeline parts adapters live in (file prefixes)
 
 
 class ModelLoadError(ValueError):
@@ -75,41 +75,6 @@ def load_pipeline(name: str, revision: str | None = None, variant: str | None = 
                                              **without_safety_checker(path, revision), **extra, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def pipeline_models(pipe) -> dict:
-    """{'unet': ..., 'text_encoder': ..., 'text_encoder_2': ...}: the parts the pipeline has."""
-    return {p: getattr(pipe, p) for p in PARTS if getattr(pipe, p, None) is not None}
-
-
-def load_components(path: str, revision: str | None = None, variant: str | None = None, vae_path: str | None = None):
-    """What training needs: tokenizers and text encoders (one for SD 1.x/2.x; two for SDXL, the
-    second with its projection), the VAE (or the one at `vae_path`), the UNet and the training
-    noise scheduler. A model that cannot be loaded raises ModelLoadError naming it."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    where = path
-    try:
-        index = DiffusionPipeline.load_config(path, revision=revision)
-        sdxl = (index.get("text_encoder_2") or [None])[0] is not None
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)]
-        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)]
-        if sdxl:
-            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
-            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", revision=revision, variant=variant))
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-        if vae_path:
-            where = vae_path  # last, so that an error names the VAE only when the VAE failed
-            vae = load_vae(vae_path)
-        else:
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelLoadError(f"cannot load model {where!r}: {first}") from None
-    return tokenizers, text_encoders, vae, unet, noise_scheduler
 
 
 def quiet_libraries() -> None:

@@ -25,7 +25,6 @@ import torch
 from ..adapters.file import layout_prefix
 from ..adapters.inject import adapted_layers
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 RULES = ("lycoris", "comfyui", "comfyui-15458", "a1111")
 RULE_NAMES = {
     "lycoris": "LyCORIS / PEFT / diffusers",
@@ -35,17 +34,10 @@ RULE_NAMES = {
 }
 
 
-def kohya_key(prefix: str, module_name: str, sdxl: bool = False) -> str:
-    """kohya's names: `lora_unet_`, `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL),
-    then the diffusers module path with `_` for `.`."""
-    start = "lora_te1_" if sdxl and prefix == "text_encoder" else KOHYA_PREFIX[prefix]
-    return start + module_name.replace(".", "_")
-
-
-def layers_by_kohya_key(models: dict) -> dict:
-    """{kohya module name: adapted layer} for the adapted models of a pipeline ({part: model})."""
-    sdxl = "text_encoder_2" in models
-    return {kohya_key(prefix, layout_prefix(model) + name, sdxl): layer
+def layers_by_kohya_key(family, models: dict) -> dict:
+    """{kohya module name (the family's `kohya_key`): adapted layer} for the adapted models of a
+    pipeline of `family` ({part: model})."""
+    return {family.kohya_key(prefix, layout_prefix(model) + name): layer
             for prefix, model in models.items() for name, layer in adapted_layers(model)}
 
 

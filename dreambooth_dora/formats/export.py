@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 from ..adapters.file import AdapterFile, apply_to_models, base_model_of, load_tokens, read_adapter, token_plan
 from ..adapters.inject import merge_adapters
 from .consumers import RULES, KohyaModule, layers_by_kohya_key, merge, relative_error
-from ..families.models import load_pipeline, pipeline_models
+from ..families import family_of_pipeline, pipeline_models
+from ..families.models import load_pipeline
 from ..outputs import EXPORT_KEY, atomic_dir, atomic_path, claim_output
 from ..adapters.pivotal import bundled_embeddings
 
@@ -78,13 +79,10 @@ def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None 
         return out_dir
 
 
-def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path, sdxl: bool) -> dict:
-    """What A1111 / Forge read to file a LoRA under a base model (`ss_v2` makes SD 2.x files show
-    while an SD 2.x checkpoint is loaded)."""
-    # SD 2.x: OpenCLIP-H's 1024-wide embeddings and linear proj_in/proj_out (SD 1.x has neither)
-    sd2 = not sdxl and (pipe.unet.config.cross_attention_dim == 1024 or bool(pipe.unet.config.use_linear_projection))
-    return {"ss_base_model_version": "sdxl_base_v1-0" if sdxl else ("sd_v2" if sd2 else "sd_v1"),
-            "ss_v2": str(sd2), "ss_output_name": out_file.stem,
+def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path) -> dict:
+    """What A1111 / Forge read to file a LoRA under a base model (the family's words), its name
+    and our base model."""
+    return {**family_of_pipeline(pipe).webui_metadata(pipe), "ss_output_name": out_file.stem,
             "dreambooth_dora_base_model": adapter.info.base_model or "unknown"}
 
 
@@ -108,7 +106,7 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
     cast to `dtype`, the cast's error measured under the file's rule, the metadata, the atomic write.
     `extra_metadata`: a dict, or a function giving one once every module is built."""
     truths, modules = {}, {}
-    for key, layer in layers_by_kohya_key(models).items():
+    for key, layer in layers_by_kohya_key(family_of_pipeline(pipe), models).items():
         truths[key] = (layer.weight.detach().float(), layer.merged_weight().float())
         modules[key] = build(layer, *truths[key])
     cast = {k: KohyaModule(**{f: (v.to(DTYPES[dtype]) if isinstance(v, torch.Tensor) else v)
@@ -127,7 +125,7 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
     # file's rule (an SVD file's approximation error is its own field, dreambooth_dora_svd_error)
     error = max((relative_error(merge(measure, w0, cast[key]), w0, target, reference=merge(measure, w0, modules[key]))
                  for key, (w0, target) in truths.items()), default=0.0)
-    metadata = {**_webui_metadata(pipe, adapter, out_file, "text_encoder_2" in models), RULE_KEY: rule,
+    metadata = {**_webui_metadata(pipe, adapter, out_file), RULE_KEY: rule,
                 EXACT_KEY: ",".join(exact), "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{error:.3e}",
                 EXPORT_KEY: kind,  # the export marker lets a later `--overwrite` recognise the file as ours
                 **(extra_metadata() if callable(extra_metadata) else extra_metadata)}

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from ..adapters.file import AdapterError, describe
 from ..adapters.pivotal import EMBEDDINGS_FILE
 from .consumers import RULE_NAMES, RULES, a1111_bundled_embeddings, part_of, read_kohya_modules
-from ..families.models import PARTS
+from ..families import ADAPTER_PARTS, EMBEDDING_PARTS
 from ..outputs import ADAPTER_FILE, OUTPUT_MARKER
 
 # what an output-axis DoRA file is exact under when it does not say (LyCORIS's wd_on_output layout)
@@ -108,7 +108,7 @@ def file_info(path: str | Path) -> FileInfo:
         raise AdapterError(f"{str(file)!r}: only .safetensors files are read (a pickled .bin can run code)")
     tensors, meta = read_safetensors(file)
     roots = {k.split(".", 1)[0] for k in tensors}
-    if roots and roots <= set(PARTS):
+    if roots and roots <= set(ADAPTER_PARTS):
         return _ours(file, tensors)
     if any(k.startswith("base_model.model.") for k in tensors):
         return _peft(file, tensors)
@@ -152,7 +152,7 @@ def _embedding(file: Path, tensors: dict) -> FileInfo:
     parts = {}
     for key, v in tensors.items():
         vectors = v.reshape(-1, v.shape[-1])
-        part = {"clip_g": "text_encoder_2", "clip_l": "text_encoder"}.get(key, "text_encoder")
+        part = EMBEDDING_PARTS.get(key, "text_encoder")
         parts[part] = PartInfo(vectors.shape[0], [f"{vectors.shape[0]} vector(s) of width {vectors.shape[1]}"], [], [])
     token = next(iter(tensors)) if set(tensors) - {"emb_params", "clip_l", "clip_g"} else None
     notes = [f"token {token!r}" if token else "the token is the file name in A1111 / ComfyUI"]

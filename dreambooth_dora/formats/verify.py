@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from ..adapters.file import AdapterError, apply_to_models, base_model_of, layout_prefix, read_adapter
-from .consumers import (RULE_NAMES, RULES, KohyaModule, has_no_change, kohya_key, layers_by_kohya_key, merge,
+from .consumers import (RULE_NAMES, RULES, KohyaModule, has_no_change, layers_by_kohya_key, merge,
                         read_kohya_modules, relative_error)
 from .export import kohya_module
 from .info import read_safetensors
-from ..families.models import PARTS, load_pipeline, pipeline_models
+from ..families import ADAPTER_PARTS, family_of_pipeline, pipeline_models
+from ..families.models import load_pipeline
 from ..outputs import ADAPTER_FILE
 
 EXACT = 1e-4  # what "exact" allows: fp32 rounding of the stored tensors
@@ -103,7 +104,7 @@ def _read_file(path: Path):
         return None
     file = path / ADAPTER_FILE if path.is_dir() else path
     tensors, _ = read_safetensors(file)
-    if {k.split(".", 1)[0] for k in tensors} <= set(PARTS):
+    if {k.split(".", 1)[0] for k in tensors} <= set(ADAPTER_PARTS):
         return read_adapter(file)  # ours: compared as what `export --format kohya` writes from it
     return read_kohya_modules(tensors)
 
@@ -111,17 +112,18 @@ def _read_file(path: Path):
 def _file_modules(path: Path, read, base: str, truths: dict) -> dict[str, KohyaModule]:
     """The file as kohya modules keyed like the adapted layers."""
     if read is None:  # a fused pipeline: its weights are W' already, the difference to W0 is the module
-        fused = pipeline_models(load_pipeline(str(path)))
-        sdxl = "text_encoder_2" in fused
-        by_key = {kohya_key(prefix, layout_prefix(model) + name, sdxl): module
+        pipe = load_pipeline(str(path))
+        family, fused = family_of_pipeline(pipe), pipeline_models(pipe)
+        by_key = {family.kohya_key(prefix, layout_prefix(model) + name): module
                   for prefix, model in fused.items() for name, module in model.named_modules()}
         return {key: KohyaModule(diff=by_key[key].weight.detach().float() - w0)
                 for key, (w0, _) in truths.items() if key in by_key}
     if isinstance(read, dict):
         return read
-    models = pipeline_models(load_pipeline(base))
+    pipe = load_pipeline(base)
+    models = pipeline_models(pipe)
     apply_to_models(read, models)
-    return {key: kohya_module(layer) for key, layer in layers_by_kohya_key(models).items()}
+    return {key: kohya_module(layer) for key, layer in layers_by_kohya_key(family_of_pipeline(pipe), models).items()}
 
 
 @torch.no_grad()
@@ -130,10 +132,11 @@ def verify(file: str | Path, against: str | Path, base: str | None = None) -> Ve
     read = _read_file(path)  # a missing or unreadable FILE stops before any model loads
     adapter = read_adapter(against)
     base = base_model_of(adapter, base)
-    models = pipeline_models(load_pipeline(base))
+    pipe = load_pipeline(base)
+    models = pipeline_models(pipe)
     apply_to_models(adapter, models)
     truths = {key: (layer.weight.detach().float(), layer.merged_weight().float())
-              for key, layer in layers_by_kohya_key(models).items()}
+              for key, layer in layers_by_kohya_key(family_of_pipeline(pipe), models).items()}
     modules = _file_modules(path, read, base, truths)
     layers = [k for k in truths if k in modules]
     dtypes = {t.dtype for m in modules.values() for t in vars(m).values() if isinstance(t, torch.Tensor)}

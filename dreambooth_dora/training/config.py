@@ -25,8 +25,7 @@ class ConfigError(ValueError):
 
 
 # the default adapter targets (adapters.py re-exports them): attention projections
-UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+from ..families.sd import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # the defaults: SD's and SDXL's
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
 PROMPT_LISTS = {"validation_prompt", "subject_prompts", "class_prompts", "unrelated_prompts"}
@@ -517,6 +516,22 @@ def parse_flags(argv: list[str], cls=None) -> dict:
 def load_config(argv: list[str], cls=None):
     """Defaults <- YAML file of `--config` <- the other flags; then validated. `cls`: the config
     dataclass (default TrainConfig); it must have a `validate()` that returns the config."""
+    return build_config(given_values(argv, cls), cls)
+
+
+def build_config(values: dict, cls=None):
+    """The config of `values` (YAML / flag text or typed values, each checked for its field's
+    type), the rest defaults; validated."""
+    cls = cls or TrainConfig
+    types_ = _field_types(cls)
+    for key in values:
+        if key not in types_:
+            raise _unknown(key, types_)
+    return cls(**{k: _convert(k, v, types_[k]) for k, v in values.items()}).validate()
+
+
+def given_values(argv: list[str], cls=None) -> dict:
+    """The settings `argv` gives, unconverted: the YAML file of `--config`, then the other flags."""
     cls = cls or TrainConfig
     flags = parse_flags(argv, cls)
     values: dict = {}
@@ -536,11 +551,7 @@ def load_config(argv: list[str], cls=None):
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings")
     values.update(flags)
-    types_ = _field_types(cls)
-    for key in values:
-        if key not in types_:
-            raise _unknown(key, types_)
-    return cls(**{k: _convert(k, v, types_[k]) for k, v in values.items()}).validate()
+    return values
 
 
 def describe_fields(cls=None) -> list[tuple[str, str, str, str]]:

@@ -19,6 +19,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,8 +27,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ..families.conditioning import time_ids
-from .losses import sample_noise
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_SIDE = 8
@@ -338,6 +337,11 @@ def cache_latents(vae, examples: list[Example], resolution, flips: tuple[bool, .
     return cache
 
 
+def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor:
+    """One picture's size record (6,): original size, crop, target size; SDXL's "time ids"."""
+    return torch.tensor([*original_hw, *crop_top_left, *target_hw], dtype=torch.float32)
+
+
 @dataclass
 class Batch:
     latents: torch.Tensor  # (B, 4, h, w) VAE samples x scaling factor, compute dtype
@@ -345,7 +349,7 @@ class Batch:
     timesteps: torch.Tensor  # (B,)
     captions: list[str]
     masks: torch.Tensor | None  # (B, 1, h, w) at latent resolution with masked loss (class images: ones)
-    sizes: torch.Tensor  # (B, 6) SDXL size conditioning (unused by SD 1.x/2.x)
+    sizes: torch.Tensor  # (B, 6) each picture's size record (`time_ids`; SDXL conditions on it)
     num_prior: int  # the last num_prior examples are class images
 
 
@@ -364,15 +368,23 @@ class BatchMaker:
     resolution: int
     center_crop: bool
     random_flip: bool
-    noise_offset: float
     caption_dropout_rate: float  # subject examples trained with the empty caption
-    num_train_timesteps: int
+    draw: Callable  # (latent (1, C, h, w), generator) -> (noise, timestep): the family's, bound to the run
     vae: torch.nn.Module  # frozen; encodes when there is no latent cache
     latent_cache: dict | None
     device: torch.device
     dtype: torch.dtype  # of the returned latents and noise
     masked: bool = False
     buckets: list | None = None  # aspect buckets: (w, h) per example of `examples`; None: square `resolution`
+
+    @classmethod
+    def from_settings(cls, cfg, examples: list[Example], class_examples: list[Example], order: list[int], *,
+                      num_processes: int, process_index: int, draw: Callable, vae, latent_cache: dict | None,
+                      device, dtype, buckets: list | None) -> "BatchMaker":
+        """The batch maker of a run: the data settings from `cfg` (a TrainConfig), the rest explicit."""
+        return cls(examples, class_examples, cfg.seed, cfg.train_batch_size, num_processes, process_index, order,
+                   cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.caption_dropout_rate, draw, vae,
+                   latent_cache, device, dtype, masked=cfg.masked_loss, buckets=buckets)
 
     def __post_init__(self):
         self.keys = None if self.buckets is None else tuple(tuple(self.buckets[i]) for i in self.order)
@@ -427,8 +439,9 @@ class BatchMaker:
             drop = (not is_class and self.caption_dropout_rate > 0  # its own generator: the others' draws stay
                     and step_rng(self.seed, position, is_class, 3).random() < self.caption_dropout_rate)
             captions.append("" if drop else source[idx].caption)
-            noises.append(sample_noise(latents[-1][None], gen, self.noise_offset)[0])
-            timesteps.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=gen)))
+            noise, timestep = self.draw(latents[-1][None], gen)
+            noises.append(noise[0])
+            timesteps.append(timestep)
         return Batch(torch.stack(latents).to(self.dtype), torch.stack(noises).to(self.dtype),
                      torch.tensor(timesteps, device=self.device), captions,
                      torch.stack(masks).to(self.device) if masks else None, torch.stack(sizes),

@@ -1,7 +1,8 @@
 """The DreamBooth training loop.
 
-Setup (data, run folder, models, adapters, caches, optimiser), then per optimiser step:
-micro-batches -> loss -> backward -> clip -> step -> log / checkpoint / validate.
+`set_up` (data, run folder, the model family's components, adapters, caches, optimiser) returns a
+`Run`; then `train_step(run, step)` per optimiser step: micro-batches -> the family's prediction
+and target -> loss -> backward -> clip -> step; the loop around it logs, checkpoints, validates.
 
 Everything random about an example (which image, crop, flip, noise, timestep) is drawn from
 generators keyed by (seed, its position in the stream of examples; data.BatchMaker), so a resumed
@@ -16,7 +17,8 @@ import json
 import math
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,17 +28,18 @@ from ..adapters.file import AdapterInfo, save_adapter
 from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, add_adapters
 from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
-from ..families.conditioning import PromptEncoder, unet_kwargs
 from .config import ConfigError, TrainConfig
 from .data import (BatchMaker, DataError, Example, cache_latents, load_examples, load_image_folder, micro_steps_per_epoch,
                    step_rng)
 from .ema import AdapterEMA
-from .losses import diffusion_loss, diffusion_target, snr_weights
+from .losses import diffusion_loss
 from .model_card import model_card
-from ..families.models import load_components, resolve_model
+from ..families import Family, family_of
+from ..families.models import resolve_model
 from ..outputs import TRAIN_CONFIG, WriteError, free_space, write_failure, write_text
 from ..adapters.pivotal import PivotalTokens, insert_tokens, new_token_names
 from .prior import ensure_class_images
+from .prompts import PromptEncoder
 from .runs import RunPlan, check_output_dir, fingerprint_examples, plan_run, run_folder_lock, start_run
 from .validation import validate
 
@@ -158,7 +161,7 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path):
     return accelerator
 
 
-def attach_adapters(cfg: TrainConfig, unet, text_encoders: list, device, weight_dtype) -> dict:
+def attach_adapters(cfg: TrainConfig, family: Family, unet, text_encoders: list, device, weight_dtype) -> dict:
     """Frozen weights to the device in the compute dtype, DoRA/LoRA layers (fp32) on the targets;
     returns {file prefix: model} of the adapted models."""
     for model in (*text_encoders, unet):
@@ -176,8 +179,7 @@ def attach_adapters(cfg: TrainConfig, unet, text_encoders: list, device, weight_
         unet.enable_gradient_checkpointing()
         for te in trained:
             te.gradient_checkpointing_enable()
-    prefixes = ("text_encoder", "text_encoder_2")[:len(trained)]  # diffusers' names, file prefixes
-    return {"unet": unet, **dict(zip(prefixes, trained))}
+    return {family.denoiser_part: unet, **dict(zip(family.encoder_parts, trained))}
 
 
 def parameter_groups(cfg: TrainConfig, unet, text_encoders: list, lr_factor: float) -> list[dict]:
@@ -236,6 +238,37 @@ def resume(accelerator, plan: RunPlan) -> tuple[int, Path | None]:
     return 0, None
 
 
+@dataclass
+class Run:
+    """What one run holds between steps (built by `set_up`)."""
+
+    cfg: TrainConfig
+    accelerator: object
+    family: Family
+    plan: RunPlan
+    out_dir: Path
+    denoiser: torch.nn.Module  # prepared (wrapped) for training
+    text_encoders: list  # the live ones (prepared when trained); [] when their outputs are cached
+    encode: PromptEncoder
+    vae: torch.nn.Module
+    scheduler: object  # the training noise scheduler
+    make_batch: BatchMaker
+    optimizer: object
+    lr_scheduler: object
+    params: list  # every trained tensor, for clipping
+    adapted: dict  # {file prefix: model} of the adapted models
+    pivotal: PivotalTokens | None
+    ema: AdapterEMA | None
+    tokens: dict  # pivotal tuning's {abstraction: new tokens}
+    validation_prompts: list[str]
+    max_steps: int
+    ti_steps: int  # pivotal tuning: the new tokens train for the steps before this one
+    weight_dtype: torch.dtype
+    step: int = 0
+    last_checkpoint: Path | None = None
+    logs: dict = field(default_factory=dict)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train an adapter as `cfg` says; returns the adapter file's path. The run folder is locked
     for the whole run: a second trainer (or export) into it stops with one line."""
@@ -246,10 +279,86 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
-    """The run itself, its folder locked by `train`."""
-    from diffusers.optimization import get_scheduler
+    """The run itself, its folder locked by `train` (the bar closes before an error is printed,
+    so the error stands on its own line)."""
+    run = set_up(cfg, accelerator, out_dir)
+    run.denoiser.train()
+    for te in run.text_encoders:
+        te.train()
+    with tqdm(total=run.max_steps, initial=run.step, desc="train",
+              disable=not accelerator.is_local_main_process) as bar:
+        while run.step < run.max_steps:
+            run.logs = train_step(run, run.step)
+            run.step = step = run.step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.logs['loss']:.4f}")
+            accelerator.log(run.logs, step=step)
+            if step % cfg.checkpointing_steps == 0 and step < run.max_steps:
+                with saving(f"checkpoint-{step}", run.last_checkpoint):
+                    run.last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit,
+                                                          run.plan.run_id, run.plan.record["settings"])
+            if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == run.max_steps):
+                with saving(f"the validation grid of step {step}", run.last_checkpoint), \
+                        run.ema.applied() if run.ema is not None else nullcontext():
+                    validate(accelerator, run.family, run.denoiser, run.vae, run.scheduler.config, run.encode,
+                             run.text_encoders, run.validation_prompts, step, out_dir,
+                             num_images=cfg.num_validation_images, seed=cfg.seed,
+                             steps=cfg.validation_inference_steps, resolution=cfg.resolution)
+    return finish(run)
 
-    # ---- data and the run folder (a new run, this run resumed, another replaced): before any model loads
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimiser step `step` (0-based): each micro-batch's loss from the family's prediction and
+    target, backward, and at the last one clip and step; returns the step's logs."""
+    cfg, accelerator = run.cfg, run.accelerator
+    device = accelerator.device
+    if run.pivotal is not None:
+        run.pivotal.train_rows(step < run.ti_steps)
+    for micro in range(cfg.gradient_accumulation_steps):
+        micro_step = step * cfg.gradient_accumulation_steps + micro
+        torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
+        with accelerator.accumulate(run.denoiser):
+            batch = run.make_batch(micro_step)
+            cond, pooled = run.encode(batch.captions)
+            cond = cond.to(device, run.weight_dtype)
+            pooled = None if pooled is None else pooled.to(device, run.weight_dtype)
+            pred, target, weights = run.family.loss_inputs(run.denoiser, run.scheduler, batch, cond, pooled,
+                                                           cfg.snr_gamma)
+            loss, parts = diffusion_loss(pred, target, num_prior=batch.num_prior,
+                                         prior_loss_weight=cfg.prior_loss_weight, weights=weights, mask=batch.masks)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = clip_gradients(run, loss, step)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
+    return {"loss": float(loss.detach()), "lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            **{k: float(v) for k, v in parts.items()}}
+
+
+def clip_gradients(run: Run, loss: torch.Tensor, step: int) -> float:
+    """Average the new tokens' gradients over processes (they are in no DDP wrapper), clip every
+    trained tensor's; stop on a NaN / inf loss or gradient. Returns the norm before clipping."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if run.pivotal is not None and accelerator.num_processes > 1:
+        for p in run.pivotal.parameters():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, "mean")
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
+    if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
+        where = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
+                 else "no checkpoint was saved yet")
+        raise TrainingError(f"loss or gradients became NaN/inf at step {step + 1}; stopped, {where}; lower "
+                            "learning_rate or try mixed_precision 'no'")
+    return grad_norm
+
+
+def prepare_data(cfg: TrainConfig, accelerator):
+    """The data and the run folder's plan (a new run, this run resumed, another replaced), all
+    before any model loads: (sets, examples, order, plan, tokens, buckets, max_steps)."""
     sets = cfg.subject_sets()
     examples, order = load_subject_sets(sets, cfg)
     plan = plan_run(cfg, fingerprint_examples(examples))
@@ -265,32 +374,62 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
         raise ConfigError(f"{clashes[0]} was written by another run and this run would save its own checkpoint "
                           f"there; it is never replaced: move it away, or resume with max_train_steps <= "
                           f"{checkpoint_step(clashes[0])} or another checkpointing_steps")
-    model_path = resolve_model(cfg.pretrained_model_name_or_path)
+    return sets, examples, order, plan, tokens, buckets, max_steps
+
+
+def prior_examples(cfg: TrainConfig, accelerator, sets: list, model_path: str) -> list[Example]:
+    """Prior preservation's class images (drawn by the main process where missing), [] without it."""
     class_examples: list[Example] = []
-    if cfg.with_prior_preservation:
-        class_sets = list(dict.fromkeys((s.class_data_dir, s.class_prompt, s.num_class_images) for s in sets))
-        if accelerator.is_main_process:
-            for folder, prompt, count in class_sets:
-                ensure_class_images(folder, prompt, count, model_path, cfg.sample_batch_size,
-                                    cfg.prior_generation_precision, cfg.revision, cfg.variant, accelerator.device,
-                                    cfg.seed, vae_path=cfg.pretrained_vae_model_name_or_path)
-        accelerator.wait_for_everyone()
+    if not cfg.with_prior_preservation:
+        return class_examples
+    class_sets = list(dict.fromkeys((s.class_data_dir, s.class_prompt, s.num_class_images) for s in sets))
+    if accelerator.is_main_process:
         for folder, prompt, count in class_sets:
-            class_examples += load_image_folder(folder, prompt)[:count]
+            ensure_class_images(folder, prompt, count, model_path, cfg.sample_batch_size,
+                                cfg.prior_generation_precision, cfg.revision, cfg.variant, accelerator.device,
+                                cfg.seed, vae_path=cfg.pretrained_vae_model_name_or_path)
+    accelerator.wait_for_everyone()
+    for folder, prompt, count in class_sets:
+        class_examples += load_image_folder(folder, prompt)[:count]
+    return class_examples
+
+
+def build_caches(cfg: TrainConfig, encode: PromptEncoder, frozen: bool, vae, examples, class_examples, buckets,
+                 prompts, device):
+    """`frozen` text encoders: every caption's embedding once, the encoders leave the device.
+    `cache_latents`: the latents of every picture (and flip) once. Returns the latent cache or None."""
+    if frozen:
+        encode.freeze(sorted({ex.caption for ex in examples + class_examples}) + prompts + [""])
+    if not cfg.cache_latents:
+        return None
+    if not cfg.center_crop:
+        warnings.warn("cache_latents uses center crops (random crops would need one latent per crop)", stacklevel=2)
+    flips = (False, True) if cfg.random_flip else (False,)
+    if buckets is None:
+        return cache_latents(vae, examples + class_examples, cfg.resolution, flips, device, vae.dtype)
+    # each subject image in its bucket; class images when a batch of a bucket first needs them
+    return cache_latents(vae, examples, buckets, flips, device, vae.dtype, buckets=True)
+
+
+def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
+    """Everything before the first step: data, the family's components (frozen, compute dtype),
+    adapters (fp32), caches, optimiser and schedule, the run folder's record, a resumed state."""
+    from diffusers.optimization import get_scheduler
+
+    sets, examples, order, plan, tokens, buckets, max_steps = prepare_data(cfg, accelerator)
+    model_path = resolve_model(cfg.pretrained_model_name_or_path)
+    class_examples = prior_examples(cfg, accelerator, sets, model_path)
 
     # ---- models: frozen parts in the compute dtype, adapters in fp32
-    tokenizers, text_encoders, vae, unet, noise_scheduler = load_components(
-        model_path, cfg.revision, cfg.variant, cfg.pretrained_vae_model_name_or_path)
-    sdxl = len(text_encoders) == 2
-    vocab = tokenizers[0].get_vocab() if tokens else {}
-    for abstraction in tokens:  # lower case and one whole token of the vocabulary: a word prompts use as it is
-        if abstraction == abstraction.lower() and f"{abstraction}</w>" in vocab:
+    family = family_of(model_path, cfg.revision)
+    parts = family.load_components(model_path, cfg.revision, cfg.variant, cfg.pretrained_vae_model_name_or_path,
+                                   prediction_type=cfg.prediction_type)
+    tokenizers, text_encoders, vae, unet = parts.tokenizers, parts.text_encoders, parts.vae, parts.denoiser
+    for abstraction in tokens:
+        if family.knows_word(tokenizers, abstraction):
             warnings.warn(f"token_abstraction {abstraction!r} is an ordinary word the text encoder knows: every prompt "
                           f"that says {abstraction!r} (also when using the adapter later) gets the new tokens in its "
                           "place; a made-up identifier such as TOK avoids that", stacklevel=2)
-    if cfg.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    prediction_type = noise_scheduler.config.prediction_type
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     # fp16 overflows in the stock SD/SDXL VAEs: fp32 unless a VAE made for fp16 was given
@@ -299,34 +438,27 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
     # the adapters' initial values from the seed alone: what ran before may have drawn from or reset
     # the global generator (building `embedded:tiny-random` on first use does), and a rerun must not differ
     torch.manual_seed(cfg.seed)
-    adapted = attach_adapters(cfg, unet, text_encoders, device, weight_dtype)
+    adapted = attach_adapters(cfg, family, unet, text_encoders, device, weight_dtype)
     pivotal = None
     if tokens:
         try:
-            pivotal = PivotalTokens(tokenizers, text_encoders, tokens, cfg.initializer_concept, cfg.seed)
+            pivotal = PivotalTokens(tokenizers, text_encoders, tokens, cfg.initializer_concept, cfg.seed,
+                                    family.embedding_keys)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
     # ---- caches: prompts (frozen text encoders), latents (frozen VAE)
-    encode = PromptEncoder(tokenizers, text_encoders)
+    encode = PromptEncoder(family, tokenizers, text_encoders)
     validation_prompts = [insert_tokens(p, tokens)
                           for p in cfg.validation_prompt or list(dict.fromkeys(s.instance_prompt for s in sets))]
-    if not cfg.train_text_encoder and pivotal is None:
-        encode.freeze(sorted({ex.caption for ex in examples + class_examples}) + validation_prompts + [""])
-        text_encoders = []
+    frozen = not cfg.train_text_encoder and pivotal is None
+    latent_cache = build_caches(cfg, encode, frozen, vae, examples, class_examples, buckets, validation_prompts, device)
+    if frozen:
+        text_encoders = parts.text_encoders = []
         gc.collect()
-    latent_cache = None
-    if cfg.cache_latents:
-        if not cfg.center_crop:
-            warnings.warn("cache_latents uses center crops (random crops would need one latent per crop)",
-                          stacklevel=2)
-        flips = (False, True) if cfg.random_flip else (False,)
-        if buckets is None:
-            latent_cache = cache_latents(vae, examples + class_examples, cfg.resolution, flips, device, vae.dtype)
-        else:  # each subject image in its bucket; class images when a batch of a bucket first needs them
-            latent_cache = cache_latents(vae, examples, buckets, flips, device, vae.dtype, buckets=True)
 
     # ---- optimiser and schedule
+    global_batch = cfg.train_batch_size * accelerator.num_processes
     lr_factor = global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
     groups = parameter_groups(cfg, unet, text_encoders, lr_factor)
     adapter_params = [p for g in groups for p in g["params"]]
@@ -334,8 +466,6 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
         decay_te = cfg.adam_weight_decay_text_encoder
         groups.append({"params": pivotal.parameters(), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_factor,
                        "weight_decay": cfg.adam_weight_decay if decay_te is None else decay_te})
-    params = [p for g in groups for p in g["params"]]
-    ti_steps = max(1, int(cfg.train_text_encoder_ti_frac * max_steps))  # the pivot
     optimizer = build_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
@@ -361,90 +491,37 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
     accelerator.print(f"processes: {accelerator.num_processes}, distributed: {accelerator.distributed_type}")
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("dreambooth-dora", config={k: str(v) for k, v in asdict(cfg).items()})
-    make_batch = BatchMaker(examples, class_examples, cfg.seed, cfg.train_batch_size, accelerator.num_processes,
-                            accelerator.process_index, order, cfg.resolution, cfg.center_crop, cfg.random_flip,
-                            cfg.noise_offset, cfg.caption_dropout_rate, noise_scheduler.config.num_train_timesteps,
-                            vae, latent_cache, device, weight_dtype, masked=cfg.masked_loss, buckets=buckets)
+    make_batch = BatchMaker.from_settings(
+        cfg, examples, class_examples, order, num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index, vae=vae, latent_cache=latent_cache, device=device, dtype=weight_dtype,
+        draw=partial(family.draw_noise, noise_offset=cfg.noise_offset, scheduler=parts.scheduler), buckets=buckets)
+    return Run(cfg, accelerator, family, plan, out_dir, unet, text_encoders, encode, vae, parts.scheduler, make_batch,
+               optimizer, lr_scheduler, [p for g in groups for p in g["params"]], adapted, pivotal, ema, tokens,
+               validation_prompts, max_steps, max(1, int(cfg.train_text_encoder_ti_frac * max_steps)), weight_dtype,
+               step, last_checkpoint)
 
-    # ---- the loop (the bar closes before an error is printed, so the error stands on its own line)
-    unet.train()
-    for te in text_encoders:
-        te.train()
-    logs = {}
-    with tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process) as bar:
-        while step < max_steps:
-            if pivotal is not None:
-                pivotal.train_rows(step < ti_steps)
-            for micro in range(cfg.gradient_accumulation_steps):
-                micro_step = step * cfg.gradient_accumulation_steps + micro
-                torch.manual_seed(step_rng(cfg.seed, micro_step, accelerator.process_index, 2).getrandbits(63))
-                with accelerator.accumulate(unet):
-                    batch = make_batch(micro_step)
-                    noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-                    cond, pooled = encode(batch.captions)
-                    cond = cond.to(device, weight_dtype)
-                    pooled = None if pooled is None else pooled.to(device, weight_dtype)
-                    model_pred = unet(noisy, batch.timesteps, cond, **unet_kwargs(pooled, batch.sizes)).sample
-                    target = diffusion_target(batch.noise, batch.latents, batch.timesteps, noise_scheduler,
-                                              prediction_type)
-                    weights = (snr_weights(batch.timesteps, noise_scheduler.alphas_cumprod, cfg.snr_gamma,
-                                           prediction_type) if cfg.snr_gamma else None)
-                    loss, parts = diffusion_loss(model_pred, target, num_prior=batch.num_prior,
-                                                 prior_loss_weight=cfg.prior_loss_weight, weights=weights,
-                                                 mask=batch.masks)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if pivotal is not None and accelerator.num_processes > 1:  # not in a DDP wrapper
-                            for p in pivotal.parameters():
-                                if p.grad is not None:
-                                    p.grad = accelerator.reduce(p.grad, "mean")
-                        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                        grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-                        if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
-                            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
-                                "no checkpoint was saved yet"
-                            raise TrainingError(f"loss or gradients became NaN/inf at step {step + 1}; stopped, "
-                                                f"{where}; lower learning_rate or try mixed_precision 'no'")
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update()
-            step += 1
-            logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    **{k: float(v) for k, v in parts.items()}}
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=step)
-            if step % cfg.checkpointing_steps == 0 and step < max_steps:
-                with saving(f"checkpoint-{step}", last_checkpoint):
-                    last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit,
-                                                      plan.run_id, plan.record["settings"])
-            if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == max_steps):
-                with saving(f"the validation grid of step {step}", last_checkpoint), \
-                        ema.applied() if ema is not None else nullcontext():
-                    validate(accelerator, unet, vae, noise_scheduler.config, encode, text_encoders,
-                             validation_prompts, step, out_dir, num_images=cfg.num_validation_images,
-                             seed=cfg.seed, steps=cfg.validation_inference_steps, resolution=cfg.resolution)
 
-    # ---- output: the settings beside the adapter are the ones that made it (the old ones go
-    # first, the new ones come after the adapter: a kill in between leaves none, never wrong ones)
+def finish(run: Run) -> Path:
+    """The adapter (EMA weights where kept), its embeddings, settings and model card. The settings
+    beside the adapter are the ones that made it: the old ones go first, the new ones come after
+    the adapter, so a kill in between leaves none, never wrong ones."""
+    cfg, accelerator, out_dir = run.cfg, run.accelerator, run.out_dir
     accelerator.wait_for_everyone()
     path = out_dir / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
         info = AdapterInfo(
             method="dora" if cfg.use_dora else "lora", rank=cfg.rank, lora_alpha=cfg.lora_alpha,
             base_model=cfg.pretrained_model_name_or_path, instance_prompt=cfg.instance_prompt,
-            class_prompt=cfg.class_prompt if cfg.with_prior_preservation else None, steps=step,
-            train_text_encoder=cfg.train_text_encoder, architecture="sdxl" if sdxl else "sd",
-            final_loss=logs.get("loss"), run_id=plan.run_id, settings=asdict(cfg), tokens=tokens or None)
-        with saving(f"the adapter in {out_dir}", last_checkpoint):
+            class_prompt=cfg.class_prompt if cfg.with_prior_preservation else None, steps=run.step,
+            train_text_encoder=cfg.train_text_encoder, architecture=run.family.name,
+            final_loss=run.logs.get("loss"), run_id=run.plan.run_id, settings=asdict(cfg), tokens=run.tokens or None)
+        with saving(f"the adapter in {out_dir}", run.last_checkpoint):
             for name in (TRAIN_CONFIG, "README.md"):
                 (out_dir / name).unlink(missing_ok=True)
-            if pivotal is not None:  # before the adapter that names them
-                pivotal.save(out_dir)
-            with ema.applied() if ema is not None else nullcontext():
-                path = save_adapter(out_dir, adapted, info)
+            if run.pivotal is not None:  # before the adapter that names them
+                run.pivotal.save(out_dir)
+            with run.ema.applied() if run.ema is not None else nullcontext():
+                path = save_adapter(out_dir, run.adapted, info)
             write_text(out_dir / TRAIN_CONFIG, json.dumps(asdict(cfg), indent=2))
             write_text(out_dir / "README.md", model_card(cfg, info))
     accelerator.end_training()

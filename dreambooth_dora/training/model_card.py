@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..adapters.file import AdapterInfo
 from .config import TrainConfig
+from ..families import Family, family_named
 from ..families.models import EMBEDDED_PREFIX
 
 
@@ -28,17 +29,13 @@ def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str, pivota
     ])
 
 
-def pivotal_section(cfg: TrainConfig, info: AdapterInfo, sdxl: bool) -> str:
+def pivotal_section(cfg: TrainConfig, info: AdapterInfo, family: Family) -> str:
     """How to use the new tokens in diffusers (stock), A1111 / Forge and ComfyUI."""
     if not info.tokens:
         return ""
     rows = "\n".join(f"| `{a}` | `{''.join(t)}` | `webui_embeddings/{a}.safetensors` |" for a, t in info.tokens.items())
     first, names = next(iter(info.tokens.items()))
-    loads = [f'pipe.load_textual_inversion(emb["clip_l"], token={names!r}, text_encoder=pipe.text_encoder, '
-             'tokenizer=pipe.tokenizer)']
-    if sdxl:
-        loads.append(f'pipe.load_textual_inversion(emb["clip_g"], token={names!r}, text_encoder=pipe.text_encoder_2, '
-                     'tokenizer=pipe.tokenizer_2)')
+    loads = family.textual_inversion_lines(names)
     return f"""
 ## New tokens (pivotal tuning)
 
@@ -81,14 +78,14 @@ def options(cfg: TrainConfig) -> str:
 
 def model_card(cfg: TrainConfig, info: AdapterInfo) -> str:
     method = "DoRA" if cfg.use_dora else "LoRA"
-    sdxl = info.architecture == "sdxl"
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    family = family_named(info.architecture)
+    pipeline = family.pipeline_class
     loss = "n/a" if info.final_loss is None else round(info.final_loss, 5)
     snippet = load_snippet(pipeline, cfg.pretrained_model_name_or_path, cfg.output_dir, cfg.instance_prompt,
                            pivotal=bool(info.tokens))
     return f"""---
 base_model: {cfg.pretrained_model_name_or_path}
-tags: [dreambooth, {method.lower()}, {'stable-diffusion-xl' if sdxl else 'stable-diffusion'}, dreambooth-dora]
+tags: [dreambooth, {method.lower()}, {family.tag}, dreambooth-dora]
 ---
 # {method} DreamBooth adapter
 
@@ -110,6 +107,6 @@ Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
 ```python
 {snippet}
 ```
-{pivotal_section(cfg, info, sdxl)}
+{pivotal_section(cfg, info, family)}
 The settings that made it are in `train_config.json` (and inside the adapter file's metadata).
 """
