@@ -196,7 +196,7 @@ class Comparison:
         old = self.columns.get(label)
         if old is not None:
             self._drop(old.name)
-        part = info.parts.get("unet") or next(iter(info.parts.values()))
+        part = info.parts.get(adapter.main_prefix) or next(iter(info.parts.values()))
         warn = ""
         recorded = adapter.info.base_model
         if recorded and recorded != self.base_name and resolve_model(recorded) != self.base_path:
@@ -215,12 +215,13 @@ class Comparison:
         except (OSError, ValueError) as err:
             raise AppError(f"cannot load merged pipeline {folder.name!r}: {str(err).splitlines()[0]}") from None
         # the shared pipeline may hold PEFT-wrapped layers: compare under the plain names
-        base_shapes = {k.replace(".base_layer", ""): v.shape for k, v in self.pipe.unet.state_dict().items()
-                       if "lora_" not in k}
-        for k, v in pipe.unet.state_dict().items():
+        denoiser = family_of_pipeline(self.pipe).denoiser_part
+        base_shapes = {k.replace(".base_layer", ""): v.shape
+                       for k, v in getattr(self.pipe, denoiser).state_dict().items() if "lora_" not in k}
+        for k, v in getattr(pipe, denoiser).state_dict().items():
             shape = base_shapes.get(k)
             if shape is not None and tuple(shape) != tuple(v.shape):
-                raise AppError(f"merged pipeline {folder.name!r} is for another base model: unet {k} "
+                raise AppError(f"merged pipeline {folder.name!r} is for another base model: {denoiser} {k} "
                                f"is {tuple(v.shape)}, here {tuple(shape)}")
         tokens_file = folder / "tokens.json"  # a fused export of a pivotal-tuning adapter
         tokens = json.loads(tokens_file.read_text(encoding="utf-8")) if tokens_file.is_file() else {}

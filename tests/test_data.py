@@ -127,3 +127,22 @@ def test_batches_cover_each_epoch_and_split_across_processes():
     # two processes with batch 2 take the two halves of the global batch of 4
     assert batch_indices(n, 4, 5, seed) == batch_indices(n, 4, 5, seed)
     assert batch_indices(n, 4, 0, seed)[:2] + batch_indices(n, 4, 0, seed)[2:] == batch_indices(n, 4, 0, seed)
+
+
+def test_batch_maker_from_settings_takes_every_data_setting():
+    """The run's batch maker reads its data settings from the TrainConfig; each one lands in the
+    field the batches use (a setting mapped to the wrong field would change what is trained)."""
+    from dreambooth_dora.training.config import load_config
+    import torch
+
+    from dreambooth_dora.training.data import BatchMaker
+
+    cfg = load_config(["--instance_data_dir", "sample_data/3d_icon", "--instance_prompt", "a sks icon", "--seed", "9",
+                       "--train_batch_size", "3", "--resolution", "48", "--center_crop", "--random_flip",
+                       "--caption_dropout_rate", "0.25", "--masked_loss", "--output_dir", "/tmp/unused"])
+    draw = object()
+    maker = BatchMaker.from_settings(cfg, [], [], [0], num_processes=2, process_index=1, draw=draw, vae=None,
+                                     latent_cache=None, device="cpu", dtype=torch.float16, buckets=None)
+    assert (maker.seed, maker.batch_size, maker.resolution, maker.center_crop, maker.random_flip,
+            maker.caption_dropout_rate, maker.masked) == (9, 3, 48, True, True, 0.25, True)
+    assert (maker.num_processes, maker.process_index, maker.draw, maker.dtype) == (2, 1, draw, torch.float16)

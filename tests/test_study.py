@@ -164,3 +164,27 @@ def test_matched_rank_counts_the_real_adapters(tmp_path):
         expected = min(range(1, 4 * rank + 2), key=lambda r: (abs(count(r, False) - target), r))
         cell = next(c for c in study.plan(cfg) if c.method == "lora-matched" and c.rank == rank)
         assert cell.train_rank == expected
+
+
+@pytest.mark.parametrize("method", study.METHODS)
+def test_cell_settings_equal_the_flags_a_user_would_give(tmp_path, method):
+    """The study builds each cell's TrainConfig directly; it equals the config the same run gets
+    from the command line (train_args may change the data, the cell's own settings win)."""
+    from dreambooth_dora.training.config import load_config
+
+    cfg = study.StudyConfig(methods=[method], train_args=["--resolution", "32", "--train_text_encoder",
+                                                          "--instance_prompt", "a sks icon"],
+                            output_dir=str(tmp_path / "s")).validate()
+    cell = study.Cell(method, 4, 3e-3, 2, 0, 6 if method == "lora-matched" else 4)
+    run = tmp_path / "s" / "runs" / cell.id
+    flags = {"dora": ["--use_dora"], "lora": ["--use_dora", "false"], "lora-matched": ["--use_dora", "false"],
+             "dora-magnitude": ["--use_dora", "--dora_train", "magnitude"],
+             "dora-direction": ["--use_dora", "--dora_train", "direction"]}[method]
+    by_hand = load_config(["--pretrained_model_name_or_path", "embedded:toy-world", "--instance_data_dir",
+                           "sample_data/3d_icon", "--resolution", "32", "--train_text_encoder",
+                           "--instance_prompt", "a sks icon", *flags, "--rank", str(cell.train_rank),
+                           "--lora_alpha", str(cell.train_rank), "--learning_rate", "0.003", "--seed", "2",
+                           "--max_train_steps", "200", "--checkpointing_steps", "100", "--output_dir", str(run),
+                           "--report_to", "none", "--validation_prompt", "none"])
+    assert study.cell_settings(cfg, cell, run) == by_hand
+    assert study.cell_settings(cfg, cell, run, resume=True).resume_from_checkpoint == "latest"

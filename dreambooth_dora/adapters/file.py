@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .inject import adapted_layers, adapter_state_dict, add_adapters, load_adapter_state_dict
-from ..families import ADAPTER_PARTS as PREFIXES, family_of_pipeline, pipeline_models
+from ..families import ADAPTER_PARTS as PREFIXES, KOHYA_PARTS, family_of_pipeline, pipeline_models
 from ..families.models import resolve_model
 from ..outputs import ADAPTER_FILE, atomic_path
 from .pivotal import EMBEDDINGS_FILE, read_embeddings
@@ -59,7 +59,7 @@ class AdapterInfo:
     class_prompt: str | None = None
     steps: int | None = None
     train_text_encoder: bool | None = None
-    architecture: str | None = None  # "sd" (1.x / 2.x) or "sdxl"
+    architecture: str | None = None  # the model family's name (`families`): "sd" (1.x / 2.x) or "sdxl"
     final_loss: float | None = None
     run_id: str | None = None
     settings: dict | None = None  # the training settings that made it
@@ -122,6 +122,20 @@ class AdapterFile:
         return sorted({k.rsplit(".lora_", 1)[0] for k in self.part(prefix, model)})
 
     @property
+    def family(self):
+        """The model family the file was trained on: recorded (`architecture`), or for files from
+        before the field, the narrowest family whose parts cover the file's."""
+        from ..families import family_named, family_of_parts
+
+        return family_named(self.info.architecture) if self.info.architecture else family_of_parts(self.prefixes)
+
+    @property
+    def main_prefix(self) -> str:
+        """The part whose rank and alpha name the file: the denoiser's, else the first."""
+        denoiser = self.family.denoiser_part
+        return denoiser if self.part(denoiser) else self.prefixes[0]
+
+    @property
     def use_dora(self) -> bool:
         return any(k.endswith("lora_magnitude_vector") for k in self.tensors)
 
@@ -167,7 +181,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise AdapterError(f"{str(file)!r} holds no LoRA/DoRA tensors (no '.lora_A/.lora_B' keys)")
     unknown = sorted({k.split(".", 1)[0] for k in tensors} - set(PREFIXES))
     if unknown:
-        kohya = any(u.startswith(("lora_unet_", "lora_te")) for u in unknown)
+        kohya = any(u.startswith(tuple(KOHYA_PARTS)) for u in unknown)
         hint = ("a kohya / LyCORIS file (an export): `dreambooth-dora info` describes it; training tools read "
                 "the diffusers layout" if kohya else f"expected prefixes {', '.join(PREFIXES)}")
         raise AdapterError(f"{str(file)!r} is not in the diffusers adapter layout ({len(unknown)} module(s) like "

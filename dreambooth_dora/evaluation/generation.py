@@ -22,8 +22,7 @@ def parse_sources(entries: list[str]) -> list[tuple[str, Path, AdapterFile]]:
             label, path = "", entry
         adapter = read_adapter(path)  # a clear error for a missing or non-adapter path
         if not label:
-            prefix = "unet" if adapter.part("unet") else adapter.prefixes[0]
-            label = f"{'DoRA' if adapter.use_dora else 'LoRA'} r{adapter.rank_alpha(prefix)[0]}"
+            label = f"{'DoRA' if adapter.use_dora else 'LoRA'} r{adapter.rank_alpha(adapter.main_prefix)[0]}"
         out.append((label, Path(path), adapter))
     labels = [lbl for lbl, _, _ in out]
     # same method and rank twice: tell them apart by folder name

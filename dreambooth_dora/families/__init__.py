@@ -21,8 +21,11 @@ FAMILIES: tuple[Family, ...] = (StableDiffusionXL(), StableDiffusion())
 # keys with the text encoder each belongs to
 ADAPTER_PARTS = tuple(dict.fromkeys(p for f in reversed(FAMILIES) for p in f.parts))
 EMBEDDING_PARTS = {k: e for f in FAMILIES for k, e in zip(f.embedding_keys, f.encoder_parts)}
+# kohya module-name prefixes of every family -> the part (longest first: `lora_te1_` before `lora_te_`)
+KOHYA_PARTS = dict(sorted({prefix: part for f in FAMILIES for part, prefix in f.kohya_prefixes.items()}.items(),
+                          key=lambda kv: -len(kv[0])))
 
-__all__ = ["ADAPTER_PARTS", "EMBEDDING_PARTS", "FAMILIES", "Components", "Family", "FamilyError", "StableDiffusion",
+__all__ = ["ADAPTER_PARTS", "EMBEDDING_PARTS", "FAMILIES", "KOHYA_PARTS", "Components", "Family", "FamilyError", "StableDiffusion",
            "StableDiffusionXL", "family_named", "family_of", "family_of_index",
            "family_of_pipeline", "load_components", "pipeline_models"]
 

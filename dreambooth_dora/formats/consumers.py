@@ -24,6 +24,7 @@ import torch
 
 from ..adapters.file import layout_prefix
 from ..adapters.inject import adapted_layers
+from ..families import KOHYA_PARTS
 
 RULES = ("lycoris", "comfyui", "comfyui-15458", "a1111")
 RULE_NAMES = {
@@ -62,9 +63,9 @@ def relative_error(merged: torch.Tensor, w0: torch.Tensor, target: torch.Tensor,
 
 
 def part_of(key: str) -> str | None:
-    """The model part a kohya module name adapts ('unet', 'text_encoder', 'text_encoder_2')."""
-    for start, part in (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
-                        ("lora_te_", "text_encoder")):
+    """The model part a kohya module name adapts ('unet', 'text_encoder', 'text_encoder_2'), by
+    the kohya prefixes of every model family."""
+    for start, part in KOHYA_PARTS.items():
         if key.startswith(start):
             return part
     return None

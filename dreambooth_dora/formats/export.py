@@ -149,8 +149,7 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)
         rule = ("comfyui-compensated" if comfyui_compatible else "lycoris-exact") if adapter.use_dora else "lora"
-        prefix = "unet" if adapter.part("unet") else adapter.prefixes[0]
-        rank, alpha = adapter.rank_alpha(prefix)
+        rank, alpha = adapter.rank_alpha(adapter.main_prefix)
         metadata = {
             "ss_network_module": "lycoris.kohya" if adapter.use_dora else "networks.lora",
             "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
