@@ -148,11 +148,11 @@ def build_ui(comp: Comparison) -> gr.Blocks:
         results_section(comp, pickers, ui)
         grid_section(comp, pickers, ui)
         columns_section(comp, pickers)
+        # the columns live on the server: a new tab or a reload shows every column added since
+        demo.load(lambda: {**pickers.updates(), pickers.column_list: column_text(comp)},
+                  outputs=[*pickers.widgets.values(), pickers.column_list], queue=False)
     # one request at a time: the pipeline's active adapter is shared state
     demo.queue(default_concurrency_limit=1)
-    # the columns live on the server: a new tab or a reload shows every column added since
-    demo.load(lambda: {**pickers.updates(), pickers.column_list: column_text(comp)},
-              outputs=[*pickers.widgets.values(), pickers.column_list], queue=False)
     return demo
 
 

@@ -67,7 +67,7 @@ def test_loaded_pipelines_and_their_parts(tiny_sd_path, tiny_sdxl_path):
     assert SD.native_size(sd) == sd.unet.config.sample_size * sd.vae_scale_factor
     parts = load_components(str(tiny_sdxl_path))
     assert len(parts.text_encoders) == 2 and type(parts.denoiser).__name__ == "UNet2DConditionModel"
-    assert load_components(str(tiny_sd2_path := tiny_sd_path), prediction_type="v_prediction"
+    assert load_components(str(tiny_sd_path), prediction_type="v_prediction"
                            ).scheduler.config.prediction_type == "v_prediction"
 
 

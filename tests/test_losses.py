@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth_dora.training.losses import diffusion_loss, diffusion_target, sample_noise, snr_weights
+from dreambooth_dora.families.ddpm import diffusion_target, sample_noise, snr_weights
+from dreambooth_dora.training.losses import diffusion_loss
 
 
 @pytest.fixture

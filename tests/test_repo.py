@@ -102,6 +102,18 @@ def test_no_import_cycles():
     # the app reaches the library through its public modules; nothing in the library knows the app or the CLI
     assert not any(m.startswith("app") or m == "dreambooth_dora.cli" for src, deps in graph.items()
                    if src.startswith("dreambooth_dora") and src != "dreambooth_dora.cli" for m in deps)
+    # the rooms stack too: families below adapters below training, formats and evaluation, the study
+    # above both (toy/ stands apart: its pretraining borrows the judge's embedder)
+    rooms = {}
+    for src, deps in graph.items():
+        for dep in deps:
+            a, b = (m.split(".")[1] if m.count(".") else m for m in (src, dep))
+            if a != b and "toy" not in (a, b):
+                rooms.setdefault(a, set()).add(b)
+    order = ["families", "adapters", "outputs", "training", "formats", "evaluation", "study", "dreambooth_dora", "cli"]
+    upward = [(a, b) for a, deps in rooms.items() for b in deps
+              if a in order and b in order and order.index(b) > order.index(a) and b != "outputs" and a != "outputs"]
+    assert not upward, upward
     # the config stays light: no torch-importing module behind it at import time
     assert "dreambooth_dora.adapters.inject" not in graph["dreambooth_dora.training.config"]
 
@@ -136,3 +148,16 @@ def test_the_package_shows_its_wings():
     readme = (REPO / "README.md").read_text()
     for room in ("adapters/", "training/", "formats/", "families/", "evaluation/", "study.py"):
         assert room in readme, room
+
+
+def test_model_cards_written_before_the_move_still_run():
+    """Adapters trained before the package moved carry model cards importing the old module paths."""
+    import subprocess
+    import sys
+
+    code = ("from dreambooth_dora.pivotal import insert_tokens\nfrom dreambooth_dora.models import resolve_model\n"
+            "from dreambooth_dora import load_adapter, insert_tokens as new\n"
+            "assert insert_tokens is new and insert_tokens('a TOK', {'TOK': ['<s0>']}) == 'a <s0>'\n"
+            "assert resolve_model('embedded:toy-world').endswith('toy-world')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

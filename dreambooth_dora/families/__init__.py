@@ -3,6 +3,7 @@
     family.py  the interface (Family, Components, FamilyError) and what a family owns
     sd.py      Stable Diffusion 1.x / 2.x
     sdxl.py    Stable Diffusion XL
+    ddpm.py    the SD families' noise, targets and Min-SNR weights
     models.py  base models by name: hub ids, local folders, `embedded:` models; pipelines
 
 A family is detected once, from the pipeline's `model_index.json` (a local folder or a hub id),

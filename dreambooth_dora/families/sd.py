@@ -115,7 +115,7 @@ class StableDiffusion(Family):
         """One example's noise (like `latent` (1, C, h, w)) and timestep, from its own generator."""
         import torch
 
-        from ..training.losses import sample_noise
+        from .ddpm import sample_noise
 
         noise = sample_noise(latent, generator, noise_offset)
         return noise, int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
@@ -124,7 +124,7 @@ class StableDiffusion(Family):
         """(prediction, target, per-sample weights or None): the batch's latents noised to its
         timesteps, through the denoiser, and what it should predict (per the scheduler's
         prediction type), Min-SNR weights with `snr_gamma`."""
-        from ..training.losses import diffusion_target, snr_weights
+        from .ddpm import diffusion_target, snr_weights
 
         kind = scheduler.config.prediction_type
         noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)

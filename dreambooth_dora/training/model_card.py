@@ -12,13 +12,12 @@ def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str, pivota
     """Python that loads the adapter exactly and draws one picture; it runs as written (an
     `embedded:` base is resolved to its folder first, which `from_pretrained` needs). With
     `pivotal`, the new tokens come with the adapter and replace the identifier in the prompt."""
-    imports = [f"from diffusers import {pipeline}", "from dreambooth_dora import load_adapter"]
-    if pivotal:
-        imports.append("from dreambooth_dora.adapters.pivotal import insert_tokens")
+    names = ["load_adapter"] + (["insert_tokens"] if pivotal else [])
     source = repr(base)
     if base.startswith(EMBEDDED_PREFIX):
-        imports.append("from dreambooth_dora.families.models import resolve_model")
+        names.append("resolve_model")
         source = f"resolve_model({base!r})"
+    imports = [f"from diffusers import {pipeline}", f"from dreambooth_dora import {', '.join(names)}"]
     return "\n".join([
         *imports,
         f"pipe = {pipeline}.from_pretrained({source})",
