@@ -91,7 +91,7 @@ def find_adapters(root: Path | None) -> list[str]:
 
 
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+@=#-]{0,47}")
-RULES = {"comfyui": "ComfyUI", "a1111": "A1111"}  # the consumers' views of a DoRA column (consumers.py)
+RULES = {"comfyui": "ComfyUI", "a1111": "A1111"}  # the consumers' views of a DoRA column (formats/consumers.py)
 
 
 def find_runs(root: Path | None) -> list[str]:

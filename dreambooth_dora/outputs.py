@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # the adapter in a run folder (see adapter_file.py)
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # the adapter in a run folder (see adapters/file.py)
 
 
 class OutputError(ValueError):
@@ -89,9 +89,9 @@ def resolve(raw: str | os.PathLike, what: str) -> Path:
 
 OUTPUT_MARKER = ".dreambooth-dora-output.json"  # in folders the project wrote (fused export, report)
 EXPORT_KEY = "dreambooth_dora_export"  # safetensors metadata of single-file exports ("kohya")
-RUN_FILE = "run.json"  # a training run folder's record (see runs.py)
+RUN_FILE = "run.json"  # a training run folder's record (see training/runs.py)
 TRAIN_CONFIG = "train_config.json"  # the settings beside a finished adapter
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # a finished checkpoint folder (see checkpoints.py)
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # a finished checkpoint folder (see training/checkpoints.py)
 
 
 def umask() -> int:

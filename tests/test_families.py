@@ -157,7 +157,7 @@ def test_unknown_family_is_one_line_before_training(tmp_path):
 # ---- the seam holds: which-model questions are asked of the family --------------------------------
 
 FAMILY_WORDS = {"sdxl", "text_encoder_2", "tokenizer_2", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                "clip_g", "lora_te1_", "lora_te2_", "lora_te_", "lora_unet_", "sd_v1", "sd_v2"}
+                "clip_g", "lora_te1_", "lora_te2_", "lora_te_", "lora_unet_", "sd_v1", "sd_v2", "unet"}
 # the consumers' own published rules for embedding files (A1111 / ComfyUI read clip_l / clip_g keys),
 # and kohya's names while parsing any file: formats, not a question about the model in hand
 FORMAT_RULES = {("formats/consumers.py", "clip_g"), ("formats/info.py", "clip_g"), ("adapters/pivotal.py", "clip_g")}

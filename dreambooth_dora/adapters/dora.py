@@ -28,7 +28,7 @@ invisible to it, so code that does that must call `clear_cache()`.
 
 The output combines the base output and the low-rank path with one fused `addmm` and one
 `addcmul`, so DoRA saves a single extra output-sized tensor (`t`) for backward beyond LoRA.
-This module is the reference: the layers' math as written above. `dora_fused.py` holds the fast
+This module is the reference: the layers' math as written above. `fused.py` holds the fast
 path a Linear layer takes with many tokens (one GEMM with the merged weight and a hand-written
 backward); it computes the same numbers (tests/test_dora.py checks both against PEFT).
 
@@ -243,7 +243,7 @@ class AdaptedLinear(AdaptedLayer, nn.Linear):
 
     # Fused (one GEMM with W', extra work ~ out·in) pays when there are more tokens than input
     # features; below that the composed form above (extra work ~ tokens·out) is cheaper. Measured
-    # in benchmarks/bench_layers.py. The fused path computes the same numbers (dora_fused.py).
+    # in benchmarks/bench_layers.py. The fused path computes the same numbers (fused.py).
     fuse_min_tokens_per_feature: float = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A bad setting; the CLI prints its message on one line and exits with status 2."""
 
 
-# the default adapter targets (adapters.py re-exports them): attention projections
+# the default adapter targets (the SD families'; `dreambooth_dora` exports them): attention projections
 from ..families.sd import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # the defaults: SD's and SDXL's
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
