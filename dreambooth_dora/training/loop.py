@@ -495,10 +495,12 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
         cfg, examples, class_examples, order, num_processes=accelerator.num_processes,
         process_index=accelerator.process_index, vae=vae, latent_cache=latent_cache, device=device, dtype=weight_dtype,
         draw=partial(family.draw_noise, noise_offset=cfg.noise_offset, scheduler=parts.scheduler), buckets=buckets)
-    return Run(cfg, accelerator, family, plan, out_dir, unet, text_encoders, encode, vae, parts.scheduler, make_batch,
-               optimizer, lr_scheduler, [p for g in groups for p in g["params"]], adapted, pivotal, ema, tokens,
-               validation_prompts, max_steps, max(1, int(cfg.train_text_encoder_ti_frac * max_steps)), weight_dtype,
-               step, last_checkpoint)
+    return Run(cfg=cfg, accelerator=accelerator, family=family, plan=plan, out_dir=out_dir, denoiser=unet,
+               text_encoders=text_encoders, encode=encode, vae=vae, scheduler=parts.scheduler, make_batch=make_batch,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, params=[p for g in groups for p in g["params"]],
+               adapted=adapted, pivotal=pivotal, ema=ema, tokens=tokens, validation_prompts=validation_prompts,
+               max_steps=max_steps, ti_steps=max(1, int(cfg.train_text_encoder_ti_frac * max_steps)),
+               weight_dtype=weight_dtype, step=step, last_checkpoint=last_checkpoint)
 
 
 def finish(run: Run) -> Path:
