@@ -188,9 +188,10 @@ def adapted_shapes(cfg: StudyConfig) -> tuple[int, int]:
 
     settings = cell_settings(cfg, Cell("lora", 1, 1.0, 0, 0, 1), Path(cfg.output_dir))
     path = resolve_model(settings.pretrained_model_name_or_path)
-    parts = family_of(path).load_components(path)
+    family = family_of(path)
+    parts = family.load_components(path)
     both = outs = 0
-    for model, targets in [(parts.denoiser, settings.unet_target_modules)] + [
+    for model, targets in [(parts.denoiser, family.denoiser_targets(settings))] + [
             (te, settings.text_encoder_target_modules)
             for te in (parts.text_encoders if settings.train_text_encoder else [])]:
         add_adapters(model, list(targets), rank=1, alpha=1, use_dora=True)

@@ -46,6 +46,13 @@ def tiny_sdxl_path(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", sdxl=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev pipeline: MM-DiT with a double and a single block, guidance embedding,
+    CLIP-L + T5 built locally, a VAE with shift and scale."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", flux=True)
+
+
 @pytest.fixture
 def tiny_pipeline(tiny_sd_path):
     from diffusers import StableDiffusionPipeline

@@ -53,8 +53,9 @@ def draw(pipe, adapter: str | None, prompt: str, latents: torch.Tensor, generato
     None) or adapter `adapter` alone at `scale`, from `latents` (one picture each); `call`: the
     pipeline's other arguments (steps, guidance, size, callbacks)."""
     use_adapter(pipe, adapter, scale)
-    denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser_part)
+    family = family_of_pipeline(pipe)
+    denoiser = getattr(pipe, family.denoiser_part)
     negative = insert_tokens(negative_prompt, tokens or {}) if negative_prompt else None
-    return pipe(insert_tokens(prompt, tokens or {}), negative_prompt=negative,
-                latents=latents.to(denoiser.device, denoiser.dtype) * 1.0, num_images_per_prompt=latents.shape[0],
-                generator=generator, **call).images
+    start = family.pack_latents(pipe, latents.to(denoiser.device, denoiser.dtype) * 1.0)
+    return pipe(insert_tokens(prompt, tokens or {}), negative_prompt=negative, latents=start,
+                num_images_per_prompt=latents.shape[0], generator=generator, **call).images

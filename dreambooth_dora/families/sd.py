@@ -111,6 +111,46 @@ class StableDiffusion(Family):
 
     # ---- the training objective ---------------------------------------------------------------
 
+    denoiser_label = "UNet"
+
+    def check_settings(self, cfg) -> None:
+        """ValueError (one line) for a setting this family would ignore or cannot honour; asked
+        before any model loads."""
+        flow = {"weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                "guidance_scale": 3.5, "max_sequence_length": 512, "lora_layers": None}
+        for name, default in flow.items():
+            if getattr(cfg, name) != default:
+                raise ValueError(f"{name} is a flow-matching setting (FLUX.1); {self.label} trains with DDPM noise "
+                                 f"and would ignore it")
+
+    def denoiser_targets(self, cfg) -> list[str]:
+        """The denoiser's modules to adapt."""
+        return list(cfg.unet_target_modules)
+
+    def prompt_settings(self, cfg) -> dict:
+        """The settings `encode_prompts` takes (bound once per run)."""
+        return {}
+
+    def validation_guidance(self, cfg) -> float:
+        """The guidance scale validation grids are drawn with."""
+        return 7.5
+
+    def noise_settings(self, cfg) -> dict:
+        """The settings `draw_noise` takes (bound once per run)."""
+        return {"noise_offset": cfg.noise_offset}
+
+    def loss_settings(self, cfg) -> dict:
+        """The settings `loss_inputs` takes (bound once per run)."""
+        return {"snr_gamma": cfg.snr_gamma}
+
+    def vae_latents(self, vae, sample):
+        """A VAE sample in the denoiser's latent space: scaled (SD's VAEs have no shift)."""
+        return sample * vae.config.scaling_factor
+
+    def pack_latents(self, pipe, latents):
+        """Initial latents (B, C, h, w) as the pipeline takes them."""
+        return latents
+
     def draw_noise(self, latent, generator, noise_offset: float, scheduler):
         """One example's noise (like `latent` (1, C, h, w)) and timestep, from its own generator."""
         import torch

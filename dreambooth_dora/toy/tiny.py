@@ -196,14 +196,70 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
-def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False, sdxl: bool = False) -> Path:
+def build_t5_tokenizer(words=WORDS, max_length: int = 32):
+    """A T5TokenizerFast from a small Unigram model over the project's words (T5's special tokens:
+    <pad> 0, </s> 1, <unk> 2), built locally: the hub's tokenizers are out of reach."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces = dict.fromkeys(["\u2581" + w for w in words] + [w for w in words] + list("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab += [(p, -float(i + 1) / 100) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: bool = True):
+    """A FluxPipeline with FLUX.1's structure at toy size: a FluxTransformer2DModel with one double
+    (MM-DiT) and one single block (`to_q/k/v`, `add_*_proj`, `to_add_out`, `proj_mlp/proj_out`,
+    feed-forwards), packed 2x2 latents with position ids, dev's guidance embedding (`guidance`);
+    CLIP-L's pooled output and a 2-layer T5 encoder (max 32 tokens); a 1-level VAE with FLUX's
+    shift and scale (a 16-channel latent, so the transformer sees 64 channels as FLUX does)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(tmp)
+    tokenizer_2 = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=[4, 4, 8])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
+                        latent_channels=16, norm_num_groups=8, sample_size=sample_size * 2, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32, hidden_act="gelu"))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                             feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False, sdxl: bool = False,
+                       flux: bool = False) -> Path:
     """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    (build_tiny_sdxl_pipeline(seed=seed) if sdxl else build_tiny_pipeline(seed=seed, sd2=sd2)).save_pretrained(tmp)
+    pipe = (build_tiny_flux_pipeline(seed=seed) if flux else build_tiny_sdxl_pipeline(seed=seed) if sdxl
+            else build_tiny_pipeline(seed=seed, sd2=sd2))
+    pipe.save_pretrained(tmp)
     from ..outputs import make_readable
 
     make_readable(tmp)  # a shared cache: safetensors alone leaves its files 0600

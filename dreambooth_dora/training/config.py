@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 # the default adapter targets (the SD families'; `dreambooth_dora` exports them): attention projections
+from ..families.flow import WEIGHTING_SCHEMES
 from ..families.sd import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # the defaults: SD's and SDXL's
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
@@ -185,6 +186,22 @@ class TrainConfig:
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (5.0 is the usual value)."""
     noise_offset: float = 0.0
+    # ---- flow matching (FLUX.1; diffusers' train_dreambooth_lora_flux.py names and meanings)
+    weighting_scheme: str = "none"
+    """How training noise levels are drawn and weighted: sigma_sqrt, logit_normal, mode, cosmap, none."""
+    logit_mean: float = 0.0
+    """logit_normal: the mean of the normal whose sigmoid is the noise level."""
+    logit_std: float = 1.0
+    """logit_normal: its standard deviation."""
+    mode_scale: float = 1.29
+    """mode: how far the draw is pushed toward the middle noise levels."""
+    guidance_scale: float = 3.5
+    """FLUX.1 dev: the guidance its distilled guidance embedding is told while training."""
+    max_sequence_length: int = 512
+    """T5 tokens per prompt (FLUX.1 dev: at most 512; schnell: 256)."""
+    lora_layers: list[str] | None = None
+    """The transformer's modules to adapt (comma-separated, or a YAML list); default: the family's,
+    diffusers' list (attention to_q/to_k/to_v/to_out.0, add_q/k/v_proj, to_add_out, the feed-forwards)."""
     cache_latents: bool = False
     """Encode the images once (the VAE is frozen). Random crops become center crops; flips are
     cached as a second latent per image."""
@@ -351,7 +368,8 @@ class TrainConfig:
             "adam_beta2": ("[0,1)", None), "prodigy_beta3": ("[0,1)", None), "adam_epsilon": (">", 0),
             "adam_weight_decay": (">=", 0), "adam_weight_decay_text_encoder": (">=", 0),
             "prior_loss_weight": (">=", 0), "max_grad_norm": (">=", 0), "snr_gamma": (">", 0),
-            "noise_offset": (">=", 0), "lr_power": (">", 0), "magnitude_lr": (">", 0),
+            "noise_offset": (">=", 0), "logit_std": (">", 0), "mode_scale": (">=", 0), "guidance_scale": (">=", 0),
+            "max_sequence_length": (">=", 1), "lr_power": (">", 0), "magnitude_lr": (">", 0),
             "magnitude_weight_decay": (">=", 0), "loraplus_lr_ratio": (">", 0), "caption_dropout_rate": ("[0,1]", None),
             "bucket_step": (">=", 8),
             "ema_decay": ("[0,1)", None), "num_new_tokens_per_abstraction": (">=", 1),
@@ -377,7 +395,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: {err}") from None
         choices = {"mixed_precision": ("no", "fp16", "bf16"), "lr_scheduler": LR_SCHEDULERS,
                    "optimizer": OPTIMIZERS, "report_to": ("tensorboard", "none"),
-                   "prediction_type": (None, "epsilon", "v_prediction"),
+                   "prediction_type": (None, "epsilon", "v_prediction"), "weighting_scheme": WEIGHTING_SCHEMES,
                    "prior_generation_precision": (None, "fp32", "fp16", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -376,15 +376,16 @@ class BatchMaker:
     dtype: torch.dtype  # of the returned latents and noise
     masked: bool = False
     buckets: list | None = None  # aspect buckets: (w, h) per example of `examples`; None: square `resolution`
+    latent_space: Callable | None = None  # (vae, sample) -> latent: the family's shift / scale (None: scale only)
 
     @classmethod
     def from_settings(cls, cfg, examples: list[Example], class_examples: list[Example], order: list[int], *,
                       num_processes: int, process_index: int, draw: Callable, vae, latent_cache: dict | None,
-                      device, dtype, buckets: list | None) -> "BatchMaker":
+                      device, dtype, buckets: list | None, latent_space: Callable | None = None) -> "BatchMaker":
         """The batch maker of a run: the data settings from `cfg` (a TrainConfig), the rest explicit."""
         return cls(examples, class_examples, cfg.seed, cfg.train_batch_size, num_processes, process_index, order,
                    cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.caption_dropout_rate, draw, vae,
-                   latent_cache, device, dtype, masked=cfg.masked_loss, buckets=buckets)
+                   latent_cache, device, dtype, masked=cfg.masked_loss, buckets=buckets, latent_space=latent_space)
 
     def __post_init__(self):
         self.keys = None if self.buckets is None else tuple(tuple(self.buckets[i]) for i in self.order)
@@ -435,7 +436,9 @@ class BatchMaker:
                                   step_rng(0, 0) if cached else crop_rng)
                     masks.append(F.interpolate(m[None], size=mean.shape[-2:], mode="area")[0])
             eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
-            latents.append(((mean + std * eps) * self.vae.config.scaling_factor)[0])  # a VAE sample, our generator
+            sample = mean + std * eps  # a VAE sample, our generator
+            latents.append((sample * self.vae.config.scaling_factor if self.latent_space is None
+                            else self.latent_space(self.vae, sample))[0])
             drop = (not is_class and self.caption_dropout_rate > 0  # its own generator: the others' draws stay
                     and step_rng(self.seed, position, is_class, 3).random() < self.caption_dropout_rate)
             captions.append("" if drop else source[idx].caption)

@@ -170,7 +170,7 @@ def attach_adapters(cfg: TrainConfig, family: Family, unet, text_encoders: list,
     kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, use_dora=cfg.use_dora, dropout=cfg.lora_dropout,
               use_rslora=cfg.use_rslora)
     try:
-        add_adapters(unet, cfg.unet_target_modules, **kw)
+        add_adapters(unet, family.denoiser_targets(cfg), **kw)
         for te in trained:
             add_adapters(te, cfg.text_encoder_target_modules, **kw)
     except ValueError as err:
@@ -264,6 +264,7 @@ class Run:
     max_steps: int
     ti_steps: int  # pivotal tuning: the new tokens train for the steps before this one
     weight_dtype: torch.dtype
+    loss_settings: dict  # the family's loss settings from the config (`Family.loss_settings`)
     step: int = 0
     last_checkpoint: Path | None = None
     logs: dict = field(default_factory=dict)
@@ -303,7 +304,8 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
                     validate(accelerator, run.family, run.denoiser, run.vae, run.scheduler.config, run.encode,
                              run.text_encoders, run.validation_prompts, step, out_dir,
                              num_images=cfg.num_validation_images, seed=cfg.seed,
-                             steps=cfg.validation_inference_steps, resolution=cfg.resolution)
+                             steps=cfg.validation_inference_steps, resolution=cfg.resolution,
+                             guidance_scale=run.family.validation_guidance(cfg))
     return finish(run)
 
 
@@ -323,7 +325,7 @@ def train_step(run: Run, step: int) -> dict:
             cond = cond.to(device, run.weight_dtype)
             pooled = None if pooled is None else pooled.to(device, run.weight_dtype)
             pred, target, weights = run.family.loss_inputs(run.denoiser, run.scheduler, batch, cond, pooled,
-                                                           cfg.snr_gamma)
+                                                           **run.loss_settings)
             loss, parts = diffusion_loss(pred, target, num_prior=batch.num_prior,
                                          prior_loss_weight=cfg.prior_loss_weight, weights=weights, mask=batch.masks)
             accelerator.backward(loss)
@@ -418,10 +420,14 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
 
     sets, examples, order, plan, tokens, buckets, max_steps = prepare_data(cfg, accelerator)
     model_path = resolve_model(cfg.pretrained_model_name_or_path)
+    family = family_of(model_path, cfg.revision)
+    try:
+        family.check_settings(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     class_examples = prior_examples(cfg, accelerator, sets, model_path)
 
     # ---- models: frozen parts in the compute dtype, adapters in fp32
-    family = family_of(model_path, cfg.revision)
     parts = family.load_components(model_path, cfg.revision, cfg.variant, cfg.pretrained_vae_model_name_or_path,
                                    prediction_type=cfg.prediction_type)
     tokenizers, text_encoders, vae, unet = parts.tokenizers, parts.text_encoders, parts.vae, parts.denoiser
@@ -448,7 +454,7 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
             raise ConfigError(str(err)) from None
 
     # ---- caches: prompts (frozen text encoders), latents (frozen VAE)
-    encode = PromptEncoder(family, tokenizers, text_encoders)
+    encode = PromptEncoder(family, tokenizers, text_encoders, **family.prompt_settings(cfg))
     validation_prompts = [insert_tokens(p, tokens)
                           for p in cfg.validation_prompt or list(dict.fromkeys(s.instance_prompt for s in sets))]
     frozen = not cfg.train_text_encoder and pivotal is None
@@ -494,13 +500,15 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
     make_batch = BatchMaker.from_settings(
         cfg, examples, class_examples, order, num_processes=accelerator.num_processes,
         process_index=accelerator.process_index, vae=vae, latent_cache=latent_cache, device=device, dtype=weight_dtype,
-        draw=partial(family.draw_noise, noise_offset=cfg.noise_offset, scheduler=parts.scheduler), buckets=buckets)
+        draw=partial(family.draw_noise, scheduler=parts.scheduler, **family.noise_settings(cfg)), buckets=buckets,
+        latent_space=family.vae_latents)
     return Run(cfg=cfg, accelerator=accelerator, family=family, plan=plan, out_dir=out_dir, denoiser=unet,
                text_encoders=text_encoders, encode=encode, vae=vae, scheduler=parts.scheduler, make_batch=make_batch,
                optimizer=optimizer, lr_scheduler=lr_scheduler, params=[p for g in groups for p in g["params"]],
                adapted=adapted, pivotal=pivotal, ema=ema, tokens=tokens, validation_prompts=validation_prompts,
                max_steps=max_steps, ti_steps=max(1, int(cfg.train_text_encoder_ti_frac * max_steps)),
-               weight_dtype=weight_dtype, step=step, last_checkpoint=last_checkpoint)
+               weight_dtype=weight_dtype, loss_settings=family.loss_settings(cfg), step=step,
+               last_checkpoint=last_checkpoint)
 
 
 def finish(run: Run) -> Path:

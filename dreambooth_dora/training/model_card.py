@@ -95,7 +95,7 @@ Trained with dreambooth-dora on `{cfg.pretrained_model_name_or_path}`.
 | instance prompt | `{cfg.instance_prompt}` |
 | class prompt (prior preservation) | {f'`{cfg.class_prompt}`' if cfg.with_prior_preservation else 'none'} |
 | method | {method}, rank {cfg.rank}, alpha {cfg.lora_alpha:g}{', rsLoRA' if cfg.use_rslora else ''} |
-| UNet targets | {', '.join(cfg.unet_target_modules)} |
+| {family.denoiser_label} targets | {', '.join(family.denoiser_targets(cfg))} |
 | text encoder | {'adapted: ' + ', '.join(cfg.text_encoder_target_modules) if cfg.train_text_encoder
                   else 'new tokens only (pivotal tuning)' if info.tokens else 'frozen'} |
 | steps | {info.steps} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |

@@ -105,7 +105,8 @@ def save_grid(path: str | Path, rows, labels) -> Path:
 
 @torch.no_grad()
 def validate(accelerator, family, denoiser, vae, scheduler_config, encode, text_encoders: list, prompts: list[str],
-             step: int, out_dir: Path, *, num_images: int, seed: int, steps: int, resolution: int) -> None:
+             step: int, out_dir: Path, *, num_images: int, seed: int, steps: int, resolution: int,
+             guidance_scale: float = 7.5) -> None:
     """Main process: images for the validation prompts with fixed seeds -> PNG grid + TensorBoard.
     `encode` is the run's PromptEncoder; `text_encoders` the prepared ones when they are trained."""
     if accelerator.is_main_process:
@@ -114,13 +115,14 @@ def validate(accelerator, family, denoiser, vae, scheduler_config, encode, text_
         encoders = [accelerator.unwrap_model(te).eval() for te in text_encoders]
         embeds, pooled = encode(prompts, encoders)
         negative, negative_pooled = family.negative_embeddings(encode, encoders, embeds, pooled)
-        pooled, negative_pooled = (None if t is None else t.to(model.dtype) for t in (pooled, negative_pooled))
+        pooled, negative, negative_pooled = (None if t is None else t.to(model.dtype)
+                                             for t in (pooled, negative, negative_pooled))
         for te in encoders:
             te.train()
         with accelerator.autocast():
-            rows = generate_validation(family, model, vae, scheduler_config, embeds.to(model.dtype),
-                                       negative.to(model.dtype), num_images, seed, steps, resolution, pooled=pooled,
-                                       negative_pooled=negative_pooled)
+            rows = generate_validation(family, model, vae, scheduler_config, embeds.to(model.dtype), negative,
+                                       num_images, seed, steps, resolution, guidance_scale=guidance_scale,
+                                       pooled=pooled, negative_pooled=negative_pooled)
         model.train()
         save_grid(Path(out_dir) / "validation" / f"step-{step:06d}.png", rows, prompts)
         for tracker in accelerator.trackers:

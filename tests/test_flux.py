@@ -1,0 +1,202 @@
+"""FLUX.1: flow matching as diffusers' FLUX script defines it, DoRA/LoRA on the transformer,
+files stock `FluxPipeline.load_lora_weights` loads exactly, resume = uninterrupted, the family's
+refusals; all on a tiny FLUX.1-dev pipeline built from configs (tokenizers built locally)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_dora.families import Flux1, family_of
+from dreambooth_dora.families.flow import density_sample, loss_weighting
+from dreambooth_dora.outputs import ADAPTER_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+FLUX = Flux1()
+
+
+def _train(model, out, *extra):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
+
+    cfg = load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
+                       str(REPO / "sample_data/3d_icon"), "--instance_prompt", "a sks icon, 3d render",
+                       "--resolution", "64", "--learning_rate", "1e-2", "--max_train_steps", "4", "--rank", "4",
+                       "--lora_alpha", "8", "--output_dir", str(out), "--report_to", "none", "--seed", "3",
+                       "--max_sequence_length", "32", "--center_crop", *extra])
+    try:
+        return train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def flux_runs(tiny_flux_path, tmp_path_factory):
+    """DoRA (cached latents, logit-normal noise levels, a checkpoint at 2, a validation grid) and
+    its LoRA twin, 4 steps each."""
+    root = tmp_path_factory.mktemp("flux")
+    common = ["--cache_latents", "--weighting_scheme", "logit_normal", "--checkpointing_steps", "2"]
+    _train(tiny_flux_path, root / "dora", *common, "--validation_prompt", "a sks icon", "--validation_steps", "4",
+           "--num_validation_images", "1", "--validation_inference_steps", "2")
+    _train(tiny_flux_path, root / "lora", *common, "--use_dora", "false")
+    return {"dora": root / "dora", "lora": root / "lora"}
+
+
+def _pipe(path):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def _transformer_out(pipe):
+    """The transformer on fixed packed latents, text and ids (fp32)."""
+    g = torch.Generator().manual_seed(0)
+    x, text, pooled = torch.randn(2, 16, 64, generator=g), torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g)
+    return pipe.transformer(hidden_states=x, timestep=torch.tensor([0.3, 0.9]), guidance=torch.tensor([3.5, 3.5]),
+                            pooled_projections=pooled, encoder_hidden_states=text, txt_ids=torch.zeros(8, 3),
+                            img_ids=pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+                            return_dict=False)[0]
+
+
+def test_flux_is_its_own_family(tiny_flux_path):
+    assert family_of(str(tiny_flux_path)).name == "flux1"
+    pipe = _pipe(tiny_flux_path)
+    assert list(FLUX.models(pipe)) == ["transformer", "text_encoder"]  # T5 is never adapted
+    assert FLUX.native_size(pipe) == pipe.default_sample_size * pipe.vae_scale_factor
+
+
+def test_flow_matching_draws_and_weights_as_diffusers_defines_them():
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    for scheme in ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap"):
+        torch.manual_seed(5)  # diffusers draws from the global generator, we from the example's own
+        theirs = compute_density_for_timestep_sampling(scheme, 6, logit_mean=0.2, logit_std=0.7, mode_scale=1.29)
+        ours = density_sample(scheme, 6, torch.Generator().manual_seed(5), 0.2, 0.7, 1.29)
+        assert torch.allclose(ours, theirs), scheme
+        sigmas = torch.rand(6, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
+        assert torch.allclose(loss_weighting(scheme, sigmas), compute_loss_weighting_for_sd3(scheme, sigmas)), scheme
+
+
+@torch.no_grad()
+def test_loss_inputs_are_the_straight_path_through_the_packed_transformer(tiny_flux_path):
+    from dreambooth_dora.training.data import Batch
+
+    pipe = _pipe(tiny_flux_path)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    t = torch.tensor([250.0, 800.0])
+    cond, pooled = torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g)
+    batch = Batch(x0, noise, t, ["a", "b"], None, torch.zeros(2, 6), 0)
+    pred, target, weights = FLUX.loss_inputs(pipe.transformer, pipe.scheduler, batch, cond, pooled, "sigma_sqrt", 2.0)
+    s = (t / 1000).reshape(-1, 1, 1, 1)
+    packed = pipe._pack_latents((1 - s) * x0 + s * noise, 2, 16, 8, 8)  # by hand: the pipeline's own packing
+    out = pipe.transformer(hidden_states=packed, timestep=t / 1000, guidance=torch.tensor([2.0, 2.0]),
+                           pooled_projections=pooled, encoder_hidden_states=cond, txt_ids=torch.zeros(8, 3),
+                           img_ids=pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32), return_dict=False)[0]
+    unpacked = pipe._unpack_latents(out, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor, pipe.vae_scale_factor)
+    assert torch.allclose(pred, unpacked, atol=1e-6) and torch.equal(target, noise - x0)
+    assert torch.allclose(weights, (t / 1000) ** -2.0)
+
+
+def test_flux_training_writes_the_diffusers_flux_layout(flux_runs):
+    from safetensors import safe_open
+
+    out = flux_runs["dora"]
+    tensors = load_file(str(out / ADAPTER_FILE))
+    assert tensors and all(k.startswith("transformer.") for k in tensors)
+    assert any("single_transformer_blocks.0.attn.to_q" in k for k in tensors)  # diffusers' list reaches single blocks
+    assert any(k.endswith("ff_context.net.2.lora_magnitude_vector") for k in tensors)
+    with safe_open(str(out / ADAPTER_FILE), "pt") as f:
+        assert '"architecture": "flux1"' in f.metadata()["dreambooth_dora"]
+    assert (out / "validation" / "step-000004.png").is_file() and (out / "checkpoint-2").is_dir()
+    assert "FluxPipeline" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_stock_flux_loader_and_ours_are_exact(tiny_flux_path, flux_runs, method):
+    from dreambooth_dora import load_adapter
+    from dreambooth_dora.adapters.file import apply_to_models, read_adapter
+    from dreambooth_dora.families import pipeline_models
+
+    ref_pipe = _pipe(tiny_flux_path)
+    apply_to_models(read_adapter(flux_runs[method]), pipeline_models(ref_pipe))  # our layers, as training left them
+    ref, base = _transformer_out(ref_pipe), _transformer_out(_pipe(tiny_flux_path))
+    assert (ref - base).abs().max() > 1e-3  # the adapter does something
+    stock = _pipe(tiny_flux_path)
+    stock.load_lora_weights(str(flux_runs[method]))
+    assert (_transformer_out(stock) - ref).abs().max() <= 1e-5
+    ours = _pipe(tiny_flux_path)
+    assert load_adapter(ours, flux_runs[method])["restored"] == []
+    assert (_transformer_out(ours) - ref).abs().max() <= 1e-5
+    ours.disable_lora()
+    assert (_transformer_out(ours) - base).abs().max() <= 1e-6
+
+
+def test_flux_resume_equals_uninterrupted(tiny_flux_path, flux_runs, tmp_path, monkeypatch):
+    import dreambooth_dora.training.loop as train_module
+    from conftest import interrupt_at
+
+    out = tmp_path / "dora"
+    common = ["--cache_latents", "--weighting_scheme", "logit_normal", "--checkpointing_steps", "2"]
+    interrupt_at(monkeypatch, train_module, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_flux_path, out, *common)
+    monkeypatch.undo()
+    _train(tiny_flux_path, out, *common, "--resume_from_checkpoint", "latest")
+    a, b = load_file(str(flux_runs["dora"] / ADAPTER_FILE)), load_file(str(out / ADAPTER_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_uncached_latents_train_the_same_adapter(tiny_flux_path, flux_runs, tmp_path):
+    """The VAE's shift and scale are applied alike to cached and freshly encoded latents."""
+    _train(tiny_flux_path, tmp_path / "uncached", "--weighting_scheme", "logit_normal", "--checkpointing_steps", "2",
+           "--validation_prompt", "a sks icon", "--validation_steps", "4", "--num_validation_images", "1",
+           "--validation_inference_steps", "2")
+    a, b = load_file(str(flux_runs["dora"] / ADAPTER_FILE)), load_file(str(tmp_path / "uncached" / ADAPTER_FILE))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--snr_gamma", "5"], "snr_gamma is a DDPM setting"),
+    (["--resolution", "56"], "multiple of 16"),
+    (["--train_text_encoder"], "train_text_encoder is not supported for FLUX.1 yet"),
+])
+def test_flux_refusals_are_one_line_before_any_model_loads(tiny_flux_path, tmp_path, flags, words):
+    proc = subprocess.run([sys.executable, "train_dreambooth_dora.py", "--pretrained_model_name_or_path",
+                           str(tiny_flux_path), "--instance_data_dir", "sample_data/3d_icon", "--instance_prompt",
+                           "a sks icon", "--output_dir", str(tmp_path / "out"), "--resolution", "64", *flags],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert words in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "out").exists()
+
+
+def test_sd_refuses_flow_matching_settings(tiny_sd_path, tmp_path):
+    proc = subprocess.run([sys.executable, "train_dreambooth_dora.py", "--pretrained_model_name_or_path",
+                           str(tiny_sd_path), "--instance_data_dir", "sample_data/3d_icon", "--instance_prompt",
+                           "a sks icon", "--output_dir", str(tmp_path / "out"), "--weighting_scheme", "logit_normal"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "weighting_scheme is a flow-matching setting" in proc.stderr, proc.stderr
+
+
+@torch.no_grad()
+def test_same_latents_helper_draws_what_the_flux_pipeline_draws(tiny_flux_path):
+    import numpy as np
+
+    from dreambooth_dora.evaluation.drawing import draw, seeded_latents
+
+    pipe = _pipe(tiny_flux_path)
+    kw = dict(num_inference_steps=2, guidance_scale=3.5, width=32, height=32, max_sequence_length=32)
+    stock = pipe("a sks icon", generator=torch.Generator().manual_seed(7), output_type="np", **kw).images
+    latents, gens = seeded_latents(pipe, [7], 1, 32, 32)
+    assert np.array_equal(np.asarray(draw(pipe, None, "a sks icon", latents, gens[0], output_type="np", **kw)), stock)
