@@ -32,13 +32,6 @@ from dreambooth_dora.families import family_of_pipeline
 
 from .limits import DEFAULT_MAX_WORK  # the work bound of one request
 
-SCHEDULERS = {
-    "DPM++ 2M": "DPMSolverMultistepScheduler",
-    "DDIM": "DDIMScheduler",
-    "Euler": "EulerDiscreteScheduler",
-    "Euler a": "EulerAncestralDiscreteScheduler",
-    "PNDM": "PNDMScheduler",
-}
 
 
 class AppError(ValueError):
@@ -306,16 +299,22 @@ class Comparison:
 
     # ---- generation ---------------------------------------------------------------------
 
-    def _check(self, prompt: str, scheduler: str, width, height) -> tuple[int, int]:
+    @property
+    def schedulers(self) -> dict[str, str]:
+        """{label: diffusers scheduler class} the base model's family samples with (the first: default)."""
+        return family_of_pipeline(self.pipe).schedulers
+
+    def _check(self, prompt: str, scheduler: str | None, width, height) -> tuple[int, int, str]:
         if not prompt or not prompt.strip():
             raise AppError("type a prompt first")
-        if scheduler not in SCHEDULERS:
-            raise AppError(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
-        size = self.native_size()
+        scheduler = scheduler or next(iter(self.schedulers))
+        if scheduler not in self.schedulers:
+            raise AppError(f"unknown scheduler {scheduler!r}; one of {', '.join(self.schedulers)}")
+        size, step = self.native_size(), family_of_pipeline(self.pipe).size_step
         width, height = int(width or size), int(height or size)
-        if width % 8 or height % 8:
-            raise AppError("width and height must be multiples of 8")
-        return width, height
+        if width % step or height % step:
+            raise AppError(f"width and height must be multiples of {step}")
+        return width, height, scheduler
 
     def native_size(self) -> int:
         """The base model's picture size (px): the default width and height."""
@@ -338,7 +337,7 @@ class Comparison:
                 raise Stopped(step + 1)
             return kwargs
 
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, self.schedulers[scheduler]).from_config(pipe.scheduler.config)
         try:
             return draw(pipe, col.name if pipe is self.pipe and col.kind != "base" else None, prompt, latents,
                         torch.Generator("cpu").manual_seed(int(seed)), tokens=col.tokens, scale=scale,
@@ -361,10 +360,10 @@ class Comparison:
     @torch.no_grad()
     def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
                  guidance: float = 7.5, width: int | None = None, height: int | None = None,
-                 scheduler: str = "DPM++ 2M", scale: float = 1.0, num_images: int = 1,
+                 scheduler: str | None = None, scale: float = 1.0, num_images: int = 1,
                  columns=None) -> dict[str, list[tuple[Image.Image, float]]]:
         """{column: [(image, seconds), ...]} for every requested column (default: all) that exists."""
-        width, height = self._check(prompt, scheduler, width, height)
+        width, height, scheduler = self._check(prompt, scheduler, width, height)
         scale = check_scale(scale)
         shown = [c for c in (self.columns if columns is None else columns) if c in self.columns]
         self._bound(width, height, steps, num_images, len(shown), "request")
@@ -397,8 +396,7 @@ class Comparison:
 
     def plan_grid(self, spec: "GridSpec") -> list["Cell"]:
         """The grid's cells, row by row, checked (columns exist, scales apply, the work bound)."""
-        width, height = self._check(spec.prompt, spec.scheduler, spec.width, spec.height)
-        spec.width, spec.height = width, height
+        spec.width, spec.height, spec.scheduler = self._check(spec.prompt, spec.scheduler, spec.width, spec.height)
         if spec.rows not in ROW_AXES or spec.cols not in COL_AXES:
             raise AppError(f"rows are one of {', '.join(ROW_AXES)}; columns one of {', '.join(COL_AXES)}")
         if spec.rows == "scales" and spec.cols == "scales":
@@ -429,7 +427,7 @@ class Comparison:
                                   seed=int(rv) if spec.rows == "seeds" else int(spec.seed),
                                   scale=float(cv) if spec.cols == "scales" else
                                   float(rv) if spec.rows == "scales" else float(spec.scale)))
-        self._bound(width, height, spec.steps, 1, len(cells), "grid")
+        self._bound(spec.width, spec.height, spec.steps, 1, len(cells), "grid")
         return cells
 
     def grid_cost(self, spec: "GridSpec") -> str:
@@ -532,7 +530,7 @@ class GridSpec:
     guidance: float = 7.5
     width: int | None = None
     height: int | None = None
-    scheduler: str = "DPM++ 2M"
+    scheduler: str | None = None  # None: the family's first
     scale: float = 1.0
 
 

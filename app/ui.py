@@ -14,7 +14,7 @@ import re
 import gradio as gr
 import numpy as np
 
-from .core import (RULES, SCHEDULERS, AppError, Comparison, GridSpec, StoppedError, difference_map, find_adapters,
+from .core import (RULES, AppError, Comparison, GridSpec, StoppedError, difference_map, find_adapters,
                    find_runs)
 
 SCALE_HELP = ("Adapter scale multiplies the low-rank update. For DoRA, 0 is NOT the base model: the "
@@ -169,7 +169,8 @@ def controls_section(comp: Comparison, pickers: Pickers) -> dict:
         random_seed = gr.Button("Random seed", elem_id="random-seed", min_width=100)
         ui["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps", min_width=160)
         ui["guidance"] = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance", min_width=160)
-        ui["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M", label="Scheduler", min_width=140)
+        ui["scheduler"] = gr.Dropdown(list(comp.schedulers), value=next(iter(comp.schedulers)), label="Scheduler",
+                                      min_width=140)
     with gr.Row():
         ui["width"] = gr.Slider(16, 2048, value=size, step=8, label="Width", min_width=160)
         ui["height"] = gr.Slider(16, 2048, value=size, step=8, label="Height", min_width=160)

@@ -30,8 +30,9 @@ def _pipe(path):
     return pipe
 
 
-def test_detected_from_the_pipeline_folder(tiny_sd_path, tiny_sd2_path, tiny_sdxl_path, tmp_path):
+def test_detected_from_the_pipeline_folder(tiny_sd_path, tiny_sd2_path, tiny_sdxl_path, tiny_flux_path, tmp_path):
     assert family_of(str(tiny_sd_path)).name == "sd" and family_of(str(tiny_sd2_path)).name == "sd"
+    assert family_of(str(tiny_flux_path)).name == "flux1"
     assert family_of(str(tiny_sdxl_path)).name == "sdxl"
     assert family_of(resolve_model("embedded:toy-world")).name == "sd"
     # another pipeline class of the same family: told by its parts
@@ -41,9 +42,10 @@ def test_detected_from_the_pipeline_folder(tiny_sd_path, tiny_sd2_path, tiny_sdx
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLInpaintPipeline"}))
     assert family_of(str(other)).name == "sdxl"
     # a model of no family we train: one line naming what it is
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["x", "y"],
-                                                        "text_encoder": ["transformers", "CLIPTextModel"]}))
-    with pytest.raises(FamilyError, match="FluxPipeline is of no model family"):
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                        "transformer": ["diffusers", "WanTransformer3DModel"],
+                                                        "text_encoder": ["transformers", "UMT5EncoderModel"]}))
+    with pytest.raises(FamilyError, match="WanPipeline is of no model family"):
         family_of(str(other))
 
 
@@ -143,15 +145,16 @@ def test_same_latents_helper_draws_what_the_pipeline_draws(tiny_sd_path, per_see
 
 
 def test_unknown_family_is_one_line_before_training(tmp_path):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "wan"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["a", "b"]}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                         "transformer": ["diffusers", "WanTransformer3DModel"]}))
     proc = subprocess.run([sys.executable, "train_dreambooth_dora.py", "--pretrained_model_name_or_path", str(folder),
                            "--instance_data_dir", "sample_data/3d_icon", "--instance_prompt", "a sks icon",
                            "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "FluxPipeline is of no model family" in proc.stderr.strip().splitlines()[-1]
+    assert "WanPipeline is of no model family" in proc.stderr.strip().splitlines()[-1]
 
 
 # ---- the seam holds: which-model questions are asked of the family --------------------------------

@@ -200,3 +200,43 @@ def test_same_latents_helper_draws_what_the_flux_pipeline_draws(tiny_flux_path):
     stock = pipe("a sks icon", generator=torch.Generator().manual_seed(7), output_type="np", **kw).images
     latents, gens = seeded_latents(pipe, [7], 1, 32, 32)
     assert np.array_equal(np.asarray(draw(pipe, None, "a sks icon", latents, gens[0], output_type="np", **kw)), stock)
+
+
+def test_app_compares_flux_columns_from_the_same_latents(tiny_flux_path, flux_runs):
+    import numpy as np
+
+    from app.core import Comparison
+
+    comp = Comparison(str(tiny_flux_path), adapters_root=flux_runs["dora"].parent, device="cpu")
+    comp.load("dora", flux_runs["dora"])
+    comp.load("lora", flux_runs["lora"])
+    assert list(comp.schedulers) == ["Euler (flow matching)"] and comp.native_size() == 256
+    first = comp.generate("a sks icon", seed=7, steps=2, width=32, height=32)
+    again = comp.generate("a sks icon", seed=7, steps=2, width=32, height=32)
+    base, lora, dora = (np.asarray(first[c][0][0], np.int16) for c in ("base", "lora", "dora"))
+    assert np.array_equal(base, np.asarray(again["base"][0][0], np.int16))
+    assert np.abs(base - dora).max() > 0 and np.abs(base - lora).max() > 0
+    with pytest.raises(Exception, match="multiples of 16"):
+        comp.generate("a sks icon", width=40, height=40)
+
+
+def test_flux_exports_fused_and_refuses_web_ui_files_in_one_line(tiny_flux_path, flux_runs, tmp_path):
+    from dreambooth_dora.formats.info import file_info
+
+    out = tmp_path / "fused"
+    proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "export", str(flux_runs["dora"]), "--format",
+                           "fused", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    fused, ref = _pipe(out), _pipe(tiny_flux_path)
+    from dreambooth_dora.adapters.file import apply_to_models, read_adapter
+    from dreambooth_dora.families import pipeline_models
+
+    apply_to_models(read_adapter(flux_runs["dora"]), pipeline_models(ref))
+    assert (_transformer_out(fused) - _transformer_out(ref)).abs().max() <= 1e-5  # merged weights = our layers
+    proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "export", str(flux_runs["dora"]), "--format",
+                           "kohya", "--out", str(tmp_path / "k.safetensors")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "not written yet" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "k.safetensors").exists()
+    info = file_info(flux_runs["dora"])
+    assert set(info.parts) == {"transformer"} and "no FLUX.1 web UI file yet" in " ".join(info.notes)
+    assert "exact for the Transformer" in info.notes[0]

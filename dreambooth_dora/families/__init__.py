@@ -84,8 +84,11 @@ def load_components(path: str, revision: str | None = None, variant: str | None 
 
 def family_of_pipeline(pipe) -> Family:
     """The family of a loaded pipeline (its class, or its parts for other pipeline classes)."""
+    def entry(part):  # as model_index.json writes a part: [library, class name], or [null, null]
+        return [None, None] if part is None else [type(part).__module__.split(".")[0], type(part).__name__]
+
     index = {"_class_name": type(pipe).__name__,
-             **{name: [None if getattr(pipe, name, None) is None else "x"]
+             **{name: entry(getattr(pipe, name, None))
                 for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")}}
     return family_of_index(index)
 

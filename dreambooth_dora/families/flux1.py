@@ -31,6 +31,8 @@ class Flux1(StableDiffusion):
     tag = "flux"
     denoiser_part = "transformer"
     denoiser_label = "Transformer"
+    size_step = 16  # 8x VAE, 2x2 packing
+    schedulers = {"Euler (flow matching)": "FlowMatchEulerDiscreteScheduler"}
     encoder_parts = ("text_encoder",)  # CLIP-L; T5 (text_encoder_2) is never adapted
     tokenizer_parts = ("tokenizer",)
     embedding_keys = ("clip_l",)
@@ -40,7 +42,8 @@ class Flux1(StableDiffusion):
     def matches(self, index: dict) -> bool:
         if index.get("_class_name") in self.pipeline_classes:
             return True
-        return (index.get("transformer") or [None, None])[1] == "FluxTransformer2DModel"
+        entry = index.get("transformer") or []
+        return len(entry) > 1 and entry[1] == "FluxTransformer2DModel"
 
     def check_settings(self, cfg) -> None:
         for name, default in DDPM_ONLY.items():

@@ -112,6 +112,10 @@ class StableDiffusion(Family):
     # ---- the training objective ---------------------------------------------------------------
 
     denoiser_label = "UNet"
+    size_step = 8  # picture sizes: multiples of the VAE's factor
+    # the samplers the app offers: {label: diffusers class}, the first the default
+    schedulers = {"DPM++ 2M": "DPMSolverMultistepScheduler", "DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler",
+                  "Euler a": "EulerAncestralDiscreteScheduler", "PNDM": "PNDMScheduler"}
 
     def check_settings(self, cfg) -> None:
         """ValueError (one line) for a setting this family would ignore or cannot honour; asked

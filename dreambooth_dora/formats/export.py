@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..adapters.file import AdapterFile, apply_to_models, base_model_of, load_tokens, read_adapter, token_plan
+from ..adapters.file import AdapterError, AdapterFile, apply_to_models, base_model_of, load_tokens, read_adapter, token_plan
 from ..adapters.inject import merge_adapters
 from .consumers import RULES, KohyaModule, layers_by_kohya_key, merge, relative_error
 from ..families import family_of_pipeline, pipeline_models
@@ -50,6 +50,16 @@ DTYPE_ERROR_KEY = "dreambooth_dora_dtype_error"  # max over layers of ||W'_file 
 # ComfyUI's and Forge's output-axis DoRA rule, and PEFT's: which exports each applies exactly
 EXACT_UNDER = {"lycoris-exact": ("lycoris", "comfyui-15458"), "comfyui-compensated": ("comfyui",),
                "full": RULES, "lora": RULES, "svd-lora": ()}  # svd-lora: the same approximation everywhere
+
+
+def web_ui_names(adapter: AdapterFile, what: str) -> AdapterFile:
+    """The adapter, if its family has kohya / web UI module names; else one AdapterError (before
+    any model loads) saying which export does work."""
+    family = adapter.family
+    if not family.kohya_prefixes:
+        raise AdapterError(f"{what} for {family.label} adapters is not written yet (the web UIs' {family.label} "
+                           "key names are not mapped); --format fused works, and stock diffusers loads the adapter")
+    return adapter
 
 
 def _adapted(adapter: AdapterFile, base: str | None):
@@ -144,7 +154,7 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
     """The kohya/LyCORIS single file (see the module docstring for the layout and rule), tensors in
     `dtype` (`dora_scale` computed in fp32 first). `out_file` must be new, or (with `overwrite`)
     an earlier kohya export."""
-    adapter = read_adapter(adapter_dir)
+    adapter = web_ui_names(read_adapter(adapter_dir), "--format kohya")
     with claim_output(out_file, "kohya", overwrite=overwrite, is_file=True,
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)
@@ -166,7 +176,7 @@ def export_full(adapter_dir: str | Path, out_file: str | Path, base: str | None 
                 overwrite: bool = False, dtype: str = "fp32") -> Path:
     """The LyCORIS full-difference file: `diff = W' - W0` (computed in fp32, stored in `dtype`) for
     every adapted layer; exact in A1111, Forge, ComfyUI and LyCORIS."""
-    adapter = read_adapter(adapter_dir)
+    adapter = web_ui_names(read_adapter(adapter_dir), "--format full")
     with claim_output(out_file, "full", overwrite=overwrite, is_file=True,
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)
@@ -184,7 +194,7 @@ def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, ba
     rank). Returns (file, max over layers of ||approximation - change|| / ||change||)."""
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}")
-    adapter = read_adapter(adapter_dir)
+    adapter = web_ui_names(read_adapter(adapter_dir), "--format svd")
     with claim_output(out_file, "kohya", overwrite=overwrite, is_file=True,
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..adapters.file import AdapterError, describe
+from ..adapters.file import AdapterError, describe, read_adapter
 from ..adapters.pivotal import EMBEDDINGS_FILE
 from .consumers import RULE_NAMES, RULES, a1111_bundled_embeddings, part_of, read_kohya_modules
 from ..families import ADAPTER_PARTS, EMBEDDING_PARTS
@@ -122,17 +122,21 @@ def file_info(path: str | Path) -> FileInfo:
 
 def _ours(file: Path, tensors: dict) -> FileInfo:
     d = describe(file)
+    family = read_adapter(file).family
     parts = {p: PartInfo(s.modules, s.targets, [s.rank], [s.alpha]) for p, s in d.parts.items()}
     dora = d.method == "DoRA"
-    notes = ["load it with dreambooth_dora.load_adapter (exact); stock diffusers load_lora_weights is exact "
-             "for the UNet" + (" but drops text-encoder DoRA magnitudes" if dora and len(parts) > 1 else "")]
+    notes = [f"{family.label} adapter; load it with dreambooth_dora.load_adapter (exact); stock diffusers "
+             f"load_lora_weights is exact for the {family.denoiser_label}"
+             + (" but drops text-encoder DoRA magnitudes" if dora and len(parts) > 1 else "")]
     if d.tokens:
         beside = file.parent / EMBEDDINGS_FILE
         notes.append("new tokens (pivotal tuning): " + ", ".join(f"{a}={''.join(t)}" for a, t in d.tokens.items())
                      + (f"; vectors in {beside.name} beside it" if beside.is_file() else f"; {beside.name} is MISSING"))
     return FileInfo(str(file), "diffusers / PEFT adapter (dreambooth-dora)", d.method, _dtype_of(tensors),
                     d.base_model, d.parameters, parts, exact_in=["diffusers / PEFT"],
-                    notes=notes + ["A1111, Forge, ComfyUI: export it (--format kohya, --comfyui or full)"])
+                    notes=notes + ["A1111, Forge, ComfyUI: export it (--format kohya, --comfyui or full)"
+                                   if family.kohya_prefixes else f"A1111, Forge, ComfyUI: no {family.label} web UI "
+                                   "file yet; --format fused makes a merged pipeline"])
 
 
 def _peft(file: Path, tensors: dict) -> FileInfo:

@@ -25,7 +25,7 @@ import torch
 from ..adapters.file import AdapterError, apply_to_models, base_model_of, layout_prefix, read_adapter
 from .consumers import (RULE_NAMES, RULES, KohyaModule, has_no_change, layers_by_kohya_key, merge,
                         read_kohya_modules, relative_error)
-from .export import kohya_module
+from .export import kohya_module, web_ui_names
 from .info import read_safetensors
 from ..families import ADAPTER_PARTS, family_of_pipeline, pipeline_models
 from ..families.models import load_pipeline
@@ -130,7 +130,7 @@ def _file_modules(path: Path, read, base: str, truths: dict) -> dict[str, KohyaM
 def verify(file: str | Path, against: str | Path, base: str | None = None) -> VerifyReport:
     path = Path(file)
     read = _read_file(path)  # a missing or unreadable FILE stops before any model loads
-    adapter = read_adapter(against)
+    adapter = web_ui_names(read_adapter(against), "verify")
     base = base_model_of(adapter, base)
     pipe = load_pipeline(base)
     models = pipeline_models(pipe)
