@@ -240,3 +240,30 @@ def test_flux_exports_fused_and_refuses_web_ui_files_in_one_line(tiny_flux_path,
     info = file_info(flux_runs["dora"])
     assert set(info.parts) == {"transformer"} and "no FLUX.1 web UI file yet" in " ".join(info.notes)
     assert "exact for the Transformer" in info.notes[0]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train_configs").glob("flux1_*.yaml")))
+def test_flux_recipes_run_on_a_local_tiny_model_in_bf16(tiny_flux_path, tmp_path, monkeypatch, recipe):
+    """Each shipped FLUX.1 recipe pointed at a local folder in the hub layout: bf16, gradient
+    checkpointing, cached latents, the recipe's guidance and weighting, one checkpoint-free run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(tiny_flux_path),
+                       "--resolution", "64", "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+                       "--max_sequence_length", "32", "--validation_steps", "2", "--num_validation_images", "1",
+                       "--validation_inference_steps", "2", "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert cfg.mixed_precision == "bf16" and cfg.cache_latents and cfg.gradient_checkpointing
+    try:
+        path = train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    tensors = load_file(str(path))
+    assert {k.split(".", 1)[0] for k in tensors} == {"transformer"}
+    assert any(k.endswith("lora_magnitude_vector") for k in tensors) == cfg.use_dora
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
+    assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
