@@ -4,8 +4,6 @@ refusals; all on a tiny FLUX.1-dev pipeline built from configs (tokenizers built
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -167,26 +165,30 @@ def test_uncached_latents_train_the_same_adapter(tiny_flux_path, flux_runs, tmp_
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--snr_gamma", "5"], "snr_gamma is a DDPM setting"),
-    (["--resolution", "56"], "multiple of 16"),
-    (["--train_text_encoder"], "train_text_encoder is not supported for FLUX.1 yet"),
-])
-def test_flux_refusals_are_one_line_before_any_model_loads(tiny_flux_path, tmp_path, flags, words):
-    proc = subprocess.run([sys.executable, "train_dreambooth_dora.py", "--pretrained_model_name_or_path",
-                           str(tiny_flux_path), "--instance_data_dir", "sample_data/3d_icon", "--instance_prompt",
-                           "a sks icon", "--output_dir", str(tmp_path / "out"), "--resolution", "64", *flags],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert words in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "out").exists()
+def _refusal(capsys, model, out, *flags) -> str:
+    """The trainer's one-line refusal (in-process: the CLI's own entry point)."""
+    from dreambooth_dora.cli import train_main
+
+    assert train_main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", "sample_data/3d_icon",
+                       "--instance_prompt", "a sks icon", "--output_dir", str(out), *flags]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and not out.exists(), lines
+    return lines[0]
 
 
-def test_sd_refuses_flow_matching_settings(tiny_sd_path, tmp_path):
-    proc = subprocess.run([sys.executable, "train_dreambooth_dora.py", "--pretrained_model_name_or_path",
-                           str(tiny_sd_path), "--instance_data_dir", "sample_data/3d_icon", "--instance_prompt",
-                           "a sks icon", "--output_dir", str(tmp_path / "out"), "--weighting_scheme", "logit_normal"],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "weighting_scheme is a flow-matching setting" in proc.stderr, proc.stderr
+def test_each_family_refuses_what_it_would_ignore_in_one_line_before_any_model_loads(
+        tiny_flux_path, tiny_sd_path, tmp_path, capsys, monkeypatch):
+    import dreambooth_dora.families.flux1 as flux_module
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(flux_module.Flux1, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    for flags, words in [(["--snr_gamma", "5"], "snr_gamma is a DDPM setting"),
+                         (["--resolution", "56"], "multiple of 16"),
+                         (["--train_text_encoder_ti", "--token_abstraction", "sks"], "pivotal tuning) is not supported for FLUX.1 yet"),
+                         (["--unet_target_modules", "to_q"], "has no UNet; give its modules as lora_layers")]:
+        assert words in _refusal(capsys, tiny_flux_path, tmp_path / "out", "--resolution", "64", *flags)
+    assert "weighting_scheme is a flow-matching setting" in _refusal(capsys, tiny_sd_path, tmp_path / "out",
+                                                                     "--weighting_scheme", "logit_normal")
 
 
 @torch.no_grad()
@@ -220,22 +222,22 @@ def test_app_compares_flux_columns_from_the_same_latents(tiny_flux_path, flux_ru
         comp.generate("a sks icon", width=40, height=40)
 
 
-def test_flux_exports_fused_and_refuses_web_ui_files_in_one_line(tiny_flux_path, flux_runs, tmp_path):
+def test_flux_exports_fused_and_refuses_web_ui_files_in_one_line(tiny_flux_path, flux_runs, tmp_path, capsys):
     from dreambooth_dora.formats.info import file_info
 
+    from dreambooth_dora.cli import main
+
     out = tmp_path / "fused"
-    proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "export", str(flux_runs["dora"]), "--format",
-                           "fused", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["export", str(flux_runs["dora"]), "--format", "fused", "--out", str(out)]) == 0
     fused, ref = _pipe(out), _pipe(tiny_flux_path)
     from dreambooth_dora.adapters.file import apply_to_models, read_adapter
     from dreambooth_dora.families import pipeline_models
 
     apply_to_models(read_adapter(flux_runs["dora"]), pipeline_models(ref))
     assert (_transformer_out(fused) - _transformer_out(ref)).abs().max() <= 1e-5  # merged weights = our layers
-    proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "export", str(flux_runs["dora"]), "--format",
-                           "kohya", "--out", str(tmp_path / "k.safetensors")], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "not written yet" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    capsys.readouterr()
+    assert main(["export", str(flux_runs["dora"]), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    assert "not written yet" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "k.safetensors").exists()
     info = file_info(flux_runs["dora"])
     assert set(info.parts) == {"transformer"} and "no FLUX.1 web UI file yet" in " ".join(info.notes)
