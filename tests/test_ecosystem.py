@@ -2,8 +2,6 @@
 fused and kohya/LyCORIS exports, `info`, and the refusals."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,16 +197,15 @@ def test_comfyui_gap_and_the_compensated_file(tiny_sd_path, adapters, tmp_path):
     assert worst_exact_file > 1e-4  # ComfyUI's rule on the exact file is measurably off
 
 
-def test_info_and_clear_errors(tiny_sd_path, adapters, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "info", str(adapters["dora"]), "--json"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    d = json.loads(proc.stdout)
+def test_info_and_clear_errors(tiny_sd_path, adapters, tmp_path, capsys):
+    from dreambooth_dora.cli import main  # in-process: the CLI's own entry point, without a new interpreter
+
+    assert main(["info", str(adapters["dora"]), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
     assert d["method"] == "DoRA" and d["parts"]["unet"]["rank"] == RANK and d["parts"]["unet"]["alpha"] == ALPHA
     assert d["base_model"] == str(tiny_sd_path) and "to_out.0" in d["parts"]["unet"]["targets"]
     assert d["parameters"] == sum(v.numel() for v in load_file(str(adapters["dora"] / "pytorch_lora_weights.safetensors")).values())
-    proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "info", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: no adapter file")
+    assert main(["info", str(tmp_path)]) == 2 and capsys.readouterr().err.startswith("error: no adapter file")
 
     other = tmp_path / "wide"  # another base model: wider text embeddings
     build_tiny_pipeline(cross_attention_dim=48).save_pretrained(other)
@@ -228,6 +225,7 @@ def test_info_and_clear_errors(tiny_sd_path, adapters, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
         read_adapter(tmp_path / "junk.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "export", str(adapters["dora"]), "--format",
-                           "fused", "--out", str(tmp_path / "y"), "--base", str(other)], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not fit" in proc.stderr
+    assert main(["export", str(adapters["dora"]), "--format", "fused", "--out", str(tmp_path / "y"),
+                 "--base", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "does not fit" in err

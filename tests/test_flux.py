@@ -184,7 +184,8 @@ def test_each_family_refuses_what_it_would_ignore_in_one_line_before_any_model_l
     monkeypatch.setattr(flux_module.Flux1, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     for flags, words in [(["--snr_gamma", "5"], "snr_gamma is a DDPM setting"),
                          (["--resolution", "56"], "multiple of 16"),
-                         (["--train_text_encoder_ti", "--token_abstraction", "sks"], "pivotal tuning) is not supported for FLUX.1 yet"),
+                         (["--train_text_encoder_ti", "--token_abstraction", "sks"],
+                          "pivotal tuning) is not supported for FLUX.1 yet"),
                          (["--unet_target_modules", "to_q"], "has no UNet; give its modules as lora_layers")]:
         assert words in _refusal(capsys, tiny_flux_path, tmp_path / "out", "--resolution", "64", *flags)
     assert "weighting_scheme is a flow-matching setting" in _refusal(capsys, tiny_sd_path, tmp_path / "out",
@@ -269,3 +270,82 @@ def test_flux_recipes_run_on_a_local_tiny_model_in_bf16(tiny_flux_path, tmp_path
     assert any(k.endswith("lora_magnitude_vector") for k in tensors) == cfg.use_dora
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
     assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_flux_text_encoder_training_adapts_clip_only_and_loads_exactly(tiny_flux_path, tmp_path, method):
+    """--train_text_encoder adapts CLIP-L (as diffusers' FLUX script); T5 never trains (its states are
+    encoded once). Stock loading is exact for the transformer and for CLIP LoRA; `load_adapter` for
+    CLIP DoRA too (the stock loader drops text-encoder magnitudes)."""
+    from dreambooth_dora import load_adapter
+    from dreambooth_dora.adapters.file import apply_to_models, read_adapter
+    from dreambooth_dora.families import pipeline_models
+
+    out = tmp_path / method
+    _train(tiny_flux_path, out, "--train_text_encoder", "--use_dora", str(method == "dora"), "--max_train_steps", "3")
+    tensors = load_file(str(out / ADAPTER_FILE))
+    assert {k.split(".", 1)[0] for k in tensors} == {"transformer", "text_encoder"}
+
+    def pooled(pipe):
+        ids = pipe.tokenizer(["a sks icon", "a red ball"], padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder(ids).pooler_output
+
+    ref = _pipe(tiny_flux_path)
+    apply_to_models(read_adapter(out), pipeline_models(ref))
+    base = _pipe(tiny_flux_path)
+    assert (pooled(ref) - pooled(base)).abs().max() > 1e-4  # CLIP did train
+    ours = _pipe(tiny_flux_path)
+    report = load_adapter(ours, out)
+    assert (pooled(ours) - pooled(ref)).abs().max() <= 1e-5
+    assert (_transformer_out(ours) - _transformer_out(ref)).abs().max() <= 1e-5
+    assert bool(report["restored"]) == (method == "dora")  # the magnitudes the stock loader dropped
+    if method == "lora":
+        stock = _pipe(tiny_flux_path)
+        stock.load_lora_weights(str(out))
+        assert (pooled(stock) - pooled(ref)).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_two_processes_train_flux_like_one_with_the_same_global_batch(tiny_flux_path, tmp_path):
+    """DDP over 2 CPU processes (gloo) = one process with the doubled batch: the transformer and
+    CLIP adapters (DDP-wrapped), aspect buckets in steps of 16 on non-square pictures."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    icons = sorted((REPO / "sample_data/3d_icon").glob("*.png"))
+    for i, (p, size) in enumerate(zip(icons, [(96, 64), (64, 96), (96, 64), (64, 64)])):
+        Image.open(p).convert("RGB").resize(size).save(folder / f"{i}.png")
+    common = ["--pretrained_model_name_or_path", tiny_flux_path, "--instance_data_dir", folder, "--instance_prompt",
+              "a sks icon", "--resolution", "64", "--random_flip", "--learning_rate", "1e-2", "--max_train_steps", "3",
+              "--report_to", "none", "--train_text_encoder", "--aspect_buckets", "--bucket_step", "16",
+              "--weighting_scheme", "logit_normal", "--max_sequence_length", "32", "--seed", "0"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+              str(REPO / "train_dreambooth_dora.py")]
+    two = subprocess.run([*launch, *map(str, common), "--train_batch_size", "1", "--output_dir", tmp_path / "two"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "processes: 2" in two.stdout + two.stderr
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
+
+    try:  # one process, in this one
+        train(load_config([*map(str, common), "--train_batch_size", "2", "--output_dir", str(tmp_path / "one")]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    a, b = (load_file(str(tmp_path / n / ADAPTER_FILE)) for n in ("one", "two"))
+    assert a.keys() == b.keys() and {k.split(".", 1)[0] for k in a} == {"transformer", "text_encoder"}
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, worst  # summation order only (DDP averages two halves); measured 5.5e-7
+    assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 5e-3  # it did train

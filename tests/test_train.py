@@ -209,21 +209,24 @@ def cli(*args, cwd=None):
                           capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path, icon_dir):
+def test_cli_reports_bad_input_in_one_line(tmp_path, icon_dir, capsys, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = cli("--instance_data_dir", empty, "--instance_prompt", "x", cwd=tmp_path)
+    proc = cli("--instance_data_dir", empty, "--instance_prompt", "x", cwd=tmp_path)  # the script, as users run it
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: image folder")
     assert "Traceback" not in proc.stderr
-    proc = cli("--instance_data_dir", icon_dir, "--instance_prompt", "x",
-               "--pretrained_model_name_or_path", tmp_path / "no-model", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: cannot load model")
     proc = subprocess.run([sys.executable, "-m", "dreambooth_dora.cli", "train", "--rnak", "3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown setting 'rnak'; did you mean rank?"
-    proc = cli("--instance_data_dir", icon_dir, "--instance_prompt", "x", "--with_prior_preservation",
-               "--class_data_dir", tmp_path / "c")
-    assert proc.returncode == 2 and "needs class_prompt" in proc.stderr
+    from dreambooth_dora.cli import train_main  # the same entry point in-process (no new interpreter)
+
+    monkeypatch.chdir(tmp_path)
+    assert train_main(list(map(str, ["--instance_data_dir", icon_dir, "--instance_prompt", "x",
+                                     "--pretrained_model_name_or_path", tmp_path / "no-model"]))) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: cannot load model")
+    assert train_main(list(map(str, ["--instance_data_dir", icon_dir, "--instance_prompt", "x",
+                                     "--with_prior_preservation", "--class_data_dir", tmp_path / "c"]))) == 2
+    assert "needs class_prompt" in capsys.readouterr().err
 
 
 @pytest.mark.slow

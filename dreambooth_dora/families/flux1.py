@@ -34,6 +34,7 @@ class Flux1(StableDiffusion):
     size_step = 16  # 8x VAE, 2x2 packing
     schedulers = {"Euler (flow matching)": "FlowMatchEulerDiscreteScheduler"}
     encoder_parts = ("text_encoder",)  # CLIP-L; T5 (text_encoder_2) is never adapted
+    fixed_encoders = 1  # the last text encoder (T5) never trains: encoded once, then it leaves the device
     tokenizer_parts = ("tokenizer",)
     embedding_keys = ("clip_l",)
     kohya_prefixes: dict[str, str] = {}  # kohya / ComfyUI files for FLUX.1: not written yet (fused export only)
@@ -52,9 +53,6 @@ class Flux1(StableDiffusion):
                                  "weighting_scheme) and would ignore it")
         if list(cfg.unet_target_modules) != list(UNET_ATTENTION_TARGETS):
             raise ValueError(f"unet_target_modules: {self.label} has no UNet; give its modules as lora_layers")
-        if cfg.train_text_encoder:
-            raise ValueError(f"train_text_encoder is not supported for {self.label} yet (the transformer trains; "
-                             "CLIP and T5 stay frozen)")
         if cfg.train_text_encoder_ti:
             raise ValueError(f"train_text_encoder_ti (pivotal tuning) is not supported for {self.label} yet")
         if cfg.resolution % 16:
@@ -113,14 +111,23 @@ class Flux1(StableDiffusion):
 
     # ---- prompts ------------------------------------------------------------------------------
 
-    def encode_prompts(self, tokenizers: list, text_encoders: list, prompts: list[str], max_sequence_length=None):
-        """(T5 hidden states (B, L, D), CLIP-L pooled (B, P)), as `FluxPipeline.encode_prompt`."""
-        clip, t5 = text_encoders
+    def encode_prompts(self, tokenizers: list, text_encoders: list, prompts: list[str], max_sequence_length=None,
+                       fixed=None):
+        """(T5 hidden states (B, L, D), CLIP-L pooled (B, P)), as `FluxPipeline.encode_prompt`;
+        `fixed`: T5's states for these prompts, encoded before (T5 never trains)."""
+        clip = text_encoders[0]
         pooled = clip(token_ids(tokenizers[0], prompts).to(clip.device), output_hidden_states=False).pooler_output
+        if fixed is None:
+            fixed = self.encode_fixed(tokenizers, text_encoders, prompts, max_sequence_length)
+        return fixed, pooled
+
+    def encode_fixed(self, tokenizers: list, text_encoders: list, prompts: list[str], max_sequence_length=None):
+        """T5's last hidden state (B, L, D) for the prompts: the part of the conditioning no adapter trains."""
+        t5 = text_encoders[1]
         length = max_sequence_length or tokenizers[1].model_max_length
         ids = tokenizers[1](prompts, padding="max_length", max_length=length, truncation=True,
                             return_tensors="pt").input_ids
-        return t5(ids.to(t5.device), output_hidden_states=False)[0], pooled
+        return t5(ids.to(t5.device), output_hidden_states=False)[0]
 
     def negative_embeddings(self, encode, text_encoders: list, embeds, pooled):
         """FLUX.1 draws without a negative branch (guidance is distilled): none."""

@@ -112,6 +112,7 @@ class StableDiffusion(Family):
     # ---- the training objective ---------------------------------------------------------------
 
     denoiser_label = "UNet"
+    fixed_encoders = 0  # trailing text encoders no adapter trains (encoded once when the others train)
     size_step = 8  # picture sizes: multiples of the VAE's factor
     # the samplers the app offers: {label: diffusers class}, the first the default
     schedulers = {"DPM++ 2M": "DPMSolverMultistepScheduler", "DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler",

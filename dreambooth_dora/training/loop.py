@@ -166,7 +166,7 @@ def attach_adapters(cfg: TrainConfig, family: Family, unet, text_encoders: list,
     returns {file prefix: model} of the adapted models."""
     for model in (*text_encoders, unet):
         model.requires_grad_(False).to(device, dtype=weight_dtype)
-    trained = text_encoders if cfg.train_text_encoder else []
+    trained = text_encoders[:len(family.encoder_parts)] if cfg.train_text_encoder else []  # never T5
     kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, use_dora=cfg.use_dora, dropout=cfg.lora_dropout,
               use_rslora=cfg.use_rslora)
     try:
@@ -400,8 +400,11 @@ def build_caches(cfg: TrainConfig, encode: PromptEncoder, frozen: bool, vae, exa
                  prompts, device):
     """`frozen` text encoders: every caption's embedding once, the encoders leave the device.
     `cache_latents`: the latents of every picture (and flip) once. Returns the latent cache or None."""
+    texts = sorted({ex.caption for ex in examples + class_examples}) + prompts + [""]
     if frozen:
-        encode.freeze(sorted({ex.caption for ex in examples + class_examples}) + prompts + [""])
+        encode.freeze(texts)
+    else:  # the family's never-trained encoders (FLUX.1's T5) once
+        encode.fix(texts)
     if not cfg.cache_latents:
         return None
     if not cfg.center_crop:
@@ -462,6 +465,8 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
     if frozen:
         text_encoders = parts.text_encoders = []
         gc.collect()
+    else:
+        text_encoders = encode.text_encoders  # without the never-trained ones
 
     # ---- optimiser and schedule
     global_batch = cfg.train_batch_size * accelerator.num_processes
