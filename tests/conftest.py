@@ -53,6 +53,12 @@ def tiny_flux_path(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", flux=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory) -> Path:
+    """A tiny SD 3 pipeline: two joint blocks, CLIP-L + CLIP-G with projections, T5, a 16-channel VAE."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", sd3=True)
+
+
 @pytest.fixture
 def tiny_pipeline(tiny_sd_path):
     from diffusers import StableDiffusionPipeline

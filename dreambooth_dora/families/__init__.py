@@ -3,6 +3,7 @@
     family.py  the interface (Family, Components, FamilyError) and what a family owns
     sd.py      Stable Diffusion 1.x / 2.x
     sdxl.py    Stable Diffusion XL
+    sd3.py     Stable Diffusion 3 / 3.5 (flow matching, three text encoders)
     flux1.py   FLUX.1 dev / schnell (flow.py: flow matching's noise levels and weights)
     ddpm.py    the SD families' noise, targets and Min-SNR weights
     models.py  base models by name: hub ids, local folders, `embedded:` models; pipelines
@@ -17,9 +18,10 @@ from __future__ import annotations
 from .family import Components, Family, FamilyError
 from .sd import StableDiffusion
 from .flux1 import Flux1
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[Family, ...] = (Flux1(), StableDiffusionXL(), StableDiffusion())
+FAMILIES: tuple[Family, ...] = (Flux1(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion())
 # what files of any family hold: the adapter file's part prefixes, and pivotal tuning's embedding
 # keys with the text encoder each belongs to
 ADAPTER_PARTS = tuple(dict.fromkeys(p for f in reversed(FAMILIES) for p in f.parts))
@@ -28,7 +30,7 @@ EMBEDDING_PARTS = {k: e for f in FAMILIES for k, e in zip(f.embedding_keys, f.en
 KOHYA_PARTS = dict(sorted({prefix: part for f in FAMILIES for part, prefix in f.kohya_prefixes.items()}.items(),
                           key=lambda kv: -len(kv[0])))
 
-__all__ = ["ADAPTER_PARTS", "EMBEDDING_PARTS", "FAMILIES", "KOHYA_PARTS", "Components", "Family", "FamilyError", "Flux1", "StableDiffusion",
+__all__ = ["ADAPTER_PARTS", "EMBEDDING_PARTS", "FAMILIES", "KOHYA_PARTS", "Components", "Family", "FamilyError", "Flux1", "StableDiffusion", "StableDiffusion3",
            "StableDiffusionXL", "family_named", "family_of", "family_of_index",
            "family_of_pipeline", "load_components", "pipeline_models"]
 

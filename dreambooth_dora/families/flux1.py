@@ -21,6 +21,7 @@ FLUX_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2")
 DDPM_ONLY = {"snr_gamma": None, "prediction_type": None, "noise_offset": 0.0}
+DEFAULTS = {"weighting_scheme": "none", "guidance_scale": 3.5, "max_sequence_length": 512}  # diffusers' FLUX script
 
 
 class Flux1(StableDiffusion):
@@ -51,6 +52,8 @@ class Flux1(StableDiffusion):
             if getattr(cfg, name) != default:
                 raise ValueError(f"{name} is a DDPM setting; {self.label} trains by flow matching (see "
                                  "weighting_scheme) and would ignore it")
+        if cfg.precondition_outputs is not None:
+            raise ValueError(f"precondition_outputs is an SD 3 setting; {self.label} would ignore it")
         if list(cfg.unet_target_modules) != list(UNET_ATTENTION_TARGETS):
             raise ValueError(f"unet_target_modules: {self.label} has no UNet; give its modules as lora_layers")
         if cfg.train_text_encoder_ti:
@@ -135,18 +138,23 @@ class Flux1(StableDiffusion):
 
     # ---- the training objective ---------------------------------------------------------------
 
+    def setting(self, cfg, name: str):
+        """A flow-matching setting, or the family's default when it is not given."""
+        value = getattr(cfg, name)
+        return DEFAULTS[name] if value is None else value
+
     def prompt_settings(self, cfg) -> dict:
-        return {"max_sequence_length": cfg.max_sequence_length}
+        return {"max_sequence_length": self.setting(cfg, "max_sequence_length")}
 
     def validation_guidance(self, cfg) -> float:
-        return cfg.guidance_scale
+        return self.setting(cfg, "guidance_scale")
 
     def noise_settings(self, cfg) -> dict:
-        return {"scheme": cfg.weighting_scheme, "logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std,
-                "mode_scale": cfg.mode_scale}
+        return {"scheme": self.setting(cfg, "weighting_scheme"), "logit_mean": cfg.logit_mean,
+                "logit_std": cfg.logit_std, "mode_scale": cfg.mode_scale}
 
     def loss_settings(self, cfg) -> dict:
-        return {"scheme": cfg.weighting_scheme, "guidance_scale": cfg.guidance_scale}
+        return {"scheme": self.setting(cfg, "weighting_scheme"), "guidance_scale": self.setting(cfg, "guidance_scale")}
 
     def draw_noise(self, latent, generator, scheduler, scheme: str = "none", logit_mean: float = 0.0,
                    logit_std: float = 1.0, mode_scale: float = 1.29):

@@ -121,8 +121,8 @@ class StableDiffusion(Family):
     def check_settings(self, cfg) -> None:
         """ValueError (one line) for a setting this family would ignore or cannot honour; asked
         before any model loads."""
-        flow = {"weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-                "guidance_scale": 3.5, "max_sequence_length": 512, "lora_layers": None}
+        flow = {"weighting_scheme": None, "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                "guidance_scale": None, "max_sequence_length": None, "precondition_outputs": None, "lora_layers": None}
         for name, default in flow.items():
             if getattr(cfg, name) != default:
                 raise ValueError(f"{name} is a flow-matching setting (FLUX.1); {self.label} trains with DDPM noise "

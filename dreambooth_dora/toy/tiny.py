@@ -249,15 +249,57 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: boo
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
 
 
+def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
+    """A StableDiffusion3Pipeline with SD 3's structure at toy size: an SD3Transformer2DModel with two
+    joint (MM-DiT) blocks, CLIP-L and CLIP-G with projections (32 wide each, pooled 64) and a 2-layer
+    T5 (64 wide, the joint attention's width), a VAE with SD 3's 16-channel latent, shift and scale."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_2 = build_tokenizer(tmp)
+    tokenizer_3 = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16,
+                                        num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=96)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
+                        latent_channels=16, norm_num_groups=8, sample_size=sample_size * 2, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+
+    def clip_config():
+        return _tiny_text_config(tokenizer, 32, projection_dim=32, hidden_act="gelu")
+
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(clip_config())
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config())
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                             feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1))
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False, sdxl: bool = False,
-                       flux: bool = False) -> Path:
+                       flux: bool = False, sd3: bool = False) -> Path:
     """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pipe = (build_tiny_flux_pipeline(seed=seed) if flux else build_tiny_sdxl_pipeline(seed=seed) if sdxl
+    pipe = (build_tiny_flux_pipeline(seed=seed) if flux else build_tiny_sd3_pipeline(seed=seed) if sd3
+            else build_tiny_sdxl_pipeline(seed=seed) if sdxl
             else build_tiny_pipeline(seed=seed, sd2=sd2))
     pipe.save_pretrained(tmp)
     from ..outputs import make_readable

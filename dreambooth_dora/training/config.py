@@ -186,19 +186,23 @@ class TrainConfig:
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (5.0 is the usual value)."""
     noise_offset: float = 0.0
-    # ---- flow matching (FLUX.1; diffusers' train_dreambooth_lora_flux.py names and meanings)
-    weighting_scheme: str = "none"
-    """How training noise levels are drawn and weighted: sigma_sqrt, logit_normal, mode, cosmap, none."""
+    # ---- flow matching (SD 3 / 3.5, FLUX.1; diffusers' train_dreambooth_lora_sd3.py / _flux.py names)
+    weighting_scheme: str | None = None
+    """How training noise levels are drawn and weighted: sigma_sqrt, logit_normal, mode, cosmap, none;
+    default the family's (SD 3: logit_normal, FLUX.1: none)."""
     logit_mean: float = 0.0
     """logit_normal: the mean of the normal whose sigmoid is the noise level."""
     logit_std: float = 1.0
     """logit_normal: its standard deviation."""
     mode_scale: float = 1.29
     """mode: how far the draw is pushed toward the middle noise levels."""
-    guidance_scale: float = 3.5
-    """FLUX.1 dev: the guidance its distilled guidance embedding is told while training."""
-    max_sequence_length: int = 512
-    """T5 tokens per prompt (FLUX.1 dev: at most 512; schnell: 256)."""
+    guidance_scale: float | None = None
+    """FLUX.1 dev: the guidance its distilled guidance embedding is told while training (default 3.5)."""
+    max_sequence_length: int | None = None
+    """T5 tokens per prompt; default the family's (SD 3: 77, FLUX.1: 512; schnell takes at most 256)."""
+    precondition_outputs: bool | None = None
+    """SD 3: compare the prediction turned into an estimate of the clean latents with them (diffusers'
+    default, on); off: the prediction against noise - latents."""
     lora_layers: list[str] | None = None
     """The transformer's modules to adapt (comma-separated, or a YAML list); default: the family's,
     diffusers' list (attention to_q/to_k/to_v/to_out.0, add_q/k/v_proj, to_add_out, the feed-forwards)."""
@@ -395,7 +399,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: {err}") from None
         choices = {"mixed_precision": ("no", "fp16", "bf16"), "lr_scheduler": LR_SCHEDULERS,
                    "optimizer": OPTIMIZERS, "report_to": ("tensorboard", "none"),
-                   "prediction_type": (None, "epsilon", "v_prediction"), "weighting_scheme": WEIGHTING_SCHEMES,
+                   "prediction_type": (None, "epsilon", "v_prediction"), "weighting_scheme": (None, *WEIGHTING_SCHEMES),
                    "prior_generation_precision": (None, "fp32", "fp16", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -519,7 +523,7 @@ def parse_flags(argv: list[str], cls=None) -> dict:
             raise _unknown(key, types_)
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            is_bool = types_.get(key) is bool
+            is_bool = types_.get(key) in (bool, bool | None)
             if is_bool and (nxt is None or nxt.startswith("--")):
                 value = "true"
             elif nxt is None:
