@@ -1,6 +1,11 @@
-"""Forward+backward time and activation memory of one adapted layer on SD 1.5 attention shapes.
+"""Forward+backward time and activation memory of one adapted layer on SD 1.5 or DiT shapes.
 
-    python benchmarks/bench_layers.py [--repeats 15] [--ranks 4 16] [--device cpu]
+    python benchmarks/bench_layers.py [--repeats 15] [--ranks 4 16] [--device cpu] [--shapes sd15|dit]
+
+`--shapes dit`: FLUX.1's and SD 3.5's projections at their real widths (FLUX.1 hidden 3072, its
+feed-forward 3072 -> 12288 -> 3072; SD 3.5 medium 1536, large 2432), with 256 image + 64 text tokens
+per sample (a 256 px picture; 512 px has 1024 + 512: too slow for CPU rounds, the ratios are
+per-token ratios either way).
 
 Variants per shape: the frozen base layer, our LoRA, our DoRA (norm recomputed every call, as with
 one optimiser step per batch), our DoRA with the norm cached (gradient accumulation /
@@ -29,18 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth_dora.adapters.dora import AdaptedLinear  # noqa: E402
 from timing import saved_for_backward, timed  # noqa: E402
 
-# (width, tokens, where): SD 1.5 UNet attention at 64x64 / 32x32 / 16x16 / 8x8 latents, CLIP text encoder
-SHAPES = [(320, 4096, "unet 64x64"), (640, 1024, "unet 32x32"), (1280, 256, "unet 16x16"),
-          (1280, 64, "unet 8x8"), (768, 77, "text encoder")]
+# (in, out, tokens, where): SD 1.5 UNet attention at 64x64 / 32x32 / 16x16 / 8x8 latents, CLIP text encoder
+SHAPES = [(320, 320, 4096, "unet 64x64"), (640, 640, 1024, "unet 32x32"), (1280, 1280, 256, "unet 16x16"),
+          (1280, 1280, 64, "unet 8x8"), (768, 768, 77, "text encoder")]
+# the DiT families' projections, 256 + 64 tokens (see the docstring)
+DIT_SHAPES = [(3072, 3072, 320, "FLUX.1 attention"), (3072, 12288, 320, "FLUX.1 ff in"),
+              (12288, 3072, 320, "FLUX.1 ff out"), (1536, 1536, 320, "SD 3.5 medium attention"),
+              (2432, 2432, 320, "SD 3.5 large attention")]
 BATCH = 2
 
 
-def make_variants(width: int, rank: int, device: str, force: float | None = None) -> dict[str, tuple[nn.Module, bool]]:
+def make_variants(width: int, rank: int, device: str, force: float | None = None,
+                  out_features: int | None = None) -> dict[str, tuple[nn.Module, bool]]:
     """name -> (layer, simulate an optimiser step before each call)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(0)
-    base = nn.Linear(width, width, bias=False, device=device).requires_grad_(False)
+    base = nn.Linear(width, out_features or width, bias=False, device=device).requires_grad_(False)
 
     def ours(dora):
         layer = AdaptedLinear(copy.deepcopy(base), rank=rank, alpha=rank, use_dora=dora)
@@ -81,10 +91,10 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return saved_for_backward(lambda: layer(x), layer.parameters())
 
 
-def bench(width, tokens, rank, repeats, device, force=None):
-    variants = make_variants(width, rank, device, force)
+def bench(width, tokens, rank, repeats, device, force=None, out_features=None):
+    variants = make_variants(width, rank, device, force, out_features)
     x = torch.randn(BATCH, tokens, width, device=device, requires_grad=True)  # upstream adapters need dx
-    grad = torch.randn(BATCH, tokens, width, device=device)
+    grad = torch.randn(BATCH, tokens, out_features or width, device=device)
     times = {name: [] for name in variants}
     for layer, _ in variants.values():  # warm-up
         step(layer, x, grad)
@@ -107,28 +117,30 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--path", choices=["auto", "fused", "composed"], default="auto",
                         help="force our layers' code path (to measure the crossover)")
+    parser.add_argument("--shapes", choices=["sd15", "dit"], default="sd15",
+                        help="SD 1.5's attention shapes, or FLUX.1's and SD 3.5's projections")
     args = parser.parse_args(argv)
     print(f"device={args.device} threads={torch.get_num_threads()} batch={BATCH} repeats={args.repeats} "
           f"torch={torch.__version__}")
-    head = ("| width x tokens | where | rank | base ms | LoRA ms | DoRA/LoRA | DoRA cached/LoRA | PEFT DoRA/ours DoRA "
+    head = ("| in x out x tokens | where | rank | base ms | LoRA ms | DoRA/LoRA | DoRA cached/LoRA | PEFT DoRA/ours DoRA "
             "| extra act. MB DoRA-LoRA (output tensor MB) | PEFT extra act. MB |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     ratios = {"dora": [], "cached": [], "peft": []}
     force = {"auto": None, "fused": 0.0, "composed": float("inf")}[args.path]
     for rank in args.ranks:
-        for width, tokens, where in SHAPES:
-            med, mem = bench(width, tokens, rank, args.repeats, args.device, force)
+        for width, out, tokens, where in (DIT_SHAPES if args.shapes == "dit" else SHAPES):
+            med, mem = bench(width, tokens, rank, args.repeats, args.device, force, out)
             r_dora = med["ours DoRA"] / med["ours LoRA"]
             r_cached = med["ours DoRA cached"] / med["ours LoRA"]
             r_peft = med["PEFT DoRA"] / med["ours DoRA"]
             ratios["dora"].append(r_dora)
             ratios["cached"].append(r_cached)
             ratios["peft"].append(r_peft)
-            out_mb = BATCH * tokens * width * 4 / 2**20
+            out_mb = BATCH * tokens * out * 4 / 2**20
             extra = (mem["ours DoRA"] - mem["ours LoRA"]) / 2**20
             peft_extra = (mem["PEFT DoRA"] - mem["ours LoRA"]) / 2**20
-            print(f"| {width} x {tokens} | {where} | {rank} | {med['base'] * 1e3:.2f} | {med['ours LoRA'] * 1e3:.2f} "
+            print(f"| {width} x {out} x {tokens} | {where} | {rank} | {med['base'] * 1e3:.2f} | {med['ours LoRA'] * 1e3:.2f} "
                   f"| {r_dora:.3f} | {r_cached:.3f} | {r_peft:.2f} | {extra:.2f} ({out_mb:.2f}) | {peft_extra:.2f} |")
             sys.stdout.flush()
 

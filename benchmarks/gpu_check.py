@@ -229,21 +229,22 @@ def _train_step_rows(label, variants, device, dtype, repeats, px, ctx, pooled) -
 
 
 def layer_rows(device: torch.device, size: str, repeats: int) -> list[dict]:
-    from bench_layers import SHAPES, bench
+    from bench_layers import DIT_SHAPES, SHAPES, bench
 
-    shapes = SHAPES[-2:] if size == "quick" else SHAPES
+    # full size: SD 1.5's attention and the DiT families' projections (FLUX.1 at 512 px: 1024 + 512 tokens)
+    shapes = SHAPES[-2:] if size == "quick" else SHAPES + [(i, o, 1536, w) for i, o, _, w in DIT_SHAPES]
     rows = []
-    for width, tokens, where in shapes:
+    for width, out, tokens, where in shapes:
         try:
-            med, mem = bench(width, tokens, 8, repeats, str(device))
+            med, mem = bench(width, tokens, 8, repeats, str(device), out_features=out)
         except Exception as err:
             if not out_of_memory(err):
                 raise
-            rows.append({"shape": f"{width} x {tokens}", "where": where, "skipped": "out of memory at this layer"})
+            rows.append({"shape": f"{width} x {out} x {tokens}", "where": where, "skipped": "out of memory at this layer"})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        rows.append({"shape": f"{width} x {tokens}", "where": where, "lora_ms": med["ours LoRA"] * 1e3,
+        rows.append({"shape": f"{width} x {out} x {tokens}", "where": where, "lora_ms": med["ours LoRA"] * 1e3,
                      "dora_over_lora": med["ours DoRA"] / med["ours LoRA"],
                      "peft_over_ours_dora": med["PEFT DoRA"] / med["ours DoRA"],
                      "extra_saved_mb_dora": (mem["ours DoRA"] - mem["ours LoRA"]) / 2**20,
