@@ -70,6 +70,17 @@ def scrub(value):
     return value
 
 
+def metadata_changes(a, b, where: str = "") -> list[str]:
+    """The metadata paths that differ ('+key' added, '-key' gone, 'key' changed)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [where or "value"]
+    out = [f"+{where}{k}" for k in b.keys() - a.keys()] + [f"-{where}{k}" for k in a.keys() - b.keys()]
+    for k in sorted(a.keys() & b.keys()):
+        if a[k] != b[k]:
+            out += metadata_changes(a[k], b[k], f"{where}{k}.")
+    return sorted(out)
+
+
 def differences(a: Path, b: Path) -> tuple[int, list[str]]:
     """(tensors compared, what differs) between two runs' outputs."""
     import numpy as np
@@ -92,8 +103,9 @@ def differences(a: Path, b: Path) -> tuple[int, list[str]]:
                 if ta.dtype != tb.dtype or ta.shape != tb.shape or not torch.equal(ta.view(-1).view(torch.uint8),
                                                                                    tb.view(-1).view(torch.uint8)):
                     diffs.append(f"{rel}:{key}")
-            if scrub(fa.metadata() or {}) != scrub(fb.metadata() or {}):
-                diffs.append(f"{rel}: metadata")
+            ma, mb = scrub(fa.metadata() or {}), scrub(fb.metadata() or {})
+            if ma != mb:
+                diffs.append(f"{rel}: metadata " + ", ".join(metadata_changes(ma, mb)))
     for img in sorted([*(a / "class").glob("*.png"), *(a / "run" / "validation").glob("*.png")]):
         other = b / img.relative_to(a)
         if not other.is_file() or not np.array_equal(np.asarray(Image.open(img)), np.asarray(Image.open(other))):

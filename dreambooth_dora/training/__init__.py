@@ -3,6 +3,7 @@
     config.py       the settings (TrainConfig), YAML + flags, validated in one place
     data.py         subject / class images, captions, masks; batches keyed by (seed, position)
     buckets.py      aspect-ratio buckets (kohya's rule)
+    prompts.py      captions to the family's text conditioning, cached where the encoders are frozen
     losses.py       the diffusion loss as a pure function (weights, masks, the prior split)
     ema.py          an exponential moving average of the adapter
     prior.py        class images for prior preservation, drawn once
