@@ -13,8 +13,10 @@ code's own folder), on the same local models and data:
                         tuning (textual-inversion tokens)
 
 Every tensor of the adapter file (and of the pivotal-tuning embeddings), the file's metadata
-(minus the run id and paths), and every class image's and validation grid's pixels must be bit-identical. Prints one
-table row per recipe; exits 1 on any difference.
+(minus the run id and paths), and every class image's and validation grid's pixels must be
+bit-identical. Prints one table row per recipe, the metadata's differing fields named ('+key': a
+setting added since --base); exits 1 on any difference (metadata differences only by added
+settings are allowed with --new-settings-ok).
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--keep", type=Path, help="leave the runs in this (new) folder")
+    parser.add_argument("--new-settings-ok", action="store_true",
+                        help="metadata that differs only by settings added since --base does not fail the check")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from dreambooth_dora.toy.tiny import save_tiny_pipeline
@@ -131,15 +135,20 @@ def main(argv=None) -> int:
         try:
             sdxl = save_tiny_pipeline(root / "models" / "tiny-sdxl", sdxl=True)
             failed = False
-            print(f"| recipe | steps | tensors compared | bit-identical to {args.base} |")
-            print("|---|---|---|---|")
+            print(f"| recipe | steps | tensors compared | tensors and pictures bit-identical to {args.base} | metadata |")
+            print("|---|---|---|---|---|")
             for recipe in args.recipes:
                 for name, code in (("base", old), ("now", REPO)):
                     run(code, recipe, root / recipe / name, args.steps, sdxl)
                 compared, diffs = differences(root / recipe / "base", root / recipe / "now")
-                failed |= bool(diffs)
-                print(f"| {recipe} | {args.steps} | {compared} | {'yes' if not diffs else 'NO: ' + ', '.join(diffs[:5])} |",
-                      flush=True)
+                meta = [d for d in diffs if ": metadata " in d]
+                data = [d for d in diffs if d not in meta]
+                changes = [c for m in meta for c in m.split(": metadata ", 1)[1].split(", ")]
+                only_added = all(c.startswith("+dreambooth_dora.settings.") for c in changes)
+                failed |= bool(data) or (bool(changes) and not (args.new_settings_ok and only_added))
+                said = ", ".join(sorted(set(changes))) or "the same"
+                print(f"| {recipe} | {args.steps} | {compared} | {'yes' if not data else 'NO: ' + ', '.join(data[:5])} "
+                      f"| {said} |", flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
     return 1 if failed else 0
