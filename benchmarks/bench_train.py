@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--steps 4] [--resolution 256] [--rank 8] [--device cpu]
     python benchmarks/bench_train.py --options [--runs 3] [--baseline REV]
+    python benchmarks/bench_train.py --dit flux1|sd35 [--steps 3] [--rank 16]
 
 `--options`: what the trainer's optional features cost. The real `train()` on the embedded
 toy-world model (the quick start's settings, DoRA, batch 2) is timed at the code of `--baseline`
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dreambooth_dora import adapter_parameters, add_adapters  # noqa: E402
+from dreambooth_dora import adapted_layers, adapter_parameters, add_adapters  # noqa: E402
 from timing import saved_for_backward, timed  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -89,6 +90,92 @@ def step_seconds(code: Path, flags: list[str], out: Path, steps: int = 40) -> fl
     return float(proc.stdout.split("SECONDS")[-1])
 
 
+def dit_model(kind: str):
+    """A DiT family's transformer at its real widths with fewer blocks (CPU memory and time), and
+    one step's inputs (256 px: 256 image tokens, 64 text tokens), and diffusers' default targets."""
+    from dreambooth_dora.families.flux1 import FLUX_TARGETS
+    from dreambooth_dora.families.sd3 import SD3_TARGETS
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "flux1":  # FLUX.1: hidden 3072 (24 heads x 128), 1 double + 2 single blocks (of 19 + 38)
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                       pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+        inputs = dict(hidden_states=torch.randn(1, 256, 64, generator=g),
+                      encoder_hidden_states=torch.randn(1, 64, 4096, generator=g),
+                      pooled_projections=torch.randn(1, 768, generator=g), timestep=torch.tensor([0.5]),
+                      guidance=torch.tensor([3.5]), txt_ids=torch.zeros(64, 3), img_ids=torch.zeros(256, 3))
+        return model, inputs, list(FLUX_TARGETS)
+    from diffusers import SD3Transformer2DModel  # SD 3.5 medium: hidden 1536, 2 of its 24 blocks, one dual
+
+    model = SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                  caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                                  dual_attention_layers=(0,), qk_norm="rms_norm")
+    inputs = dict(hidden_states=torch.randn(1, 16, 32, 32, generator=g),
+                  encoder_hidden_states=torch.randn(1, 64, 4096, generator=g),
+                  pooled_projections=torch.randn(1, 2048, generator=g), timestep=torch.tensor([500.0]))
+    return model, inputs, list(SD3_TARGETS)
+
+
+def dit(args) -> int:
+    """`--dit flux1|sd35`: training steps of a DiT family's transformer, ours LoRA / DoRA vs PEFT's DoRA."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    base, inputs, targets = dit_model(args.dit)
+    base.requires_grad_(False)
+    variants = {}
+    for name, dora in (("ours LoRA", False), ("ours DoRA", True)):
+        model = copy.deepcopy(base)
+        add_adapters(model, targets, rank=args.rank, alpha=args.rank, use_dora=dora)
+        variants[name] = model
+    variants["PEFT DoRA"] = inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.rank,
+                                                               target_modules=targets, use_dora=True), base)
+    optimizers = {}
+    for name, model in variants.items():
+        params = adapter_parameters(model) if name.startswith("ours") else [p for p in model.parameters()
+                                                                            if p.requires_grad]
+        for p in params:  # a trained-looking adapter (B != 0) so every term of the math runs
+            if p.dim() == 2 and p.shape[1] == args.rank:
+                torch.nn.init.normal_(p, std=1e-3)
+        optimizers[name] = (torch.optim.AdamW(params, lr=1e-4), params)
+        model.train()
+    target = None
+
+    def step(name):
+        nonlocal target
+        model, (opt, params) = variants[name], optimizers[name]
+        pred = model(**inputs, return_dict=False)[0]
+        target = torch.zeros_like(pred) if target is None else target
+        torch.nn.functional.mse_loss(pred, target).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    kept = {name: saved_for_backward(lambda m=m: m(**inputs, return_dict=False)[0], m.parameters())
+            for name, m in variants.items()}
+    adapted = sum(1 for _ in adapted_layers(variants["ours DoRA"]))
+    print(f"{args.dit}: real widths, fewer blocks (see dit_model); {adapted} adapted layers, rank {args.rank}, "
+          f"256 image + 64 text tokens, batch 1, fp32, threads={torch.get_num_threads()}, steps={args.steps}")
+    times = {name: [] for name in variants}
+    for name in variants:
+        step(name)  # warm-up
+    for _ in range(args.steps):
+        for name in variants:  # interleaved: the machine's noise hits every variant alike
+            times[name].append(timed(lambda name=name: step(name), torch.device("cpu")))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("| model | LoRA s/step | DoRA s/step | PEFT DoRA s/step | DoRA/LoRA | PEFT DoRA/ours DoRA "
+          "| kept for backward MiB: LoRA / DoRA / PEFT DoRA |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.dit} | {med['ours LoRA']:.2f} | {med['ours DoRA']:.2f} | {med['PEFT DoRA']:.2f} "
+          f"| {med['ours DoRA'] / med['ours LoRA']:.3f} | {med['PEFT DoRA'] / med['ours DoRA']:.3f} "
+          f"| {kept['ours LoRA'] / 2**20:.0f} / {kept['ours DoRA'] / 2**20:.0f} / {kept['PEFT DoRA'] / 2**20:.0f} |")
+    return 0
+
+
 def options(args) -> int:
     import subprocess
     import tempfile
@@ -127,9 +214,12 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dit", choices=["flux1", "sd35"], help="time a DiT family's transformer instead")
     args = parser.parse_args(argv)
     if args.options:
         return options(args)
+    if args.dit:
+        return dit(args)
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ class Flux1(StableDiffusion):
             raise ValueError(f"bucket_step {cfg.bucket_step}: {self.label}'s sizes are multiples of 16")
 
     def denoiser_targets(self, cfg) -> list[str]:
-        return list(cfg.lora_layers or FLUX_TARGETS)
+        return list(cfg.lora_layers or self.default_targets["transformer"])
 
     # ---- loading ------------------------------------------------------------------------------
 

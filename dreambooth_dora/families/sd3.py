@@ -65,7 +65,7 @@ class StableDiffusion3(StableDiffusion):
             raise ValueError(f"bucket_step {cfg.bucket_step}: {self.label}'s sizes are multiples of 16")
 
     def denoiser_targets(self, cfg) -> list[str]:
-        return list(cfg.lora_layers or SD3_TARGETS)
+        return list(cfg.lora_layers or self.default_targets["transformer"])
 
     def load_components(self, path: str, revision: str | None = None, variant: str | None = None,
                         vae_path: str | None = None, prediction_type: str | None = None) -> Components:
