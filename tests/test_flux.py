@@ -350,3 +350,21 @@ def test_two_processes_train_flux_like_one_with_the_same_global_batch(tiny_flux_
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, worst  # summation order only (DDP averages two halves); measured 5.5e-7
     assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 5e-3  # it did train
+
+
+def test_evaluate_takes_a_flux_base(tiny_flux_path, flux_runs, tmp_path):
+    """`evaluate` on a FLUX.1 base: the same seeds and latents for every model (a zero adapter would
+    reproduce the base), prior-drift pixels metrics, and the weight analysis over the transformer's blocks."""
+    from dreambooth_dora.evaluation import evaluate, load_eval_config
+
+    cfg = load_eval_config([
+        "--base_model", str(tiny_flux_path), "--adapters", f"{flux_runs['dora']},{flux_runs['lora']}",
+        "--instance_data_dir", str(REPO / "sample_data/3d_icon"), "--class_prompts", "a icon",
+        "--unrelated_prompts", "a red cube", "--seeds", "0,1", "--images_per_prompt", "1",
+        "--num_inference_steps", "2", "--guidance_scale", "3.5", "--resolution", "32", "--dino_model", "none",
+        "--clip_model", "none", "--output_dir", str(tmp_path / "report")])
+    out, result = evaluate(cfg, progress=False)
+    m = result["metrics"]
+    assert list(m) == ["base", "DoRA r4", "LoRA r4"]
+    assert m["DoRA r4"]["class MSE"]["mean"] > 0 and m["base"].get("class MSE") is None
+    assert (out / "report.md").is_file() and (out / "weight_analysis.png").is_file()

@@ -161,3 +161,36 @@ def test_sd35_recipes_run_on_a_local_tiny_model_in_bf16(tiny_sd3_path, tmp_path,
     assert {k.split(".", 1)[0] for k in tensors} == {"transformer"}
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
     assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+
+
+def test_sd3_fused_export_and_the_app(tiny_sd3_path, tmp_path):
+    """`export --format fused` of an SD 3 adapter is our layers merged (1e-5); the app compares an SD 3
+    base and its adapter from the same latents with the family's sampler."""
+    import numpy as np
+
+    from app.core import Comparison
+    from dreambooth_dora.adapters.file import apply_to_models, read_adapter
+    from dreambooth_dora.cli import main
+    from dreambooth_dora.families import pipeline_models
+
+    out = tmp_path / "runs" / "dora"
+    _train(tiny_sd3_path, out, "--max_train_steps", "2")
+    assert main(["export", str(out), "--format", "fused", "--out", str(tmp_path / "fused")]) == 0
+    ref = _pipe(tiny_sd3_path)
+    apply_to_models(read_adapter(out), pipeline_models(ref))
+    g = torch.Generator().manual_seed(0)
+    x, cond, pooled = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 20, 64, generator=g), torch.randn(1, 64, generator=g)
+
+    def run(pipe):
+        with torch.no_grad():
+            return pipe.transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=cond,
+                                    pooled_projections=pooled, return_dict=False)[0]
+
+    assert (run(_pipe(tmp_path / "fused")) - run(ref)).abs().max() <= 1e-5
+    comp = Comparison(str(tiny_sd3_path), adapters_root=tmp_path / "runs", device="cpu")
+    comp.load("dora", out)
+    assert list(comp.schedulers) == ["Euler (flow matching)"]
+    first = comp.generate("a sks icon", seed=5, steps=2, width=32, height=32)
+    again = comp.generate("a sks icon", seed=5, steps=2, width=32, height=32)
+    base, dora = (np.asarray(first[c][0][0], np.int16) for c in ("base", "dora"))
+    assert np.array_equal(base, np.asarray(again["base"][0][0], np.int16)) and np.abs(base - dora).max() > 0
