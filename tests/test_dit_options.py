@@ -5,6 +5,8 @@ dropout, checkpoints; a run killed mid-way and resumed equals the uninterrupted 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -56,3 +58,42 @@ def test_every_option_trains_and_resumes_exactly(family, tiny_flux_path, tiny_sd
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("lora_magnitude_vector") for k in a)
     assert all(torch.isfinite(v).all() for v in a.values())
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3"])
+def test_two_subjects_in_one_dit_run(family, tiny_flux_path, tiny_sd3_path, tmp_path):
+    """Several subject sets (their own prompts, class images and repeats) in one run of a DiT family;
+    the validation grid has a row per subject's prompt."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
+
+    samples = Path(__file__).resolve().parents[1] / "sample_data"
+    config = tmp_path / "sets.yaml"
+    config.write_text(f"""datasets:
+  - instance_data_dir: {samples / '3d_icon'}
+    instance_prompt: a sks icon
+    class_prompt: an icon
+    class_data_dir: {tmp_path / 'class_icon'}
+  - instance_data_dir: {samples / 'lego'}
+    instance_prompt: a zwx brick
+    repeats: 2
+    class_prompt: a brick
+    class_data_dir: {tmp_path / 'class_brick'}
+""")
+    model = tiny_flux_path if family == "flux1" else tiny_sd3_path
+    try:
+        path = train(load_config(["--config", str(config), "--pretrained_model_name_or_path", str(model),
+                                  "--resolution", "64", "--max_train_steps", "2", "--output_dir", str(tmp_path / "out"),
+                                  "--report_to", "none", "--with_prior_preservation", "--num_class_images", "1",
+                                  "--validation_prompt", "a sks icon|a zwx brick", "--validation_steps", "2",
+                                  "--validation_inference_steps", "1", "--num_validation_images", "1",
+                                  "--max_sequence_length", "32", "--center_crop"]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("class_")) == ["class_brick", "class_icon"]
+    grid = Image.open(tmp_path / "out" / "validation" / "step-000002.png")
+    assert grid.size[1] == 2 * 64 * 4  # a row per subject's prompt (64 px cells enlarged 4x)
