@@ -5,6 +5,7 @@
     sdxl.py    Stable Diffusion XL
     sd3.py     Stable Diffusion 3 / 3.5 (flow matching, three text encoders)
     flux1.py   FLUX.1 dev / schnell (flow.py: flow matching's noise levels and weights)
+    dit.py     what SD 3 and FLUX.1 share (FlowTransformer): T5 last and frozen, flow noise, refusals
     ddpm.py    the SD families' noise, targets and Min-SNR weights
     models.py  base models by name: hub ids, local folders, `embedded:` models; pipelines
 

@@ -44,20 +44,27 @@ class StableDiffusion(Family):
         return ([CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)],
                 [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)])
 
+    def _load_parts(self, path: str, revision, variant) -> tuple[list, list, object, object]:
+        """(tokenizers, text encoders, denoiser, training noise scheduler) of the pipeline folder."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        tokenizers, text_encoders = self._load_text_parts(path, revision, variant)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
+        return tokenizers, text_encoders, unet, DDPMScheduler.from_pretrained(path, subfolder="scheduler",
+                                                                              revision=revision)
+
     def load_components(self, path: str, revision: str | None = None, variant: str | None = None,
                         vae_path: str | None = None, prediction_type: str | None = None) -> Components:
         """Tokenizers and text encoders, the VAE (or the one at `vae_path`), the denoiser and the
         training noise scheduler (its prediction type overridden when given). A part that cannot
         be loaded raises ModelLoadError naming the model (or the VAE)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL
 
         from .models import ModelLoadError, load_vae
 
         where = path
         try:
-            tokenizers, text_encoders = self._load_text_parts(path, revision, variant)
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
-            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+            tokenizers, text_encoders, unet, scheduler = self._load_parts(path, revision, variant)
             if vae_path:
                 where = vae_path  # last, so that an error names the VAE only when the VAE failed
                 vae = load_vae(vae_path)

@@ -1,0 +1,100 @@
+"""What the rectified-flow DiT families (SD 3 / 3.5, FLUX.1) share: a transformer denoiser, T5 as
+the last text encoder (never trained: encoded once, then it leaves the device), flow matching's
+noise levels (`flow.py`) drawn from each example's generator, the VAE's shift and scale, sizes in
+steps of 16, the flow-matching Euler sampler, and the settings they refuse. Each family module
+says what differs: its parts, its prompt encoding, its loss inputs, its pipeline.
+"""
+
+from __future__ import annotations
+
+from .flow import draw_timestep
+from .sd import UNET_ATTENTION_TARGETS, StableDiffusion
+
+DDPM_ONLY = {"snr_gamma": None, "prediction_type": None, "noise_offset": 0.0}
+# the flow settings one DiT family has and another would ignore: {setting: why another refuses it}
+FAMILY_ONLY = {"precondition_outputs": "precondition_outputs is an SD 3 setting; {label} would ignore it",
+               "guidance_scale": "guidance_scale is FLUX.1 dev's distilled guidance; {label} has none and would "
+                                 "ignore it"}
+
+
+class FlowTransformer(StableDiffusion):
+    denoiser_part = "transformer"
+    denoiser_label = "Transformer"
+    transformer_class: str  # the denoiser's class in model_index.json
+    fixed_encoders = 1  # the last text encoder (T5) never trains
+    kohya_prefixes: dict[str, str] = {}  # web UI files for the DiT families: not written yet (fused export only)
+    size_step = 16  # 8x VAE, 2x2 patches / packing
+    schedulers = {"Euler (flow matching)": "FlowMatchEulerDiscreteScheduler"}
+    flow_defaults: dict  # the family's values of the flow settings left unset (None)
+
+    def matches(self, index: dict) -> bool:
+        """The pipeline's class, or (another pipeline class) the transformer's."""
+        if index.get("_class_name") in self.pipeline_classes:
+            return True
+        entry = index.get("transformer") or []
+        return len(entry) > 1 and entry[1] == self.transformer_class
+
+    def check_settings(self, cfg) -> None:
+        for name, default in DDPM_ONLY.items():
+            if getattr(cfg, name) != default:
+                raise ValueError(f"{name} is a DDPM setting; {self.label} trains by flow matching (see "
+                                 "weighting_scheme) and would ignore it")
+        for name, message in FAMILY_ONLY.items():
+            if name not in self.flow_defaults and getattr(cfg, name) is not None:
+                raise ValueError(message.format(label=self.label))
+        if list(cfg.unet_target_modules) != list(UNET_ATTENTION_TARGETS):
+            raise ValueError(f"unet_target_modules: {self.label} has no UNet; give its modules as lora_layers")
+        if cfg.train_text_encoder_ti:
+            raise ValueError(f"train_text_encoder_ti (pivotal tuning) is not supported for {self.label} yet")
+        if cfg.resolution % self.size_step:
+            raise ValueError(f"resolution {cfg.resolution}: {self.label} needs a multiple of {self.size_step} "
+                             "(8x VAE, 2x2 patches)")
+        if cfg.aspect_buckets and cfg.bucket_step % self.size_step:
+            raise ValueError(f"bucket_step {cfg.bucket_step}: {self.label}'s sizes are multiples of {self.size_step}")
+
+    def setting(self, cfg, name: str):
+        """A flow setting, or the family's default when it is not given."""
+        value = getattr(cfg, name)
+        return self.flow_defaults[name] if value is None else value
+
+    def denoiser_targets(self, cfg) -> list[str]:
+        return list(cfg.lora_layers or self.default_targets["transformer"])
+
+    def native_size(self, pipe) -> int:
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
+    def vae_latents(self, vae, sample):
+        return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+    # ---- prompts: T5, the last encoder, encodes once -------------------------------------------
+
+    def prompt_settings(self, cfg) -> dict:
+        return {"max_sequence_length": self.setting(cfg, "max_sequence_length")}
+
+    def encode_fixed(self, tokenizers: list, text_encoders: list, prompts: list[str], max_sequence_length=None):
+        """T5's last hidden state (B, L, D) for the prompts: the part of the conditioning no adapter trains."""
+        t5 = text_encoders[-1]
+        length = max_sequence_length or tokenizers[-1].model_max_length
+        ids = tokenizers[-1](prompts, padding="max_length", max_length=length, truncation=True,
+                             return_tensors="pt").input_ids
+        return t5(ids.to(t5.device))[0]
+
+    # ---- noise ---------------------------------------------------------------------------------
+
+    def noise_settings(self, cfg) -> dict:
+        return {"scheme": self.setting(cfg, "weighting_scheme"), "logit_mean": cfg.logit_mean,
+                "logit_std": cfg.logit_std, "mode_scale": cfg.mode_scale}
+
+    def draw_noise(self, latent, generator, scheduler, scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                   mode_scale: float = 1.29):
+        """Gaussian noise like `latent`, then the timestep, both from the example's generator."""
+        import torch
+
+        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent)
+        return noise, draw_timestep(scheduler, generator, scheme, logit_mean, logit_std, mode_scale)
+
+    def sigmas(self, batch, scheduler):
+        """The batch's noise levels s = t / T (B,) and, shaped for the latents, (B, 1, 1, 1)."""
+        x0 = batch.latents
+        sigmas = (batch.timesteps.float() / scheduler.config.num_train_timesteps).to(x0.device)
+        return sigmas, sigmas.reshape(-1, 1, 1, 1).to(x0.dtype)
