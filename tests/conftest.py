@@ -138,3 +138,30 @@ def ddpm_draw(noise_offset: float = 0.0):
     from dreambooth_dora.families import StableDiffusion
 
     return partial(StableDiffusion().draw_noise, noise_offset=noise_offset, scheduler=DDPMScheduler())
+
+
+def train_now(argv) -> Path:
+    """`train()` in this process with the settings `argv` gives, accelerate's singletons reset after
+    (a later run in the same process must not inherit them); returns the adapter file."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dreambooth_dora.training.config import load_config
+    from dreambooth_dora.training.loop import train
+
+    try:
+        return train(load_config([str(a) for a in argv]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def rgba_pictures(folder: Path, sizes) -> Path:
+    """Pictures of the given sizes whose alpha marks a centred subject (masks for masked loss)."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, size in enumerate(sizes):
+        im = Image.new("RGBA", size, (200, 40 * i, 90, 0))
+        im.paste((30, 160, 220, 255), (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+        im.save(folder / f"{i}.png")
+    return folder

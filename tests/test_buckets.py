@@ -16,7 +16,7 @@ from dreambooth_dora.training.buckets import assign, default_buckets
 from dreambooth_dora.training.config import ConfigError, load_config
 from dreambooth_dora.training.data import BatchMaker, Example, batches_per_epoch, bucket_epoch, cache_latents, training_view
 from dreambooth_dora.training.loop import train
-from conftest import ddpm_draw, interrupt_at
+from conftest import ddpm_draw, interrupt_at, rgba_pictures
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(48, 32), (32, 48), (40, 40), (64, 24), (30, 45), (50, 33)]  # landscape, portrait, square, wide
@@ -193,12 +193,7 @@ def test_sdxl_with_every_option_resumes_exactly(tiny_sdxl_path, tmp_path, monkey
     uninterrupted run's adapter and tokens."""
     import dreambooth_dora.training.loop as train_module
 
-    data = tmp_path / "rgba"
-    data.mkdir()
-    for i, size in enumerate([(48, 32), (32, 48), (48, 32), (40, 40)]):
-        im = Image.new("RGBA", size, (200, 40 * i, 90, 0))
-        im.paste((30, 160, 220, 255), (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
-        im.save(data / f"{i}.png")
+    data = rgba_pictures(tmp_path / "rgba", [(48, 32), (32, 48), (48, 32), (40, 40)])
 
     def run(name, *extra):
         return train(load_config(["--pretrained_model_name_or_path", str(tiny_sdxl_path), "--instance_data_dir",

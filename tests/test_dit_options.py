@@ -12,40 +12,27 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import interrupt_at
+from conftest import interrupt_at, rgba_pictures, train_now
 from dreambooth_dora.outputs import ADAPTER_FILE
 
 
 @pytest.mark.parametrize("family", ["flux1", "sd3"])
 def test_every_option_trains_and_resumes_exactly(family, tiny_flux_path, tiny_sd3_path, tmp_path, monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
     import dreambooth_dora.training.loop as train_module
-    from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
 
     model = tiny_flux_path if family == "flux1" else tiny_sd3_path
-    data = tmp_path / "rgba"
-    data.mkdir()
-    for i, size in enumerate([(96, 64), (64, 96), (96, 64), (80, 80)]):
-        im = Image.new("RGBA", size, (200, 40 * i, 90, 0))
-        im.paste((30, 160, 220, 255), (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
-        im.save(data / f"{i}.png")
+    data = rgba_pictures(tmp_path / "rgba", [(96, 64), (64, 96), (96, 64), (80, 80)])
 
     def run(name, *extra):
-        try:
-            return train(load_config([
-                "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--instance_prompt",
-                "a sks icon", "--resolution", "64", "--aspect_buckets", "--bucket_step", "16", "--masked_loss",
-                "--with_prior_preservation", "--class_prompt", "an icon", "--num_class_images", "2",
-                "--class_data_dir", str(tmp_path / "class"), "--sample_batch_size", "2",
-                "--use_ema", "--ema_decay", "0.9", "--loraplus_lr_ratio", "4", "--magnitude_lr", "5e-3",
-                "--caption_dropout_rate", "0.3", "--random_flip", "--train_batch_size", "2", "--learning_rate", "1e-2",
-                "--max_train_steps", "4", "--checkpointing_steps", "2", "--max_sequence_length", "32",
-                "--output_dir", str(tmp_path / name), "--report_to", "none", *extra]))
-        finally:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
+        return train_now([
+            "--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt", "a sks icon",
+            "--resolution", "64", "--aspect_buckets", "--bucket_step", "16", "--masked_loss",
+            "--with_prior_preservation", "--class_prompt", "an icon", "--num_class_images", "2",
+            "--class_data_dir", tmp_path / "class", "--sample_batch_size", "2",
+            "--use_ema", "--ema_decay", "0.9", "--loraplus_lr_ratio", "4", "--magnitude_lr", "5e-3",
+            "--caption_dropout_rate", "0.3", "--random_flip", "--train_batch_size", "2", "--learning_rate", "1e-2",
+            "--max_train_steps", "4", "--checkpointing_steps", "2", "--max_sequence_length", "32",
+            "--output_dir", tmp_path / name, "--report_to", "none", *extra])
 
     run("full")
     assert len(list((tmp_path / "class").glob("*.png"))) == 2  # drawn by the family's own pipeline
@@ -64,11 +51,6 @@ def test_every_option_trains_and_resumes_exactly(family, tiny_flux_path, tiny_sd
 def test_two_subjects_in_one_dit_run(family, tiny_flux_path, tiny_sd3_path, tmp_path):
     """Several subject sets (their own prompts, class images and repeats) in one run of a DiT family;
     the validation grid has a row per subject's prompt."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
-
     samples = Path(__file__).resolve().parents[1] / "sample_data"
     config = tmp_path / "sets.yaml"
     config.write_text(f"""datasets:
@@ -83,16 +65,11 @@ def test_two_subjects_in_one_dit_run(family, tiny_flux_path, tiny_sd3_path, tmp_
     class_data_dir: {tmp_path / 'class_brick'}
 """)
     model = tiny_flux_path if family == "flux1" else tiny_sd3_path
-    try:
-        path = train(load_config(["--config", str(config), "--pretrained_model_name_or_path", str(model),
-                                  "--resolution", "64", "--max_train_steps", "2", "--output_dir", str(tmp_path / "out"),
-                                  "--report_to", "none", "--with_prior_preservation", "--num_class_images", "1",
-                                  "--validation_prompt", "a sks icon|a zwx brick", "--validation_steps", "2",
-                                  "--validation_inference_steps", "1", "--num_validation_images", "1",
-                                  "--max_sequence_length", "32", "--center_crop"]))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    path = train_now(["--config", config, "--pretrained_model_name_or_path", model, "--resolution", "64",
+                      "--max_train_steps", "2", "--output_dir", tmp_path / "out", "--report_to", "none",
+                      "--with_prior_preservation", "--num_class_images", "1", "--validation_prompt",
+                      "a sks icon|a zwx brick", "--validation_steps", "2", "--validation_inference_steps", "1",
+                      "--num_validation_images", "1", "--max_sequence_length", "32", "--center_crop"])
     assert path.is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("class_")) == ["class_brick", "class_icon"]
     grid = Image.open(tmp_path / "out" / "validation" / "step-000002.png")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dreambooth_dora.families import Flux1, family_of
 from dreambooth_dora.families.flow import density_sample, loss_weighting
+from conftest import train_now
 from dreambooth_dora.outputs import ADAPTER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,21 +20,11 @@ FLUX = Flux1()
 
 
 def _train(model, out, *extra):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
-
-    cfg = load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
+    return train_now(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
                        str(REPO / "sample_data/3d_icon"), "--instance_prompt", "a sks icon, 3d render",
                        "--resolution", "64", "--learning_rate", "1e-2", "--max_train_steps", "4", "--rank", "4",
                        "--lora_alpha", "8", "--output_dir", str(out), "--report_to", "none", "--seed", "3",
                        "--max_sequence_length", "32", "--center_crop", *extra])
-    try:
-        return train(cfg)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -250,22 +241,16 @@ def test_flux_recipes_run_on_a_local_tiny_model_in_bf16(tiny_flux_path, tmp_path
     """Each shipped FLUX.1 recipe (the LoRA twins differ only in use_dora, tests/test_repo.py) pointed
     at a local folder in the hub layout: bf16, gradient checkpointing, cached latents, the recipe's
     guidance and weighting."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
 
     monkeypatch.chdir(REPO)
-    cfg = load_config(["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(tiny_flux_path),
-                       "--resolution", "64", "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
-                       "--max_sequence_length", "32", "--validation_steps", "2", "--num_validation_images", "1",
-                       "--validation_inference_steps", "2", "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    argv = ["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(tiny_flux_path),
+            "--resolution", "64", "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+            "--max_sequence_length", "32", "--validation_steps", "2", "--num_validation_images", "1",
+            "--validation_inference_steps", "2", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    cfg = load_config(argv)
     assert cfg.mixed_precision == "bf16" and cfg.cache_latents and cfg.gradient_checkpointing
-    try:
-        path = train(cfg)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    path = train_now(argv)
     tensors = load_file(str(path))
     assert {k.split(".", 1)[0] for k in tensors} == {"transformer"}
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)
@@ -335,16 +320,7 @@ def test_two_processes_train_flux_like_one_with_the_same_global_batch(tiny_flux_
                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "processes: 2" in two.stdout + two.stderr
-    from accelerate.state import AcceleratorState, GradientState
-
-    from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
-
-    try:  # one process, in this one
-        train(load_config([*map(str, common), "--train_batch_size", "2", "--output_dir", str(tmp_path / "one")]))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    train_now([*common, "--train_batch_size", "2", "--output_dir", tmp_path / "one"])  # one process, in this one
     a, b = (load_file(str(tmp_path / n / ADAPTER_FILE)) for n in ("one", "two"))
     assert a.keys() == b.keys() and {k.split(".", 1)[0] for k in a} == {"transformer", "text_encoder"}
     worst = max((a[k] - b[k]).abs().max().item() for k in a)

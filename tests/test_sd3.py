@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_dora.families import StableDiffusion3, family_of
+from conftest import train_now
 from dreambooth_dora.outputs import ADAPTER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,21 +28,10 @@ def _pipe(path):
 
 
 def _train(model, out, *extra):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
-
-    cfg = load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
-                       str(REPO / "sample_data/3d_icon"), "--instance_prompt", "a sks icon, 3d render",
-                       "--resolution", "64", "--learning_rate", "1e-2", "--max_train_steps", "3", "--rank", "4",
-                       "--lora_alpha", "8", "--output_dir", str(out), "--report_to", "none", "--seed", "3",
-                       "--center_crop", *extra])
-    try:
-        return train(cfg)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    return train_now(["--pretrained_model_name_or_path", model, "--instance_data_dir", REPO / "sample_data/3d_icon",
+                      "--instance_prompt", "a sks icon, 3d render", "--resolution", "64", "--learning_rate", "1e-2",
+                      "--max_train_steps", "3", "--rank", "4", "--lora_alpha", "8", "--output_dir", out,
+                      "--report_to", "none", "--seed", "3", "--center_crop", *extra])
 
 
 @torch.no_grad()
@@ -141,22 +131,16 @@ def test_sd3_refuses_flux_settings_and_flux_refuses_sd3_settings(tiny_sd3_path, 
 def test_sd35_recipes_run_on_a_local_tiny_model_in_bf16(tiny_sd3_path, tmp_path, monkeypatch, recipe):
     """The shipped SD 3.5 recipes (their LoRA twins differ only in use_dora, tests/test_repo.py)
     pointed at a local folder in the hub layout: bf16, gradient checkpointing, cached latents."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
 
     monkeypatch.chdir(REPO)
-    cfg = load_config(["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(tiny_sd3_path),
-                       "--resolution", "64", "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
-                       "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",
-                       "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    argv = ["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(tiny_sd3_path),
+            "--resolution", "64", "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+            "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    cfg = load_config(argv)
     assert cfg.mixed_precision == "bf16" and cfg.cache_latents and cfg.gradient_checkpointing
-    try:
-        path = train(cfg)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    path = train_now(argv)
     tensors = load_file(str(path))
     assert {k.split(".", 1)[0] for k in tensors} == {"transformer"}
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())

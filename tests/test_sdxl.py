@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import train_now
 from dreambooth_dora.families import StableDiffusionXL
 from dreambooth_dora.training.data import time_ids
 from dreambooth_dora.training.data import training_view
@@ -24,20 +25,10 @@ REPO_ICONS = "sample_data/3d_icon"
 
 
 def _train(model, out, *extra):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
-
-    cfg = load_config(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO / REPO_ICONS),
-                       "--instance_prompt", "a sks icon", "--resolution", "64", "--learning_rate", "3e-2",
-                       "--max_train_steps", "4", "--rank", "4", "--lora_alpha", "8", "--output_dir", str(out),
-                       "--report_to", "none", "--seed", "3", "--center_crop", *extra])
-    try:
-        return train(cfg)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    return train_now(["--pretrained_model_name_or_path", model, "--instance_data_dir", REPO / REPO_ICONS,
+                      "--instance_prompt", "a sks icon", "--resolution", "64", "--learning_rate", "3e-2",
+                      "--max_train_steps", "4", "--rank", "4", "--lora_alpha", "8", "--output_dir", out,
+                      "--report_to", "none", "--seed", "3", "--center_crop", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -219,24 +210,17 @@ def test_sdxl_recipe_runs_on_local_models_in_bf16_with_prior_preservation(tiny_s
     import json
 
     from dreambooth_dora.training.config import load_config
-    from dreambooth_dora.training.loop import train
 
     monkeypatch.chdir(REPO)
-    cfg = load_config(["--config", "train_configs/sdxl_lego_dora.yaml", "--pretrained_model_name_or_path",
-                       str(tiny_sdxl_path), "--pretrained_vae_model_name_or_path", str(tiny_sdxl_path),
-                       "--resolution", "64", "--max_train_steps", "2", "--mixed_precision", "bf16",
-                       "--with_prior_preservation", "--class_prompt", "a lego brick", "--num_class_images", "2",
-                       "--class_data_dir", str(tmp_path / "class"), "--output_dir", str(tmp_path / "out"),
-                       "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",
-                       "--gradient_accumulation_steps", "1", "--report_to", "none"])
+    argv = ["--config", "train_configs/sdxl_lego_dora.yaml", "--pretrained_model_name_or_path", str(tiny_sdxl_path),
+            "--pretrained_vae_model_name_or_path", str(tiny_sdxl_path), "--resolution", "64", "--max_train_steps", "2",
+            "--mixed_precision", "bf16", "--with_prior_preservation", "--class_prompt", "a lego brick",
+            "--num_class_images", "2", "--class_data_dir", str(tmp_path / "class"), "--output_dir",
+            str(tmp_path / "out"), "--validation_steps", "2", "--num_validation_images", "1",
+            "--validation_inference_steps", "2", "--gradient_accumulation_steps", "1", "--report_to", "none"]
+    cfg = load_config(argv)
     assert cfg.cache_latents and cfg.gradient_checkpointing and cfg.train_text_encoder
-    try:
-        path = train(cfg)
-    finally:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    path = train_now(argv)
     tensors = load_file(str(path))
     assert {k.split(".", 1)[0] for k in tensors} == {"unet", "text_encoder", "text_encoder_2"}
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
