@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-settings-ok", action="store_true",
                         help="metadata that differs only by settings added since --base does not fail the check")
     args = parser.parse_args(argv)
+    if args.keep and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        raise SystemExit(f"error: --keep {args.keep} already holds something; give a new or empty folder")
     sys.path.insert(0, str(REPO))
     from dreambooth_dora.toy.tiny import save_tiny_pipeline
 
