@@ -214,7 +214,7 @@ def test_app_compares_flux_columns_from_the_same_latents(tiny_flux_path, flux_ru
         comp.generate("a sks icon", width=40, height=40)
 
 
-def test_flux_exports_fused_and_refuses_web_ui_files_in_one_line(tiny_flux_path, flux_runs, tmp_path, capsys):
+def test_flux_exports_fused_and_info_names_the_web_ui_exports(tiny_flux_path, flux_runs, tmp_path):
     from dreambooth_dora.formats.info import file_info
 
     from dreambooth_dora.cli import main
@@ -227,13 +227,13 @@ def test_flux_exports_fused_and_refuses_web_ui_files_in_one_line(tiny_flux_path,
 
     apply_to_models(read_adapter(flux_runs["dora"]), pipeline_models(ref))
     assert (_transformer_out(fused) - _transformer_out(ref)).abs().max() <= 1e-5  # merged weights = our layers
-    capsys.readouterr()
-    assert main(["export", str(flux_runs["dora"]), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
-    assert "not written yet" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not (tmp_path / "k.safetensors").exists()
     info = file_info(flux_runs["dora"])
-    assert set(info.parts) == {"transformer"} and "no FLUX.1 web UI file yet" in " ".join(info.notes)
+    assert set(info.parts) == {"transformer"} and "--format kohya" in " ".join(info.notes)
     assert "exact for the Transformer" in info.notes[0]
+    assert main(["export", str(flux_runs["dora"]), "--format", "full", "--out", str(tmp_path / "f.safetensors")]) == 0
+    kohya = file_info(tmp_path / "f.safetensors")
+    assert set(kohya.parts) == {"transformer"} and kohya.parts["transformer"].modules == 9  # a double block 8, a single block 1 (linear1)
+    assert "FLUX.1" in kohya.base_model or kohya.base_model == str(tiny_flux_path)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train_configs").glob("flux1_*_dora.yaml")))

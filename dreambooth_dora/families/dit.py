@@ -22,8 +22,13 @@ class FlowTransformer(StableDiffusion):
     denoiser_label = "Transformer"
     transformer_class: str  # the denoiser's class in model_index.json
     fixed_encoders = 1  # the last text encoder (T5) never trains
-    kohya_prefixes: dict[str, str] = {}  # web UI files for the DiT families: not written yet (fused export only)
+    # the web UIs' checkpoint layout (ComfyUI, Forge, kohya sd-scripts): per repeated block list,
+    # (diffusers' list, the checkpoint's list) -> {checkpoint module: diffusers modules stacked along
+    # its output rows}; then the modules outside blocks
+    native_blocks: dict[tuple[str, str], dict[str, tuple[str, ...]]]
+    native_top: dict[str, tuple[str, ...]]
     size_step = 16  # 8x VAE, 2x2 patches / packing
+    webui_consumers = "ComfyUI, Forge"
     schedulers = {"Euler (flow matching)": "FlowMatchEulerDiscreteScheduler"}
     flow_defaults: dict  # the family's values of the flow settings left unset (None)
 
@@ -59,6 +64,30 @@ class FlowTransformer(StableDiffusion):
 
     def denoiser_targets(self, cfg) -> list[str]:
         return list(cfg.lora_layers or self.default_targets["transformer"])
+
+    def webui_stack(self, part: str, module_name: str, model=None) -> tuple[str, tuple[str, ...]]:
+        """Text encoders as the UNet families; the transformer in the original checkpoint's names
+        (`native_blocks`, `native_top`), where FLUX's and SD 3's q, k, v (and FLUX's single
+        blocks' MLP input) are one fused weight."""
+        if part != self.denoiser_part:
+            return super().webui_stack(part, module_name, model)
+        native, members = self.native_module(module_name, model)
+        return self.kohya_prefixes[part] + native.replace(".", "_"), members
+
+    def native_module(self, name: str, model=None) -> tuple[str, tuple[str, ...]]:
+        """(the checkpoint's module, the diffusers modules it stacks) for diffusers module `name`."""
+        parts = name.split(".", 2)
+        for (ours, theirs), table in self.native_blocks.items():
+            if len(parts) == 3 and parts[0] == ours and parts[1].isdigit():
+                head = f"{ours}.{parts[1]}."
+                for native, members in table.items():
+                    if parts[2] in members:
+                        return f"{theirs}.{parts[1]}.{native}", tuple(head + m for m in members)
+        for native, members in self.native_top.items():
+            if name in members:
+                return native, members
+        raise ValueError(f"layer {name!r}: {self.label}'s web UI checkpoints store it another way (not mapped); "
+                         "adapt other layers, or export --format fused")
 
     def native_size(self, pipe) -> int:
         return pipe.default_sample_size * pipe.vae_scale_factor

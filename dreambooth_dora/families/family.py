@@ -54,6 +54,7 @@ class Family:
     tokenizer_parts: tuple[str, ...] = ("tokenizer",)
     embedding_keys: tuple[str, ...] = ("clip_l",)  # pivotal-tuning embeddings, one per encoder (the ecosystem's names)
     kohya_prefixes: dict[str, str] = {}
+    webui_consumers: str = "A1111, Forge, ComfyUI"  # the web UIs that run this family's models
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -21,6 +21,24 @@ FLUX_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2")
 
+# the BFL checkpoint's names (ComfyUI's and Forge's FLUX models, kohya sd-scripts' FLUX LoRAs), as
+# diffusers' `convert_flux_transformer_checkpoint_to_diffusers` splits them
+FLUX_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+               "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+               "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
+               "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
+               "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",),
+               "img_mod.lin": ("norm1.linear",), "txt_mod.lin": ("norm1_context.linear",)}
+FLUX_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+               "modulation.lin": ("norm.linear",)}
+FLUX_TOP = {"img_in": ("x_embedder",), "txt_in": ("context_embedder",), "final_layer.linear": ("proj_out",),
+            "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+            "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+            "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+            "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+            "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+            "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",)}
+
 
 class Flux1(FlowTransformer):
     name = "flux1"
@@ -33,6 +51,10 @@ class Flux1(FlowTransformer):
     tokenizer_parts = ("tokenizer",)
     embedding_keys = ("clip_l",)
     default_targets = {"transformer": FLUX_TARGETS}
+    kohya_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}  # sd-scripts' FLUX names
+    native_blocks = {("transformer_blocks", "double_blocks"): FLUX_DOUBLE,
+                     ("single_transformer_blocks", "single_blocks"): FLUX_SINGLE}
+    native_top = FLUX_TOP
     flow_defaults = {"weighting_scheme": "none", "guidance_scale": 3.5, "max_sequence_length": 512}  # diffusers'
 
     # ---- loading ------------------------------------------------------------------------------

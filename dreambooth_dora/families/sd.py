@@ -205,6 +205,13 @@ class StableDiffusion(Family):
         """kohya's name of a module: the part's prefix, then the diffusers path with `_` for `.`."""
         return self.kohya_prefixes[part] + module_name.replace(".", "_")
 
+    def webui_stack(self, part: str, module_name: str, model=None) -> tuple[str, tuple[str, ...]]:
+        """The web UIs' module that holds this layer's weight: (its kohya key, the layers of `part`
+        whose weights it stacks along its output rows, in order). The UNet families' web UI
+        checkpoints keep diffusers' layers one by one; a name that has no web UI module raises
+        ValueError (one line)."""
+        return self.kohya_key(part, module_name), (module_name,)
+
     def webui_metadata(self, pipe) -> dict:
         """What A1111 / Forge read to file a LoRA under a base model (`ss_v2` makes SD 2.x files
         show while an SD 2.x checkpoint is loaded)."""

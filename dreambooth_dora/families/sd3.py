@@ -21,6 +21,22 @@ from .sd import token_ids
 SD3_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                "attn.to_out.0", "attn.to_q", "attn.to_v")
 
+# the SAI checkpoint's names (ComfyUI's and Forge's SD 3 models, kohya sd-scripts' SD 3 LoRAs), as
+# diffusers' `convert_sd3_transformer_checkpoint_to_diffusers` splits them (attn2: SD 3.5's MMDiT-X)
+SD3_JOINT = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+             "x_block.attn.proj": ("attn.to_out.0",), "context_block.attn.proj": ("attn.to_add_out",),
+             "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.proj": ("attn2.to_out.0",),
+             "x_block.mlp.fc1": ("ff.net.0.proj",), "x_block.mlp.fc2": ("ff.net.2",),
+             "context_block.mlp.fc1": ("ff_context.net.0.proj",), "context_block.mlp.fc2": ("ff_context.net.2",),
+             "x_block.adaLN_modulation.1": ("norm1.linear",),
+             "context_block.adaLN_modulation.1": ("norm1_context.linear",)}
+SD3_TOP = {"x_embedder.proj": ("pos_embed.proj",), "context_embedder": ("context_embedder",),
+           "t_embedder.mlp.0": ("time_text_embed.timestep_embedder.linear_1",),
+           "t_embedder.mlp.2": ("time_text_embed.timestep_embedder.linear_2",),
+           "y_embedder.mlp.0": ("time_text_embed.text_embedder.linear_1",),
+           "y_embedder.mlp.2": ("time_text_embed.text_embedder.linear_2",), "final_layer.linear": ("proj_out",)}
+
 
 class StableDiffusion3(FlowTransformer):
     name = "sd3"
@@ -33,6 +49,9 @@ class StableDiffusion3(FlowTransformer):
     tokenizer_parts = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")
     default_targets = {"transformer": SD3_TARGETS}
+    kohya_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    native_blocks = {("transformer_blocks", "joint_blocks"): SD3_JOINT}
+    native_top = SD3_TOP
     # diffusers' train_dreambooth_lora_sd3.py defaults
     flow_defaults = {"weighting_scheme": "logit_normal", "precondition_outputs": True, "max_sequence_length": 77}
 
@@ -114,6 +133,15 @@ class StableDiffusion3(FlowTransformer):
                 "negative_prompt_embeds": negative.expand(count, -1, -1),
                 "pooled_prompt_embeds": pooled[index:index + 1].expand(count, -1),
                 "negative_pooled_prompt_embeds": negative_pooled.expand(count, -1)}
+
+    def native_module(self, name: str, model=None) -> tuple[str, tuple[str, ...]]:
+        """As FlowTransformer's; the last block's context modulation is stored with shift and scale
+        swapped (a row permutation not mapped here): refused."""
+        last = model.config.num_layers - 1 if model is not None else None
+        if name == f"transformer_blocks.{last}.norm1_context.linear":
+            raise ValueError(f"layer {name!r}: SD 3's checkpoints store the last block's context modulation with "
+                             "shift and scale swapped (not mapped); adapt other layers, or export --format fused")
+        return super().native_module(name, model)
 
     def webui_metadata(self, pipe) -> dict:
         return {"ss_base_model_version": "sd3", "ss_v2": "False"}

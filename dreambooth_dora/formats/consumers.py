@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.file import layout_prefix
+from ..adapters.file import AdapterError, layout_prefix
 from ..adapters.inject import adapted_layers
 from ..families import KOHYA_PARTS
 
@@ -35,11 +35,52 @@ RULE_NAMES = {
 }
 
 
-def layers_by_kohya_key(family, models: dict) -> dict:
-    """{kohya module name (the family's `kohya_key`): adapted layer} for the adapted models of a
-    pipeline of `family` ({part: model})."""
-    return {family.kohya_key(prefix, layout_prefix(model) + name): layer
-            for prefix, model in models.items() for name, layer in adapted_layers(model)}
+@dataclass
+class Stack:
+    """One web UI module: our layers whose weights it stacks along its output rows, in order. One
+    layer for the UNet families; FLUX's and SD 3's fused q, k, v (and FLUX's single blocks' MLP
+    input) for the DiTs, where a member the adapter leaves is a plain layer (its rows unchanged).
+    DoRA's rescaling is per output row, so a stack of DoRA layers is one DoRA module exactly."""
+
+    part: str  # the pipeline part ('unet', 'transformer', 'text_encoder', ...)
+    names: tuple[str, ...]  # the members' module names (the file layout's, e.g. `text_model.` kept)
+    members: tuple  # adapted layers (`AdaptedLayer`) or plain nn.Linear / nn.Conv2d
+
+    @property
+    def adapted(self) -> list:
+        return [m for m in self.members if is_adapted(m)]
+
+    def weight(self) -> torch.Tensor:
+        """W0 (fp32): the members' base weights stacked."""
+        return torch.cat([m.weight.detach().float() for m in self.members])
+
+    def merged(self) -> torch.Tensor:
+        """W' (fp32): the adapted members' exact weights, the others' base weights, stacked."""
+        return torch.cat([(m.merged_weight() if is_adapted(m) else m.weight.detach()).float() for m in self.members])
+
+    def rows(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """`weight` (stacked) cut back into the members' rows."""
+        return list(weight.split([m.weight.shape[0] for m in self.members]))
+
+
+def is_adapted(module) -> bool:
+    return hasattr(module, "merged_weight")
+
+
+def layers_by_kohya_key(family, models: dict) -> dict[str, Stack]:
+    """{web UI module name (kohya's key): Stack} for the adapted models of a pipeline of `family`
+    ({part: model}); a layer the web UIs have no module for is one AdapterError."""
+    out: dict[str, Stack] = {}
+    for part, model in models.items():
+        head = layout_prefix(model)
+        for name, _ in adapted_layers(model):
+            try:
+                key, names = family.webui_stack(part, head + name, model)
+            except ValueError as err:
+                raise AdapterError(str(err)) from None
+            if key not in out:
+                out[key] = Stack(part, names, tuple(model.get_submodule(n[len(head):]) for n in names))
+    return out
 
 
 NO_CHANGE = 1e-6  # a layer whose change is below this fraction of ||W0|| has (almost) none

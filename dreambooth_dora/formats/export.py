@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..adapters.file import AdapterError, AdapterFile, apply_to_models, base_model_of, load_tokens, read_adapter, token_plan
+from ..adapters.file import (AdapterError, AdapterFile, apply_to_models, base_model_of, layout_prefix, load_tokens,
+                             read_adapter, token_plan)
 from ..adapters.inject import merge_adapters
-from .consumers import RULES, KohyaModule, layers_by_kohya_key, merge, relative_error
+from .consumers import RULES, KohyaModule, Stack, is_adapted, layers_by_kohya_key, merge, relative_error
 from ..families import family_of_pipeline, pipeline_models
 from ..families.models import load_pipeline
 from ..outputs import EXPORT_KEY, atomic_dir, atomic_path, claim_output
@@ -53,12 +54,15 @@ EXACT_UNDER = {"lycoris-exact": ("lycoris", "comfyui-15458"), "comfyui-compensat
 
 
 def web_ui_names(adapter: AdapterFile, what: str) -> AdapterFile:
-    """The adapter, if its family has kohya / web UI module names; else one AdapterError (before
-    any model loads) saying which export does work."""
+    """The adapter, if the web UIs have a module for each of its layers (the family's
+    `webui_stack`); else one AdapterError, before any model loads, naming the layer and what works."""
     family = adapter.family
-    if not family.kohya_prefixes:
-        raise AdapterError(f"{what} for {family.label} adapters is not written yet (the web UIs' {family.label} "
-                           "key names are not mapped); --format fused works, and stock diffusers loads the adapter")
+    for part in adapter.prefixes:
+        for name in adapter.modules(part):
+            try:
+                family.webui_stack(part, name)
+            except (ValueError, KeyError) as err:
+                raise AdapterError(f"{what}: {err.args[0]}") from None
     return adapter
 
 
@@ -96,29 +100,58 @@ def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path) -> dict:
             "dreambooth_dora_base_model": adapter.info.base_model or "unknown"}
 
 
-def kohya_module(layer, comfyui_compatible: bool = False) -> KohyaModule:
-    """An adapted layer's kohya module (fp32): lora_down / lora_up, alpha so that alpha / r is its
-    scale, and for DoRA the output-axis `dora_scale`, pre-compensated for ComfyUI's rule if asked."""
-    mod = KohyaModule(down=layer.lora_A.weight.detach().float(), up=layer.lora_B.weight.detach().float(),
-                      alpha=float(layer.scaling * layer.rank))
-    if layer.use_dora:
-        m = layer.lora_magnitude_vector.detach().float().flatten()
-        if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
-            m = m * layer.weight.detach().float().flatten(1).norm(dim=1) / layer.weight_norm()
-        mod.dora_scale = m.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+def kohya_module(stack, comfyui_compatible: bool = False) -> KohyaModule:
+    """A web UI module's kohya module (fp32) from a consumers.Stack (or one adapted layer):
+    lora_down / lora_up, alpha so that alpha / r is the scale, and for DoRA the output-axis
+    `dora_scale`, pre-compensated for ComfyUI's rule if asked. Several layers in one stack (FLUX's
+    fused q, k, v) give one module of their summed rank: the downs stacked, each up (its scale folded
+    in) on its own rows and its own columns (sd-scripts' split-qkv layout, which diffusers' kohya
+    loader splits back), rows of members without an adapter zero; their `dora_scale` is ||W0|| per
+    row, which every output-axis rule turns back into W0."""
+    if not isinstance(stack, Stack):
+        stack = Stack("", ("",), (stack,))
+    if len(stack.members) == 1:
+        layer = stack.members[0]
+        mod = KohyaModule(down=layer.lora_A.weight.detach().float(), up=layer.lora_B.weight.detach().float(),
+                          alpha=float(layer.scaling * layer.rank))
+    else:
+        layers = stack.adapted
+        rank = sum(layer.rank for layer in layers)
+        up = torch.zeros(stack.weight().shape[0], rank)
+        row = col = 0
+        for member in stack.members:
+            if is_adapted(member):
+                b = member.lora_B.weight.detach().float().flatten(1) * member.scaling
+                up[row:row + b.shape[0], col:col + b.shape[1]] = b
+                col += b.shape[1]
+            row += member.weight.shape[0]
+        down = torch.cat([layer.lora_A.weight.detach().float() for layer in layers])
+        mod = KohyaModule(down=down, up=up.reshape(up.shape[0], rank, *[1] * (down.dim() - 2)), alpha=float(rank))
+    if any(getattr(layer, "use_dora", False) for layer in stack.adapted):
+        scales = []
+        for member in stack.members:
+            w0_norm = member.weight.detach().float().flatten(1).norm(dim=1)
+            if not is_adapted(member):
+                scales.append(w0_norm)
+                continue
+            m = member.lora_magnitude_vector.detach().float().flatten()
+            if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
+                m = m * w0_norm / member.weight_norm()
+            scales.append(m)
+        mod.dora_scale = torch.cat(scales).reshape((-1,) + (1,) * (stack.members[0].weight.dim() - 1))
     return mod
 
 
 @torch.no_grad()
 def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule: str, kind: str, dtype: str,
                        build, extra_metadata) -> Path:
-    """What kohya, full and SVD files share: every adapted layer's module from `build(layer, W0, W')`,
+    """What kohya, full and SVD files share: every web UI module's from `build(stack, W0, W')`,
     cast to `dtype`, the cast's error measured under the file's rule, the metadata, the atomic write.
     `extra_metadata`: a dict, or a function giving one once every module is built."""
     truths, modules = {}, {}
-    for key, layer in layers_by_kohya_key(family_of_pipeline(pipe), models).items():
-        truths[key] = (layer.weight.detach().float(), layer.merged_weight().float())
-        modules[key] = build(layer, *truths[key])
+    for key, stack in layers_by_kohya_key(family_of_pipeline(pipe), models).items():
+        truths[key] = (stack.weight(), stack.merged())
+        modules[key] = build(stack, *truths[key])
     cast = {k: KohyaModule(**{f: (v.to(DTYPES[dtype]) if isinstance(v, torch.Tensor) else v)
                               for f, v in vars(m).items()}) for k, m in modules.items()}
     tensors = {}
@@ -168,7 +201,7 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
             **({"dreambooth_dora_dora_scale": rule} if adapter.use_dora else {}),  # only DoRA files say which
         }
         return _write_module_file(adapter, pipe, models, out_file, rule, "kohya", dtype,
-                                  lambda layer, w0, target: kohya_module(layer, comfyui_compatible), metadata)
+                                  lambda stack, w0, target: kohya_module(stack, comfyui_compatible), metadata)
 
 
 @torch.no_grad()
@@ -181,7 +214,7 @@ def export_full(adapter_dir: str | Path, out_file: str | Path, base: str | None 
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)
         return _write_module_file(adapter, pipe, models, out_file, "full", "full", dtype,
-                                  lambda layer, w0, target: KohyaModule(diff=target - w0),
+                                  lambda stack, w0, target: KohyaModule(diff=target - w0),
                                   {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})})
 
 
@@ -200,7 +233,7 @@ def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, ba
         pipe, models = _adapted(adapter, base)
         worst = 0.0
 
-        def build(layer, w0, target) -> KohyaModule:
+        def build(stack, w0, target) -> KohyaModule:
             nonlocal worst
             change = (target - w0).flatten(1)  # (out, in·k·k)
             u, sv, vh = torch.linalg.svd(change, full_matrices=False)
@@ -225,18 +258,21 @@ def consumer_view(adapter_dir: str | Path, rule: str, base: str | None = None):
     'comfyui', 'a1111', 'lycoris', 'comfyui-15458') computes it from our `--format kohya` file
     (the output-axis `dora_scale` layout): what that UI draws, to set beside the exact adapter.
     Plain layers (merged); the new tokens of a pivotal-tuning adapter are added as for `fused`."""
-    from ..adapters.inject import adapted_layers
-
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; one of {', '.join(RULES)}")
     adapter = read_adapter(adapter_dir)
     pipe, models = _adapted(adapter, base)
-    for model in models.values():
-        for name, layer in list(adapted_layers(model)):
-            w0 = layer.weight.detach().float()
-            plain = layer.merged_layer()
-            plain.weight.copy_(merge(rule, w0, kohya_module(layer)).reshape(plain.weight.shape))
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    for part, model in models.items():
+        for stack in layers_by_kohya_key(family_of_pipeline(pipe), {part: model}).values():
+            rows = stack.rows(merge(rule, stack.weight(), kohya_module(stack)))
+            head = layout_prefix(model)
+            for name, member, weight in zip(stack.names, stack.members, rows):
+                if not is_adapted(member):  # a stacked layer without adapter: the rule may still move it
+                    member.weight.copy_(weight.reshape(member.weight.shape))
+                    continue
+                plain = member.merged_layer()
+                plain.weight.copy_(weight.reshape(plain.weight.shape))
+                parent_name, _, child = name[len(head):].rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
     load_tokens(pipe, *token_plan(pipe, adapter, "view"))
     return pipe

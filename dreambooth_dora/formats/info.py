@@ -20,10 +20,15 @@ from .consumers import RULE_NAMES, RULES, a1111_bundled_embeddings, part_of, rea
 from ..families import ADAPTER_PARTS, EMBEDDING_PARTS
 from ..outputs import ADAPTER_FILE, OUTPUT_MARKER
 
+DIT_VERSIONS = ("flux1", "sd3")  # `ss_base_model_version` of the DiT families' web UI files
 # what an output-axis DoRA file is exact under when it does not say (LyCORIS's wd_on_output layout)
 DEFAULT_RULE = "lycoris-exact"
 KNOWN_TARGETS = ("to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out", "q_proj", "k_proj", "v_proj",
-                 "out_proj", "fc1", "fc2", "to_q", "to_k", "to_v", "conv1", "conv2", "conv_shortcut")
+                 "out_proj", "fc1", "fc2", "to_q", "to_k", "to_v", "conv1", "conv2", "conv_shortcut",
+                 # the DiT checkpoints' names (FLUX.1, SD 3)
+                 "img_attn_qkv", "txt_attn_qkv", "img_attn_proj", "txt_attn_proj", "img_mlp_0", "img_mlp_2",
+                 "txt_mlp_0", "txt_mlp_2", "x_block_attn_qkv", "context_block_attn_qkv", "x_block_attn2_qkv",
+                 "x_block_attn_proj", "context_block_attn_proj", "x_block_attn2_proj", "mlp_fc1", "mlp_fc2")
 
 
 @dataclass
@@ -134,9 +139,7 @@ def _ours(file: Path, tensors: dict) -> FileInfo:
                      + (f"; vectors in {beside.name} beside it" if beside.is_file() else f"; {beside.name} is MISSING"))
     return FileInfo(str(file), "diffusers / PEFT adapter (dreambooth-dora)", d.method, _dtype_of(tensors),
                     d.base_model, d.parameters, parts, exact_in=["diffusers / PEFT"],
-                    notes=notes + ["A1111, Forge, ComfyUI: export it (--format kohya, --comfyui or full)"
-                                   if family.kohya_prefixes else f"A1111, Forge, ComfyUI: no {family.label} web UI "
-                                   "file yet; --format fused makes a merged pipeline"])
+                    notes=notes + [f"{family.webui_consumers}: export it (--format kohya, --comfyui or full)"])
 
 
 def _peft(file: Path, tensors: dict) -> FileInfo:
@@ -169,8 +172,10 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
     modules = read_kohya_modules(tensors)
     kinds = {m.kind for m in modules.values()}
     parts: dict[str, PartInfo] = {}
+    dit = meta.get("ss_base_model_version") in DIT_VERSIONS  # kohya's `lora_unet_` names the transformer there
     for name, mod in sorted(modules.items()):
-        p = parts.setdefault(part_of(name) or "other", PartInfo(0, [], [], []))
+        part = part_of(name) or "other"
+        p = parts.setdefault("transformer" if dit and part == "unet" else part, PartInfo(0, [], [], []))
         p.modules += 1
         if _target(name) not in p.targets:
             p.targets.append(_target(name))
@@ -213,6 +218,9 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
         notes.append("bundled embeddings, loaded with the LoRA by A1111 / Forge (write the trigger word in the "
                      "prompt): " + ", ".join(f"{name} ({next(iter(d.values())).shape[0]} vectors)"
                                              for name, d in bundled.items()))
+    if dit:
+        notes.append("FLUX.1 / SD 3 module names of the original checkpoints (fused q/k/v): for ComfyUI and Forge; "
+                     "A1111's column is its rule only (A1111 runs no FLUX.1; its SD 3 LoRA loading is not checked)")
     if meta.get("ss_v2") == "True":
         notes.append("SD 2.x file (ss_v2): A1111 lists it with an SD 2.x checkpoint loaded")
     base = meta.get("dreambooth_dora_base_model") or meta.get("ss_base_model_version") or "not recorded"

@@ -109,21 +109,26 @@ def _read_file(path: Path):
     return read_kohya_modules(tensors)
 
 
-def _file_modules(path: Path, read, base: str, truths: dict) -> dict[str, KohyaModule]:
-    """The file as kohya modules keyed like the adapted layers."""
+def _file_modules(path: Path, read, base: str, stacks: dict, truths: dict) -> dict[str, KohyaModule]:
+    """The file as kohya modules keyed like the web UI modules of the adapted layers."""
     if read is None:  # a fused pipeline: its weights are W' already, the difference to W0 is the module
-        pipe = load_pipeline(str(path))
-        family, fused = family_of_pipeline(pipe), pipeline_models(pipe)
-        by_key = {family.kohya_key(prefix, layout_prefix(model) + name): module
-                  for prefix, model in fused.items() for name, module in model.named_modules()}
-        return {key: KohyaModule(diff=by_key[key].weight.detach().float() - w0)
-                for key, (w0, _) in truths.items() if key in by_key}
+        fused = pipeline_models(load_pipeline(str(path)))
+        out = {}
+        for key, stack in stacks.items():
+            model = fused.get(stack.part)
+            head = layout_prefix(model) if model is not None else ""
+            try:
+                weight = torch.cat([model.get_submodule(n[len(head):]).weight.detach().float() for n in stack.names])
+            except AttributeError:  # the fused pipeline lacks the part or the layer: the report says missing
+                continue
+            out[key] = KohyaModule(diff=weight - truths[key][0])
+        return out
     if isinstance(read, dict):
         return read
     pipe = load_pipeline(base)
     models = pipeline_models(pipe)
     apply_to_models(read, models)
-    return {key: kohya_module(layer) for key, layer in layers_by_kohya_key(family_of_pipeline(pipe), models).items()}
+    return {key: kohya_module(stack) for key, stack in layers_by_kohya_key(family_of_pipeline(pipe), models).items()}
 
 
 @torch.no_grad()
@@ -135,9 +140,9 @@ def verify(file: str | Path, against: str | Path, base: str | None = None) -> Ve
     pipe = load_pipeline(base)
     models = pipeline_models(pipe)
     apply_to_models(adapter, models)
-    truths = {key: (layer.weight.detach().float(), layer.merged_weight().float())
-              for key, layer in layers_by_kohya_key(family_of_pipeline(pipe), models).items()}
-    modules = _file_modules(path, read, base, truths)
+    stacks = layers_by_kohya_key(family_of_pipeline(pipe), models)
+    truths = {key: (stack.weight(), stack.merged()) for key, stack in stacks.items()}
+    modules = _file_modules(path, read, base, stacks, truths)
     layers = [k for k in truths if k in modules]
     dtypes = {t.dtype for m in modules.values() for t in vars(m).values() if isinstance(t, torch.Tensor)}
     dtype = "bf16" if torch.bfloat16 in dtypes else "fp16" if torch.float16 in dtypes else "fp32"
