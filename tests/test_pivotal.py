@@ -304,3 +304,52 @@ def test_pivotal_recipes_run_on_local_models_in_bf16(recipe, tiny_sd_path, tiny_
     assert set(emb) == ({"clip_l", "clip_g"} if recipe.startswith("sdxl") else {"clip_l"})
     assert all(v.shape[0] == 2 and torch.isfinite(v).all() for v in emb.values())
     assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3"])
+def test_dit_pivotal_tuning_learns_clip_rows_stock_loading_reproduces_validation(family, tiny_flux_path, tiny_sd3_path,
+                                                                                 tmp_path, capsys):
+    """FLUX.1 (CLIP-L rows) and SD 3 (CLIP-L + CLIP-G rows); T5 reads the new tokens as text, its
+    states encoded once. Stock `load_lora_weights` plus the model card's embedding lines draw the
+    validation grid's pictures; `load_adapter` the same; `--enable_t5_ti` is one line."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    model, cls = (tiny_flux_path, FluxPipeline) if family == "flux1" else (tiny_sd3_path, StableDiffusion3Pipeline)
+    out = tmp_path / family
+    extra = ["--resolution", "32", "--max_sequence_length", "16", "--validation_inference_steps", "2"]
+    run(model, out, *extra, "--checkpointing_steps", "10")
+    emb = load_file(str(out / "embeddings.safetensors"))
+    assert set(emb) == ({"clip_l"} if family == "flux1" else {"clip_l", "clip_g"})
+    card = (out / "README.md").read_text()
+    lines = [line for line in card.split("`") if "emb[" in line]  # the card's stock loading code
+
+    def draw(pipe, prompt):
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator("cpu").manual_seed(2 + j) for j in range(2)]
+        kw = {"guidance_scale": 3.5} if family == "flux1" else {"guidance_scale": 7.0}  # the families' validation
+        images = pipe(prompt, num_images_per_prompt=2, num_inference_steps=2, generator=gens, height=32, width=32,
+                      max_sequence_length=16, **kw).images
+        return [np.asarray(im).astype(int) for im in images]
+
+    stock = cls.from_pretrained(model)
+    stock.load_lora_weights(str(out))
+    for line in lines:
+        exec(line, {"pipe": stock, "emb": emb})
+    stock_images = draw(stock, "a <s0><s1> icon")
+    cells = _grid_cells(out / "validation" / "step-000004.png", 2, 32)
+    assert max(np.abs(a - b).max() for a, b in zip(stock_images, cells)) <= 2
+    ours = cls.from_pretrained(model)
+    report = load_adapter(ours, out)
+    assert all(np.array_equal(a, b) for a, b in zip(draw(ours, insert_tokens(PROMPT, report["tokens"])), stock_images))
+    plain = cls.from_pretrained(model)
+    plain.load_lora_weights(str(out))
+    assert max(np.abs(a - b).max() for a, b in zip(draw(plain, "a <s0><s1> icon"), stock_images)) > 2  # rows matter
+    with pytest.raises(ConfigError, match="enable_t5_ti needs train_text_encoder_ti"):
+        load_config(["--instance_data_dir", ICONS, "--instance_prompt", PROMPT, "--enable_t5_ti"])
+    from dreambooth_dora.cli import train_main
+
+    capsys.readouterr()
+    assert train_main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", ICONS, "--instance_prompt",
+                       PROMPT, "--train_text_encoder_ti", "--enable_t5_ti", "--output_dir", str(tmp_path / "t5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "enable_t5_ti" in err[0] and not (tmp_path / "t5").exists()

@@ -295,7 +295,20 @@ def load_tokens(pipe, tokens: dict[str, list[str]], vectors: dict) -> None:
         return
     family = family_of_pipeline(pipe)
     for key, tokenizer, encoder in zip(family.embedding_keys, *family.text_parts(pipe)):
-        pipe.load_textual_inversion(vectors[key], token=names, text_encoder=encoder, tokenizer=tokenizer)
+        if hasattr(pipe, "load_textual_inversion"):
+            pipe.load_textual_inversion(vectors[key], token=names, text_encoder=encoder, tokenizer=tokenizer)
+        else:  # StableDiffusion3Pipeline has no loader: the same three steps by hand
+            append_token_rows(tokenizer, encoder, names, vectors[key])
+
+
+@torch.no_grad()
+def append_token_rows(tokenizer, encoder, names: list[str], rows: torch.Tensor) -> None:
+    """What stock `load_textual_inversion` does, for pipelines without it: the tokens added to the
+    tokenizer, the encoder's table resized to the tokenizer, the rows written at the new ids."""
+    tokenizer.add_tokens(names)
+    encoder.resize_token_embeddings(len(tokenizer))
+    table = encoder.get_input_embeddings().weight
+    table[tokenizer.convert_tokens_to_ids(names)] = rows.to(table)
 
 
 def token_plan(pipe, adapter: AdapterFile, adapter_name: str) -> tuple[dict[str, list[str]], dict]:

@@ -98,7 +98,7 @@ class PivotalTokens:
         self.names = [t for names in tokens.values() for t in names]
         self.tables: list[NewTokenEmbedding] = []
         gen = torch.Generator().manual_seed(seed)
-        for tokenizer, encoder in zip(tokenizers, text_encoders):
+        for _, tokenizer, encoder in zip(keys, tokenizers, text_encoders):  # one per key: T5 (FLUX, SD 3) has none
             taken = [t for t in self.names if t in tokenizer.get_vocab()]
             if taken:
                 raise ValueError(f"the tokenizer already has the token {taken[0]!r}; choose another token_abstraction")

@@ -134,6 +134,8 @@ class StableDiffusion(Family):
             if getattr(cfg, name) != default:
                 raise ValueError(f"{name} is a flow-matching setting (FLUX.1); {self.label} trains with DDPM noise "
                                  f"and would ignore it")
+        if cfg.enable_t5_ti:
+            raise ValueError(f"enable_t5_ti: {self.label} has no T5 text encoder")
 
     def denoiser_targets(self, cfg) -> list[str]:
         """The denoiser's modules to adapt."""

@@ -143,5 +143,11 @@ class StableDiffusion3(FlowTransformer):
                              "shift and scale swapped (not mapped); adapt other layers, or export --format fused")
         return super().native_module(name, model)
 
+    def textual_inversion_lines(self, names: list[str]) -> list[str]:
+        """StableDiffusion3Pipeline has no `load_textual_inversion`: its three steps, per CLIP."""
+        return [f"pipe.{tok}.add_tokens({names!r}); pipe.{enc}.resize_token_embeddings(len(pipe.{tok})); "
+                f"pipe.{enc}.get_input_embeddings().weight.data[pipe.{tok}.convert_tokens_to_ids({names!r})] = "
+                f'emb["{key}"]' for key, enc, tok in zip(self.embedding_keys, self.encoder_parts, self.tokenizer_parts)]
+
     def webui_metadata(self, pipe) -> dict:
         return {"ss_base_model_version": "sd3", "ss_v2": "False"}

@@ -132,6 +132,8 @@ class TrainConfig:
     """Share of the steps during which the new tokens train (then they freeze: the pivot)."""
     initializer_concept: str | None = None
     """Start the new tokens from this text's token embeddings (default: random, the table's std)."""
+    enable_t5_ti: bool = False
+    """FLUX.1 / SD 3: learn the new tokens' T5 rows too (diffusers' advanced FLUX script's flag)."""
     # ---- optimisation
     train_batch_size: int = 1
     max_train_steps: int | None = None
@@ -380,6 +382,8 @@ class TrainConfig:
         })
         if self.train_text_encoder_ti:
             self._validate_pivotal()
+        elif self.enable_t5_ti:
+            raise ConfigError("enable_t5_ti needs train_text_encoder_ti (it adds T5 rows to pivotal tuning)")
         self._validate_buckets()
         if self.mask_data_dir is not None and not self.masked_loss:
             raise ConfigError("mask_data_dir is set but masked_loss is off")
