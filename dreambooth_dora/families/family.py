@@ -55,6 +55,7 @@ class Family:
     embedding_keys: tuple[str, ...] = ("clip_l",)  # pivotal-tuning embeddings, one per encoder (the ecosystem's names)
     kohya_prefixes: dict[str, str] = {}
     webui_consumers: str = "A1111, Forge, ComfyUI"  # the web UIs that run this family's models
+    webui_versions: tuple[str, ...] = ()  # `ss_base_model_version` values of its web UI files, where they tell it apart
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -51,6 +51,7 @@ class Flux1(FlowTransformer):
     tokenizer_parts = ("tokenizer",)
     embedding_keys = ("clip_l",)
     default_targets = {"transformer": FLUX_TARGETS}
+    webui_versions = ("flux1",)  # the `ss_base_model_version` its web UI files carry
     kohya_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}  # sd-scripts' FLUX names
     native_blocks = {("transformer_blocks", "double_blocks"): FLUX_DOUBLE,
                      ("single_transformer_blocks", "single_blocks"): FLUX_SINGLE}

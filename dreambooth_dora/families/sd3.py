@@ -49,6 +49,7 @@ class StableDiffusion3(FlowTransformer):
     tokenizer_parts = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")
     default_targets = {"transformer": SD3_TARGETS}
+    webui_versions = ("sd3",)  # the `ss_base_model_version` its web UI files carry
     kohya_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     native_blocks = {("transformer_blocks", "joint_blocks"): SD3_JOINT}
     native_top = SD3_TOP

@@ -24,7 +24,7 @@ import torch
 
 from ..adapters.file import AdapterError, layout_prefix
 from ..adapters.inject import adapted_layers
-from ..families import KOHYA_PARTS
+from ..families import FAMILIES, KOHYA_PARTS
 
 RULES = ("lycoris", "comfyui", "comfyui-15458", "a1111")
 RULE_NAMES = {
@@ -103,10 +103,13 @@ def relative_error(merged: torch.Tensor, w0: torch.Tensor, target: torch.Tensor,
     return (merged - (target if reference is None else reference)).float().norm().item() / max(scale, 1e-30)
 
 
-def part_of(key: str) -> str | None:
-    """The model part a kohya module name adapts ('unet', 'text_encoder', 'text_encoder_2'), by
-    the kohya prefixes of every model family."""
-    for start, part in KOHYA_PARTS.items():
+def part_of(key: str, base_version: str | None = None) -> str | None:
+    """The model part a kohya module name adapts ('unet', 'transformer', 'text_encoder', ...): by
+    the prefixes of the family whose web UI files say `base_version` (`ss_base_model_version`),
+    else by the kohya prefixes of every model family."""
+    family = next((f for f in FAMILIES if base_version and base_version in f.webui_versions), None)
+    prefixes = KOHYA_PARTS if family is None else {p: part for part, p in family.kohya_prefixes.items()}
+    for start, part in sorted(prefixes.items(), key=lambda kv: -len(kv[0])):
         if key.startswith(start):
             return part
     return None

@@ -17,10 +17,11 @@ from safetensors import SafetensorError, safe_open
 from ..adapters.file import AdapterError, describe, read_adapter
 from ..adapters.pivotal import EMBEDDINGS_FILE
 from .consumers import RULE_NAMES, RULES, a1111_bundled_embeddings, part_of, read_kohya_modules
-from ..families import ADAPTER_PARTS, EMBEDDING_PARTS
+from ..families import ADAPTER_PARTS, EMBEDDING_PARTS, FAMILIES
+
+DIT_VERSIONS = {v for f in FAMILIES if f.fixed_encoders for v in f.webui_versions}  # FLUX.1's and SD 3's files
 from ..outputs import ADAPTER_FILE, OUTPUT_MARKER
 
-DIT_VERSIONS = ("flux1", "sd3")  # `ss_base_model_version` of the DiT families' web UI files
 # what an output-axis DoRA file is exact under when it does not say (LyCORIS's wd_on_output layout)
 DEFAULT_RULE = "lycoris-exact"
 KNOWN_TARGETS = ("to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out", "q_proj", "k_proj", "v_proj",
@@ -172,10 +173,9 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
     modules = read_kohya_modules(tensors)
     kinds = {m.kind for m in modules.values()}
     parts: dict[str, PartInfo] = {}
-    dit = meta.get("ss_base_model_version") in DIT_VERSIONS  # kohya's `lora_unet_` names the transformer there
+    version = meta.get("ss_base_model_version")
     for name, mod in sorted(modules.items()):
-        part = part_of(name) or "other"
-        p = parts.setdefault("transformer" if dit and part == "unet" else part, PartInfo(0, [], [], []))
+        p = parts.setdefault(part_of(name, version) or "other", PartInfo(0, [], [], []))
         p.modules += 1
         if _target(name) not in p.targets:
             p.targets.append(_target(name))
@@ -218,7 +218,7 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
         notes.append("bundled embeddings, loaded with the LoRA by A1111 / Forge (write the trigger word in the "
                      "prompt): " + ", ".join(f"{name} ({next(iter(d.values())).shape[0]} vectors)"
                                              for name, d in bundled.items()))
-    if dit:
+    if version in DIT_VERSIONS:
         notes.append("FLUX.1 / SD 3 module names of the original checkpoints (fused q/k/v): for ComfyUI and Forge; "
                      "A1111's column is its rule only (A1111 runs no FLUX.1; its SD 3 LoRA loading is not checked)")
     if meta.get("ss_v2") == "True":
