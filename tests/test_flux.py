@@ -175,8 +175,6 @@ def test_each_family_refuses_what_it_would_ignore_in_one_line_before_any_model_l
     monkeypatch.setattr(flux_module.Flux1, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     for flags, words in [(["--snr_gamma", "5"], "snr_gamma is a DDPM setting"),
                          (["--resolution", "56"], "multiple of 16"),
-                         (["--train_text_encoder_ti", "--token_abstraction", "sks", "--enable_t5_ti"],
-                          "enable_t5_ti (new tokens in T5 too) is not supported yet"),
                          (["--unet_target_modules", "to_q"], "has no UNet; give its modules as lora_layers")]:
         assert words in _refusal(capsys, tiny_flux_path, tmp_path / "out", "--resolution", "64", *flags)
     assert "weighting_scheme is a flow-matching setting" in _refusal(capsys, tiny_sd_path, tmp_path / "out",

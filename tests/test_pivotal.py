@@ -306,50 +306,61 @@ def test_pivotal_recipes_run_on_local_models_in_bf16(recipe, tiny_sd_path, tiny_
     assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3"])
-def test_dit_pivotal_tuning_learns_clip_rows_stock_loading_reproduces_validation(family, tiny_flux_path, tiny_sd3_path,
-                                                                                 tmp_path, capsys):
-    """FLUX.1 (CLIP-L rows) and SD 3 (CLIP-L + CLIP-G rows); T5 reads the new tokens as text, its
-    states encoded once. Stock `load_lora_weights` plus the model card's embedding lines draw the
-    validation grid's pictures; `load_adapter` the same; `--enable_t5_ti` is one line."""
+@pytest.mark.parametrize("family, t5", [("flux1", False), ("flux1", True), ("sd3", True)])
+def test_dit_pivotal_tuning_stock_loading_reproduces_validation(family, t5, tiny_flux_path, tiny_sd3_path, tiny_sd_path,
+                                                                tmp_path, capsys):
+    """FLUX.1 (CLIP-L rows) and SD 3 (CLIP-L + CLIP-G rows), with `--enable_t5_ti` T5's rows too
+    (the tiny T5, like T5-XXL, has table rows past its tokenizer: the new ids follow the tokenizer's);
+    without it T5 reads the new tokens as text, its states encoded once. Stock `load_lora_weights`
+    plus the model card's embedding lines draw the validation grid's pictures; `load_adapter` the
+    same; each encoder's rows matter."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     model, cls = (tiny_flux_path, FluxPipeline) if family == "flux1" else (tiny_sd3_path, StableDiffusion3Pipeline)
     out = tmp_path / family
-    extra = ["--resolution", "32", "--max_sequence_length", "16", "--validation_inference_steps", "2"]
-    run(model, out, *extra, "--checkpointing_steps", "10")
+    run(model, out, "--resolution", "32", "--max_sequence_length", "16", "--validation_inference_steps", "2",
+        "--checkpointing_steps", "10", *(["--enable_t5_ti"] if t5 else []))
     emb = load_file(str(out / "embeddings.safetensors"))
-    assert set(emb) == ({"clip_l"} if family == "flux1" else {"clip_l", "clip_g"})
-    card = (out / "README.md").read_text()
-    lines = [line for line in card.split("`") if "emb[" in line]  # the card's stock loading code
+    clips = {"clip_l"} if family == "flux1" else {"clip_l", "clip_g"}
+    assert set(emb) == clips | ({"t5"} if t5 else set())
+    lines = [line for line in (out / "README.md").read_text().split("`") if "emb[" in line]  # the card's code
+    assert len(lines) == len(emb)
 
     def draw(pipe, prompt):
         pipe.set_progress_bar_config(disable=True)
         gens = [torch.Generator("cpu").manual_seed(2 + j) for j in range(2)]
-        kw = {"guidance_scale": 3.5} if family == "flux1" else {"guidance_scale": 7.0}  # the families' validation
         images = pipe(prompt, num_images_per_prompt=2, num_inference_steps=2, generator=gens, height=32, width=32,
-                      max_sequence_length=16, **kw).images
+                      max_sequence_length=16, guidance_scale=3.5 if family == "flux1" else 7.0).images  # validation's
         return [np.asarray(im).astype(int) for im in images]
 
-    stock = cls.from_pretrained(model)
-    stock.load_lora_weights(str(out))
-    for line in lines:
-        exec(line, {"pipe": stock, "emb": emb})
-    stock_images = draw(stock, "a <s0><s1> icon")
+    def stock(keys):
+        pipe = cls.from_pretrained(model)
+        pipe.load_lora_weights(str(out))
+        for line in lines:
+            if line.split('emb["')[1].split('"')[0] in keys:
+                exec(line, {"pipe": pipe, "emb": emb})
+        return draw(pipe, "a <s0><s1> icon")
+
+    stock_images = stock(set(emb))
     cells = _grid_cells(out / "validation" / "step-000004.png", 2, 32)
     assert max(np.abs(a - b).max() for a, b in zip(stock_images, cells)) <= 2
     ours = cls.from_pretrained(model)
     report = load_adapter(ours, out)
     assert all(np.array_equal(a, b) for a, b in zip(draw(ours, insert_tokens(PROMPT, report["tokens"])), stock_images))
-    plain = cls.from_pretrained(model)
-    plain.load_lora_weights(str(out))
-    assert max(np.abs(a - b).max() for a, b in zip(draw(plain, "a <s0><s1> icon"), stock_images)) > 2  # rows matter
+    assert max(np.abs(a - b).max() for a, b in zip(stock(clips - {"clip_l"}), stock_images)) > 2  # CLIP-L's rows matter
+    if t5:
+        assert max(np.abs(a - b).max() for a, b in zip(stock(clips), stock_images)) > 2  # and T5's
+        t5_model = ours.text_encoder_2 if family == "flux1" else ours.text_encoder_3
+        tokenizer = ours.tokenizer_2 if family == "flux1" else ours.tokenizer_3
+        assert tokenizer.convert_tokens_to_ids(["<s0>"]) == [len(tokenizer) - 2] < [t5_model.config.vocab_size]
+        return
     with pytest.raises(ConfigError, match="enable_t5_ti needs train_text_encoder_ti"):
         load_config(["--instance_data_dir", ICONS, "--instance_prompt", PROMPT, "--enable_t5_ti"])
     from dreambooth_dora.cli import train_main
 
     capsys.readouterr()
-    assert train_main(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", ICONS, "--instance_prompt",
-                       PROMPT, "--train_text_encoder_ti", "--enable_t5_ti", "--output_dir", str(tmp_path / "t5")]) == 2
+    assert train_main(["--pretrained_model_name_or_path", str(tiny_sd_path), "--instance_data_dir", ICONS,
+                       "--instance_prompt", PROMPT, "--train_text_encoder_ti", "--enable_t5_ti", "--output_dir",
+                       str(tmp_path / "t5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "enable_t5_ti" in err[0] and not (tmp_path / "t5").exists()
+    assert len(err) == 1 and "has no T5 text encoder" in err[0] and not (tmp_path / "t5").exists()

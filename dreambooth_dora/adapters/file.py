@@ -294,7 +294,8 @@ def load_tokens(pipe, tokens: dict[str, list[str]], vectors: dict) -> None:
     if not names:
         return
     family = family_of_pipeline(pipe)
-    for key, tokenizer, encoder in zip(family.embedding_keys, *family.text_parts(pipe)):
+    for key, tok, enc in family.embedding_parts(vectors):
+        tokenizer, encoder = getattr(pipe, tok), getattr(pipe, enc)
         if hasattr(pipe, "load_textual_inversion"):
             pipe.load_textual_inversion(vectors[key], token=names, text_encoder=encoder, tokenizer=tokenizer)
         else:  # StableDiffusion3Pipeline has no loader: the same three steps by hand
@@ -328,9 +329,11 @@ def token_plan(pipe, adapter: AdapterFile, adapter_name: str) -> tuple[dict[str,
     except Exception as err:  # safetensors raises several types for a damaged file
         raise AdapterError(f"{file} does not load ({type(err).__name__})") from None
     family = family_of_pipeline(pipe)
-    tokenizers, encoders = family.text_parts(pipe)
+    parts = family.embedding_parts(set(family.embedding_keys) | set(vectors))
+    tokenizers = [getattr(pipe, tok) for _, tok, _ in parts]
     count = sum(len(t) for t in adapter.info.tokens.values())
-    for key, encoder in zip(family.embedding_keys, encoders):
+    for key, _, enc in parts:
+        encoder = getattr(pipe, enc)
         rows = vectors.get(key)
         width = encoder.get_input_embeddings().weight.shape[1]
         if rows is None or rows.shape != (count, width):

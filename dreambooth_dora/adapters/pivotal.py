@@ -7,7 +7,7 @@ embedding rows train, for the first `--train_text_encoder_ti_frac` of the steps 
 then they freeze and the adapter goes on alone.
 
 Here the rows live in their own parameter (`NewTokenEmbedding.new`, (n, D) fp32) beside the
-untouched base embedding (V, D): ids < V read the base table, ids >= V read `new`. So the rest
+untouched base embedding (V, D): ids below the new ones read the base table, the new ids read `new`. So the rest
 of the embedding matrix stays exactly the base's by construction (no copy-back after each step,
 no weight decay on rows that must not move), and the lookup equals that of a table resized with
 the new rows appended, which is what stock `pipe.load_textual_inversion` builds.
@@ -15,12 +15,16 @@ the new rows appended, which is what stock `pipe.load_textual_inversion` builds.
 Files written beside the adapter:
 
     embeddings.safetensors              diffusers' advanced-script layout: `clip_l` (n, 768)
-                                        [+ `clip_g` (n, 1280) for SDXL], all new tokens in order;
+                                        [+ `clip_g` (n, 1280) for SDXL and SD 3] [+ `t5` (n, 4096),
+                                        FLUX.1 / SD 3 with `--enable_t5_ti`], all new tokens in order;
                                         `pipe.load_textual_inversion(f["clip_l"], token=[...], ...)`
     webui_embeddings/<ABSTRACTION>.safetensors
                                         one file per abstraction for A1111 / Forge / ComfyUI (their
                                         trigger word is the file name): `emb_params` (SD 1.x/2.x)
-                                        or `clip_l` + `clip_g` (SDXL)
+                                        or `clip_l` + `clip_g` (SDXL); CLIP's rows only
+
+T5's table has rows past its tokenizer (T5-XXL: 32128 rows, 32100 tokens); the new tokens take the
+ids after the tokenizer's, as stock `load_textual_inversion` gives them.
 """
 
 from __future__ import annotations
@@ -54,34 +58,31 @@ def insert_tokens(text: str, tokens: dict[str, list[str]]) -> str:
 class NewTokenEmbedding(nn.Module):
     """A token embedding with `n` rows appended: ids (..,) -> (.., D).
 
-    `base`: the frozen (V, D) table, untouched; `new`: (n, D) trainable, fp32. Ids >= V read
-    `new[id - V]`, in the base table's dtype (what a resized table in that dtype holds)."""
+    `base`: the frozen (V, D) table, untouched; `new`: (n, D) trainable, fp32. The new tokens'
+    ids start at `first` (the tokenizer's size before they were added: V for CLIP; T5's table has
+    unused rows past its tokenizer, 32128 against 32100). Ids >= `first` read `new[id - first]`, in
+    the base table's dtype: what a table resized to `first + n` by stock `load_textual_inversion`
+    holds."""
 
-    def __init__(self, base: nn.Embedding, new: torch.Tensor):
+    def __init__(self, base: nn.Embedding, new: torch.Tensor, first: int | None = None):
         super().__init__()
         self.base = base
+        self.first = base.num_embeddings if first is None else first
         self.new = nn.Parameter(new.detach().to(base.weight.device, torch.float32).clone())
 
     @property
     def weight(self) -> torch.Tensor:  # the resized table, for code that reads `.weight`
-        return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)])
+        return torch.cat([self.base.weight[:self.first], self.new.to(self.base.weight.dtype)])
 
     @property
     def num_embeddings(self) -> int:
-        return self.base.num_embeddings + self.new.shape[0]
+        return self.first + self.new.shape[0]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        vocab = self.base.num_embeddings
-        out = self.base(ids.clamp(max=vocab - 1))
-        is_new = ids >= vocab  # no shortcut when there are none: every process must get a gradient
-        rows = self.new[(ids - vocab).clamp(min=0)].to(out.dtype)
+        out = self.base(ids.clamp(max=self.first - 1))
+        is_new = ids >= self.first  # no shortcut when there are none: every process must get a gradient
+        rows = self.new[(ids - self.first).clamp(min=0)].to(out.dtype)
         return torch.where(is_new.unsqueeze(-1), rows, out)
-
-
-def _embeddings_module(text_encoder) -> nn.Module:
-    """The CLIP text model's embeddings block (transformers 4: `.text_model.embeddings`, 5: `.embeddings`)."""
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    return inner.embeddings
 
 
 class PivotalTokens:
@@ -102,12 +103,13 @@ class PivotalTokens:
             taken = [t for t in self.names if t in tokenizer.get_vocab()]
             if taken:
                 raise ValueError(f"the tokenizer already has the token {taken[0]!r}; choose another token_abstraction")
-            base = _embeddings_module(encoder).token_embedding
-            if len(tokenizer) != base.num_embeddings:
-                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder's table has "
-                                 f"{base.num_embeddings} rows; pivotal tuning needs them equal")
+            base = encoder.get_input_embeddings()
+            first = len(tokenizer)  # the new tokens' first id
+            if first > base.num_embeddings:
+                raise ValueError(f"tokenizer has {first} tokens but the text encoder's table only "
+                                 f"{base.num_embeddings} rows")
             tokenizer.add_tokens(self.names)  # as stock load_textual_inversion adds them
-            table = base.weight.detach().float()
+            table = base.weight.detach().float()[:first]  # (T5's rows past its tokenizer are unused)
             if initializer_concept:
                 ids = tokenizer.encode(initializer_concept, add_special_tokens=False)
                 if not ids:
@@ -115,8 +117,8 @@ class PivotalTokens:
                 init = table[[ids[k % len(ids)] for k in range(len(self.names))]]
             else:
                 init = torch.randn(len(self.names), table.shape[1], generator=gen) * table.std()
-            module = NewTokenEmbedding(base, init)
-            _embeddings_module(encoder).token_embedding = module
+            module = NewTokenEmbedding(base, init, first)
+            encoder.set_input_embeddings(module)
             self.tables.append(module)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -167,8 +169,8 @@ def webui_embeddings(vectors: dict[str, torch.Tensor], tokens: dict[str, list[st
     """{abstraction: its web UI embedding}: `emb_params` (n, D) for SD 1.x/2.x, `clip_l` + `clip_g`
     for SDXL (what A1111, Forge and ComfyUI read; see consumers.a1111_embedding)."""
     out, start = {}, 0
-    for abstraction, names in tokens.items():
-        rows = {k: v[start:start + len(names)].contiguous() for k, v in vectors.items()}
+    for abstraction, names in tokens.items():  # CLIP's rows (T5's, with enable_t5_ti, stay in the diffusers file)
+        rows = {k: v[start:start + len(names)].contiguous() for k, v in vectors.items() if k != "t5"}
         start += len(names)
         out[abstraction] = rows if len(rows) == 2 else {"emb_params": rows["clip_l"]}
     return out

@@ -49,9 +49,6 @@ class FlowTransformer(StableDiffusion):
                 raise ValueError(message.format(label=self.label))
         if list(cfg.unet_target_modules) != list(UNET_ATTENTION_TARGETS):
             raise ValueError(f"unet_target_modules: {self.label} has no UNet; give its modules as lora_layers")
-        if cfg.enable_t5_ti:
-            raise ValueError(f"enable_t5_ti (new tokens in T5 too) is not supported yet; {self.label}'s pivotal "
-                             "tuning learns the CLIP rows (T5 reads the new tokens as text, as without it in diffusers)")
         if cfg.resolution % self.size_step:
             raise ValueError(f"resolution {cfg.resolution}: {self.label} needs a multiple of {self.size_step} "
                              "(8x VAE, 2x2 patches)")

@@ -49,6 +49,7 @@ class Flux1(FlowTransformer):
     tag = "flux"
     encoder_parts = ("text_encoder",)  # CLIP-L; T5 (text_encoder_2) is never adapted
     tokenizer_parts = ("tokenizer",)
+    t5_parts = ("tokenizer_2", "text_encoder_2")
     embedding_keys = ("clip_l",)
     default_targets = {"transformer": FLUX_TARGETS}
     webui_versions = ("flux1",)  # the `ss_base_model_version` its web UI files carry

@@ -120,6 +120,7 @@ class StableDiffusion(Family):
 
     denoiser_label = "UNet"
     fixed_encoders = 0  # trailing text encoders no adapter trains (encoded once when the others train)
+    t5_parts: tuple[str, str] | None = None  # (tokenizer, text encoder) of T5, where the family has one
     size_step = 8  # picture sizes: multiples of the VAE's factor
     # the samplers the app offers: {label: diffusers class}, the first the default
     schedulers = {"DPM++ 2M": "DPMSolverMultistepScheduler", "DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler",
@@ -221,9 +222,17 @@ class StableDiffusion(Family):
         sd2 = pipe.unet.config.cross_attention_dim == 1024 or bool(pipe.unet.config.use_linear_projection)
         return {"ss_base_model_version": "sd_v2" if sd2 else "sd_v1", "ss_v2": str(sd2)}
 
-    def textual_inversion_lines(self, names: list[str]) -> list[str]:
+    def pivotal_keys(self, cfg) -> tuple[str, ...]:
+        """The embeddings file's keys a pivotal-tuning run trains, one per text encoder in order."""
+        return self.embedding_keys + (("t5",) if getattr(cfg, "enable_t5_ti", False) else ())
+
+    def embedding_parts(self, keys) -> list[tuple[str, str, str]]:
+        """(key, tokenizer part, text encoder part) for the embeddings file's `keys`."""
+        parts = list(zip(self.embedding_keys, self.tokenizer_parts, self.encoder_parts))
+        return [p for p in parts + ([("t5", *self.t5_parts)] if self.t5_parts else []) if p[0] in keys]
+
+    def textual_inversion_lines(self, names: list[str], keys=None) -> list[str]:
         """diffusers calls that load pivotal tuning's vectors `emb` into a pipeline, stock."""
         return [f'pipe.load_textual_inversion(emb["{key}"], token={names!r}, text_encoder=pipe.{enc}, '
-                f'tokenizer=pipe.{tok})'
-                for key, enc, tok in zip(self.embedding_keys, self.encoder_parts, self.tokenizer_parts)]
+                f'tokenizer=pipe.{tok})' for key, tok, enc in self.embedding_parts(keys or self.embedding_keys)]
 

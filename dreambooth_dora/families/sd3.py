@@ -47,6 +47,7 @@ class StableDiffusion3(FlowTransformer):
     tag = "stable-diffusion-3"
     encoder_parts = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G; T5 (text_encoder_3) never trains
     tokenizer_parts = ("tokenizer", "tokenizer_2")
+    t5_parts = ("tokenizer_3", "text_encoder_3")
     embedding_keys = ("clip_l", "clip_g")
     default_targets = {"transformer": SD3_TARGETS}
     webui_versions = ("sd3",)  # the `ss_base_model_version` its web UI files carry
@@ -144,11 +145,11 @@ class StableDiffusion3(FlowTransformer):
                              "shift and scale swapped (not mapped); adapt other layers, or export --format fused")
         return super().native_module(name, model)
 
-    def textual_inversion_lines(self, names: list[str]) -> list[str]:
-        """StableDiffusion3Pipeline has no `load_textual_inversion`: its three steps, per CLIP."""
+    def textual_inversion_lines(self, names: list[str], keys=None) -> list[str]:
+        """StableDiffusion3Pipeline has no `load_textual_inversion`: its three steps, per encoder."""
         return [f"pipe.{tok}.add_tokens({names!r}); pipe.{enc}.resize_token_embeddings(len(pipe.{tok})); "
                 f"pipe.{enc}.get_input_embeddings().weight.data[pipe.{tok}.convert_tokens_to_ids({names!r})] = "
-                f'emb["{key}"]' for key, enc, tok in zip(self.embedding_keys, self.encoder_parts, self.tokenizer_parts)]
+                f'emb["{key}"]' for key, tok, enc in self.embedding_parts(keys or self.embedding_keys)]
 
     def webui_metadata(self, pipe) -> dict:
         return {"ss_base_model_version": "sd3", "ss_v2": "False"}

@@ -121,7 +121,7 @@ def file_info(path: str | Path) -> FileInfo:
     if any(part_of(k) for k in tensors):
         return _kohya(file, tensors, meta)
     if tensors and all(v.dim() in (1, 2) for v in tensors.values()) and (
-            set(tensors) <= {"emb_params", "clip_l", "clip_g"} or len(tensors) == 1):
+            set(tensors) <= {"emb_params", "clip_l", "clip_g", "t5"} or len(tensors) == 1):
         return _embedding(file, tensors)
     raise AdapterError(f"{str(file)!r} holds no adapter this tool knows (keys like {sorted(tensors)[:2]})")
 
@@ -160,9 +160,9 @@ def _embedding(file: Path, tensors: dict) -> FileInfo:
     parts = {}
     for key, v in tensors.items():
         vectors = v.reshape(-1, v.shape[-1])
-        part = EMBEDDING_PARTS.get(key, "text_encoder")
+        part = "T5" if key == "t5" else EMBEDDING_PARTS.get(key, "text_encoder")
         parts[part] = PartInfo(vectors.shape[0], [f"{vectors.shape[0]} vector(s) of width {vectors.shape[1]}"], [], [])
-    token = next(iter(tensors)) if set(tensors) - {"emb_params", "clip_l", "clip_g"} else None
+    token = next(iter(tensors)) if set(tensors) - {"emb_params", "clip_l", "clip_g", "t5"} else None
     notes = [f"token {token!r}" if token else "the token is the file name in A1111 / ComfyUI"]
     return FileInfo(str(file), "textual-inversion embedding", "new token vectors", _dtype_of(tensors),
                     "not recorded", sum(v.numel() for v in tensors.values()), parts,

@@ -196,6 +196,12 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
+def t5_rows(tokenizer) -> int:
+    """T5's table size: the tokenizer's, padded to a multiple of 64 as T5-XXL pads its 32100 tokens to
+    32128 rows (so code that appends tokens meets the same gap as with the real model)."""
+    return -(-len(tokenizer) // 64) * 64
+
+
 def build_t5_tokenizer(words=WORDS, max_length: int = 32):
     """A T5TokenizerFast from a small Unigram model over the project's words (T5's special tokens:
     <pad> 0, </s> 1, <unk> 2), built locally: the hub's tokenizers are out of reach."""
@@ -239,7 +245,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: boo
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32, hidden_act="gelu"))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=t5_rows(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                              num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
                                              feed_forward_proj="gated-gelu", decoder_start_token_id=0,
                                              pad_token_id=0, eos_token_id=1))
@@ -280,7 +286,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(clip_config())
     torch.manual_seed(seed + 4)
-    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=64, num_layers=2,
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=t5_rows(tokenizer_3), d_model=64, d_kv=8, d_ff=64, num_layers=2,
                                              num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
                                              feed_forward_proj="gated-gelu", decoder_start_token_id=0,
                                              pad_token_id=0, eos_token_id=1))

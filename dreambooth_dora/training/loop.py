@@ -403,7 +403,7 @@ def build_caches(cfg: TrainConfig, encode: PromptEncoder, frozen: bool, vae, exa
     texts = sorted({ex.caption for ex in examples + class_examples}) + prompts + [""]
     if frozen:
         encode.freeze(texts)
-    else:  # the family's never-trained encoders (FLUX.1's T5) once
+    elif not cfg.enable_t5_ti:  # the family's never-trained encoders (FLUX.1's T5) once; T5 rows train: live
         encode.fix(texts)
     if not cfg.cache_latents:
         return None
@@ -452,7 +452,7 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
     if tokens:
         try:
             pivotal = PivotalTokens(tokenizers, text_encoders, tokens, cfg.initializer_concept, cfg.seed,
-                                    family.embedding_keys)
+                                    family.pivotal_keys(cfg))
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

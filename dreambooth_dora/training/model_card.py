@@ -34,7 +34,7 @@ def pivotal_section(cfg: TrainConfig, info: AdapterInfo, family: Family) -> str:
         return ""
     rows = "\n".join(f"| `{a}` | `{''.join(t)}` | `webui_embeddings/{a}.safetensors` |" for a, t in info.tokens.items())
     first, names = next(iter(info.tokens.items()))
-    loads = family.textual_inversion_lines(names)
+    loads = family.textual_inversion_lines(names, family.pivotal_keys(cfg))
     return f"""
 ## New tokens (pivotal tuning)
 
