@@ -74,3 +74,51 @@ def test_two_subjects_in_one_dit_run(family, tiny_flux_path, tiny_sd3_path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("class_")) == ["class_brick", "class_icon"]
     grid = Image.open(tmp_path / "out" / "validation" / "step-000002.png")
     assert grid.size[1] == 2 * 64 * 4  # a row per subject's prompt (64 px cells enlarged 4x)
+
+
+@pytest.mark.slow
+def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch(tiny_flux_path, tiny_sd3_path,
+                                                                                 tmp_path):
+    """DDP over 2 CPU processes (gloo) = one process with the doubled batch, per family: FLUX.1 with
+    its CLIP adapters and aspect buckets in steps of 16 on non-square pictures; SD 3 with both CLIPs'
+    adapters, logit-normal noise levels and preconditioned outputs. The two launches run side by side
+    while this process trains the one-process twins."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    icons = sorted((repo / "sample_data/3d_icon").glob("*.png"))
+    for i, (p, size) in enumerate(zip(icons, [(96, 64), (64, 96), (96, 64), (64, 64)])):
+        Image.open(p).convert("RGB").resize(size).save(folder / f"{i}.png")
+    base = ["--instance_prompt", "a sks icon", "--learning_rate", "1e-2", "--report_to", "none", "--train_text_encoder",
+            "--seed", "0", "--checkpointing_steps", "100"]
+    runs = {"flux1": [*base, "--pretrained_model_name_or_path", tiny_flux_path, "--instance_data_dir", folder,
+                      "--resolution", "64", "--random_flip", "--max_train_steps", "3", "--aspect_buckets",
+                      "--bucket_step", "16", "--weighting_scheme", "logit_normal", "--max_sequence_length", "32"],
+            "sd3": [*base, "--pretrained_model_name_or_path", tiny_sd3_path, "--instance_data_dir",
+                    repo / "sample_data/3d_icon", "--resolution", "32", "--max_train_steps", "2",
+                    "--max_sequence_length", "16"]}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = {}
+    for port, (family, argv) in zip((29534, 29536), runs.items()):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                  str(port), str(repo / "train_dreambooth_dora.py")]
+        procs[family] = subprocess.Popen([*launch, *map(str, argv), "--train_batch_size", "1", "--output_dir",
+                                          str(tmp_path / f"{family}-two")], cwd=repo, env=env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for family, argv in runs.items():  # one process, in this one, meanwhile
+        train_now([*argv, "--train_batch_size", "2", "--output_dir", tmp_path / f"{family}-one"])
+    parts = {"flux1": {"transformer", "text_encoder"}, "sd3": {"transformer", "text_encoder", "text_encoder_2"}}
+    for family, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-2000:]
+        assert "processes: 2" in output
+        a, b = (load_file(str(tmp_path / f"{family}-{n}" / ADAPTER_FILE)) for n in ("one", "two"))
+        assert a.keys() == b.keys() and {k.split(".", 1)[0] for k in a} == parts[family]
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst <= 1e-5, (family, worst)  # summation order only (DDP averages two halves); FLUX measured 5.5e-7
+        assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 5e-3  # it did train
