@@ -132,6 +132,26 @@ def test_stock_flux_loader_and_ours_are_exact(tiny_flux_path, flux_runs, method)
     assert (_transformer_out(ours) - base).abs().max() <= 1e-6
 
 
+def test_named_flux_adapters_switch_and_scale_as_stock_peft(tiny_flux_path, flux_runs):
+    """`load_adapter` under two names, then diffusers' own `set_adapters` (weights too) and
+    `disable_lora`: the transformer as stock `load_lora_weights` + the same calls gives (PEFT's layers)."""
+    from dreambooth_dora import load_adapter
+
+    ours, stock = _pipe(tiny_flux_path), _pipe(tiny_flux_path)
+    for name in ("dora", "lora"):
+        load_adapter(ours, flux_runs[name], adapter_name=name)
+        stock.load_lora_weights(str(flux_runs[name]), adapter_name=name)
+    outs = {}
+    for names, weights in ((["dora"], None), (["lora"], None), (["dora"], [0.5]), (["dora", "lora"], [0.5, 0.7])):
+        ours.set_adapters(names, adapter_weights=weights)
+        stock.set_adapters(names, adapter_weights=weights)
+        outs[str((names, weights))] = got = _transformer_out(ours)
+        assert (got - _transformer_out(stock)).abs().max() <= 1e-5, (names, weights)
+    assert (outs["(['dora'], None)"] - outs["(['dora'], [0.5])"]).abs().max() > 1e-4  # the weight acts
+    ours.disable_lora()
+    assert (_transformer_out(ours) - _transformer_out(_pipe(tiny_flux_path))).abs().max() <= 1e-6
+
+
 def test_flux_resume_equals_uninterrupted(tiny_flux_path, flux_runs, tmp_path, monkeypatch):
     import dreambooth_dora.training.loop as train_module
     from conftest import interrupt_at
