@@ -7,10 +7,14 @@
    --mixed_precision fp16 and bf16, the adapter reloaded exactly; load_adapter and the fused
    export in fp16). Without CUDA their CPU variants run and the CUDA ones are listed as skipped.
 2. Times, interleaved (medians), our LoRA, our DoRA and PEFT's DoRA: one adapted layer on SD 1.5
-   attention shapes (benchmarks/bench_layers.py), and a whole training step (noise, UNet
-   forward, MSE, backward, clip, AdamW; random weights, batch 1, rank 8 on to_q/to_k/to_v/to_out.0)
-   on SD 1.5's UNet at 512 px and SDXL's at 1024 px (bf16 autocast on CUDA, frozen weights in
-   bf16, adapters fp32); `--size quick` (the default without CUDA) uses a small UNet at 64 px.
+   attention shapes and the DiT families' projections (benchmarks/bench_layers.py), and a whole
+   training step (noise, denoiser forward, MSE, backward, clip, AdamW; random weights, batch 1)
+   on SD 1.5's UNet at 512 px and SDXL's at 1024 px (rank 8 on to_q/to_k/to_v/to_out.0), and at
+   1024 px FLUX.1's transformer (its real widths with 2 of 19 double and 4 of 38 single blocks,
+   4096 image + 512 T5 tokens; gradient checkpointing off and on) and SD 3.5 medium's whole
+   transformer (4096 + 333 tokens), rank 16 on diffusers' default targets of each (bf16 autocast on
+   CUDA, frozen weights in bf16, adapters fp32); `--size quick` (the default without CUDA) runs
+   small models at 64 px (the code path only, no figures to quote).
    Memory per step: on CUDA the peak allocated during the step above what was allocated before
    it (`torch.cuda.max_memory_allocated`); everywhere the bytes autograd keeps for backward
    (exact, device independent). Reported as ratios.
@@ -76,16 +80,68 @@ def run_tests(out: Path, where: str = "tests/") -> dict:
 
 # ---- 2. timing and memory --------------------------------------------------------------------
 
+class UNetInputs:
+    """One UNet step's inputs on the device: latents (px / 8), text states, SDXL's pooled + size ids."""
+
+    def __init__(self, px: int, ctx: int, pooled: int | None, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        self.latents = torch.randn(1, 4, px // 8, px // 8, generator=g).to(device)
+        self.cond = torch.randn(1, 77, ctx, generator=g).to(device, dtype)
+        self.extra = {} if pooled is None else {"added_cond_kwargs": {
+            "text_embeds": torch.randn(1, pooled, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[px, px, 0, 0, px, px]], dtype=dtype, device=device)}}
+        self.t = torch.tensor([500], device=device)
+
+    def __call__(self, model, noisy):
+        return model(noisy, self.t, self.cond, **self.extra).sample
+
+
+class FluxInputs:
+    """One FLUX.1 step: packed latents (px / 16)^2 tokens of 64, T5 states (`text` tokens, 4096 wide
+    at full size), CLIP's pooled, guidance, position ids."""
+
+    def __init__(self, px: int, text: int, model, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        n = (px // 16) ** 2
+        self.latents = torch.randn(1, n, cfg.in_channels, generator=g).to(device)
+        self.kw = dict(encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(device, dtype),
+                       pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+                       timestep=torch.tensor([0.5], device=device), guidance=torch.tensor([3.5], device=device),
+                       txt_ids=torch.zeros(text, 3, device=device), img_ids=torch.zeros(n, 3, device=device))
+
+    def __call__(self, model, noisy):
+        return model(hidden_states=noisy.to(self.kw["encoder_hidden_states"].dtype), **self.kw, return_dict=False)[0]
+
+
+class SD3Inputs:
+    """One SD 3 step: 16-channel latents (px / 8), CLIP + T5 states (`text` tokens), pooled (2048)."""
+
+    def __init__(self, px: int, text: int, model, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        self.latents = torch.randn(1, cfg.in_channels, px // 8, px // 8, generator=g).to(device)
+        self.kw = dict(encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(device, dtype),
+                       pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+                       timestep=torch.tensor([500.0], device=device))
+
+    def __call__(self, model, noisy):
+        return model(hidden_states=noisy.to(self.kw["encoder_hidden_states"].dtype), **self.kw, return_dict=False)[0]
+
+
 def sd15_unet(size: str):
+    """(model, px, inputs(model, device, dtype), adapted modules, note)."""
     from diffusers import UNet2DConditionModel
 
     if size == "quick":
-        return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                    attention_head_dim=4, norm_num_groups=8), 64, 32, None
-    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2), 512, 768, None
+                                    attention_head_dim=4, norm_num_groups=8)
+        return unet, 64, lambda m, d, t: UNetInputs(64, 32, None, d, t), TARGETS, ""
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    return unet, 512, lambda m, d, t: UNetInputs(512, 768, None, d, t), TARGETS, ""
 
 
 def sdxl_unet():
@@ -98,10 +154,60 @@ def sdxl_unet():
         transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816)
-    return unet, 1024, 2048, 1280
+    return unet, 1024, lambda m, d, t: UNetInputs(1024, 2048, 1280, d, t), TARGETS, ""
 
 
-def variants_of(base, rank: int, device, dtype):
+# FLUX.1 dev has 19 double and 38 single blocks; the full-size check builds its real widths with
+# FLUX_BLOCKS of them (12B random weights times three variants would not fit beside the activations at
+# 1024 px), so its ratios are per block and its absolute bytes a fraction of the whole model's
+FLUX_BLOCKS = (2, 4)
+
+
+def flux_transformer(size: str, checkpointing: bool):
+    """FLUX.1's transformer (quick: a small one at 64 px) with diffusers' default FLUX targets; 1024 px
+    is 4096 image tokens, with 512 T5 tokens."""
+    from diffusers import FluxTransformer2DModel
+
+    from dreambooth_dora.families.flux1 import FLUX_TARGETS
+
+    if size == "quick":
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 4, 8])
+        px, text, note = 64, 16, ""
+    else:
+        model = FluxTransformer2DModel(num_layers=FLUX_BLOCKS[0], num_single_layers=FLUX_BLOCKS[1], guidance_embeds=True)
+        px, text = 1024, 512
+        note = f"real widths, {FLUX_BLOCKS[0]} of 19 double + {FLUX_BLOCKS[1]} of 38 single blocks"
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    note = ", ".join(x for x in (note, "gradient checkpointing" if checkpointing else "") if x)
+    return model, px, lambda m, d, t: FluxInputs(px, text, m, d, t), list(FLUX_TARGETS), note
+
+
+def sd35_transformer(size: str):
+    """SD 3.5 medium's transformer, whole (24 blocks, hidden 1536, MMDiT-X attention in the first 13;
+    quick: a small one at 64 px), diffusers' default SD 3 targets; 1024 px with 77 + 256 text tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    from dreambooth_dora.families.sd3 import SD3_TARGETS
+
+    if size == "quick":
+        model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                      attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                      caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=96,
+                                      dual_attention_layers=(0,), qk_norm="rms_norm")
+        px, text = 64, 16
+    else:
+        model = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                                      attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                      caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                                      dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+        px, text = 1024, 333
+    return model, px, lambda m, d, t: SD3Inputs(px, text, m, d, t), list(SD3_TARGETS), ""
+
+
+def variants_of(base, rank: int, device, dtype, targets=TARGETS):
     """Our LoRA, our DoRA and PEFT's DoRA on copies of `base` (frozen weights in `dtype`, adapters fp32,
     B drawn small so every term of the math runs), each with its AdamW."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -112,10 +218,10 @@ def variants_of(base, rank: int, device, dtype):
     for name in ("ours LoRA", "ours DoRA", "PEFT DoRA"):
         unet = copy.deepcopy(base)  # `base` is frozen and already in `dtype`: each copy is its size
         if name == "PEFT DoRA":
-            unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, use_dora=True),
+            unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, use_dora=True),
                                            unet)
         else:
-            add_adapters(unet, TARGETS, rank=rank, alpha=rank, use_dora=name == "ours DoRA")
+            add_adapters(unet, targets, rank=rank, alpha=rank, use_dora=name == "ours DoRA")
         params = adapter_parameters(unet) if name.startswith("ours") else \
             [p for p in unet.parameters() if p.requires_grad]
         for p in unet.parameters():  # cast on the host, then move: no fp32 copy of the model on the device
@@ -139,13 +245,16 @@ def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: 
     variants: dict = {}
     stage = "building the model (host memory)"
     try:
-        base, px, ctx, pooled = factory()
+        base, px, make_inputs, targets, note = factory()
         for p in base.requires_grad_(False).parameters():  # frozen weights in the compute dtype, on the host
             p.data = p.data.to(dtype)
         stage = "building the three variants (cast, then moved to the device)"
-        variants.update(variants_of(base, rank, device, dtype))
+        variants.update(variants_of(base, rank, device, dtype, targets))
+        stage = "making the inputs"
+        inputs = make_inputs(base, device, dtype)
         del base
-        return _train_step_rows(label, variants, device, dtype, repeats, px, ctx, pooled)
+        row = _train_step_rows(label, variants, device, dtype, repeats, px, inputs)
+        return {**row, "note": note} if note else row
     except Exception as err:
         first = str(err).splitlines()[0][:120] if str(err) else ""
         if out_of_memory(err):
@@ -159,24 +268,19 @@ def train_step_bench(label: str, factory, device: torch.device, dtype, repeats: 
             torch.cuda.empty_cache()
 
 
-def _train_step_rows(label, variants, device, dtype, repeats, px, ctx, pooled) -> dict:
-    """The timed and measured steps of the three variants (out of memory: a row saying where)."""
+def _train_step_rows(label, variants, device, dtype, repeats, px, inputs) -> dict:
+    """The timed and measured steps of the three variants (out of memory: a row saying where).
+    `inputs(model, noisy)`: the denoiser's prediction; `inputs.latents` the clean latents."""
     from timing import saved_for_backward, timed
 
-    stage = "making the inputs"
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(1, 4, px // 8, px // 8, generator=g).to(device)
-    cond = torch.randn(1, 77, ctx, generator=g).to(device, dtype)
-    extra = {} if pooled is None else {"added_cond_kwargs": {
-        "text_embeds": torch.randn(1, pooled, generator=g).to(device, dtype),
-        "time_ids": torch.tensor([[px, px, 0, 0, px, px]], dtype=dtype, device=device)}}
+    lat = inputs.latents
     amp = device.type == "cuda" and dtype != torch.float32
 
     def step(name):
         unet, opt, params = variants[name]
         noise = torch.randn_like(lat)
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            pred = unet(lat + noise, torch.tensor([500], device=device), cond, **extra).sample
+            pred = inputs(unet, lat + noise)
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -188,13 +292,13 @@ def _train_step_rows(label, variants, device, dtype, repeats, px, ctx, pooled) -
 
         def forward():
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                return unet(lat, torch.tensor([500], device=device), cond, **extra).sample
+                return inputs(unet, lat)
 
         return saved_for_backward(forward, unet.parameters())
 
+    stage = "the warm-up steps"
     try:
         times, peak = {n: [] for n in variants}, {}
-        stage = "the warm-up steps"
         for name in variants:  # warm-up: optimiser states exist before memory is measured
             step(name)
         stage = "the peak-memory steps"
@@ -283,7 +387,7 @@ def markdown(report: dict) -> str:
     if failed:
         lines += ["FAILED: " + ", ".join(failed), ""]
     lines += ["## Training step (interleaved medians)", "",
-              "| UNet | px | dtype | LoRA s/step | DoRA/LoRA | PEFT DoRA/ours DoRA | peak mem DoRA/LoRA | "
+              "| model | px | dtype | LoRA s/step | DoRA/LoRA | PEFT DoRA/ours DoRA | peak mem DoRA/LoRA | "
               "PEFT/ours peak | saved-for-backward DoRA/LoRA | PEFT/ours saved |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["train_step"]:
         if "skipped" in r:
@@ -292,7 +396,8 @@ def markdown(report: dict) -> str:
         peak = (f"{r['peak_dora_over_lora']:.3f} ({r['peak_bytes']['ours DoRA'] / 2**30:.2f} vs "
                 f"{r['peak_bytes']['ours LoRA'] / 2**30:.2f} GiB) | {r['peak_peft_over_ours_dora']:.3f}"
                 if "peak_bytes" in r else "n/a (no CUDA) | n/a")
-        lines.append(f"| {r['model']} | {r['px']} | {r['dtype']} | {r['seconds']['ours LoRA']:.3f} | "
+        model = f"{r['model']} ({r['note']})" if r.get("note") else r["model"]
+        lines.append(f"| {model} | {r['px']} | {r['dtype']} | {r['seconds']['ours LoRA']:.3f} | "
                      f"{r['dora_over_lora']:.3f} | {r['peft_over_ours_dora']:.3f} | {peak} | "
                      f"{r['saved_dora_over_lora']:.3f} | {r['saved_peft_over_ours_dora']:.3f} |")
     lines += ["", "## One adapted layer, rank 8 (interleaved medians)", "",
@@ -335,10 +440,15 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16 if cuda else torch.float32
         train_rows.append(train_step_bench("SD 1.5" if args.size == "full" else "small (quick)",
                                            lambda: sd15_unet(args.size), device, dtype, args.repeats))
-        if args.size == "full" and cuda:
-            train_rows.append(train_step_bench("SDXL", sdxl_unet, device, dtype, args.repeats))
-        elif args.size == "full":
-            train_rows.append({"model": "SDXL", "skipped": "needs CUDA (1024 px on CPU takes too long)"})
+        big = [("SDXL", sdxl_unet), ("FLUX.1", lambda: flux_transformer(args.size, False)),
+               ("FLUX.1", lambda: flux_transformer(args.size, True)), ("SD 3.5 medium", lambda: sd35_transformer(args.size))]
+        for label, factory in big:
+            if args.size == "full" and not cuda:
+                train_rows.append({"model": label, "skipped": "needs CUDA (1024 px on CPU takes too long)"})
+            elif args.size == "full" or label != "SDXL":  # quick: small DiTs at 64 px (the code path, no figures)
+                quick = "" if args.size == "full" else " (quick)"
+                train_rows.append(train_step_bench(label + quick, factory, device, dtype, args.repeats,
+                                                   rank=8 if label == "SDXL" else 16))
         layers = layer_rows(device, args.size, args.repeats)
     report = {"device": name, "cuda": True if cuda else "skipped", "torch": torch.__version__, "size": args.size,
               "when": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - t0,

@@ -33,6 +33,9 @@ def test_the_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path):
     row = report["train_step"][0]
     assert row["saved_dora_over_lora"] > 1 and row["dora_over_lora"] > 0 and "peak_bytes" not in row
     assert len(report["layers"]) == 2 and all(r["peft_over_ours_dora"] > 0 for r in report["layers"])
+    dits = [r for r in report["train_step"] if r["model"].startswith(("FLUX.1", "SD 3.5"))]  # the DiT code path runs
+    assert [r["model"] for r in dits] == ["FLUX.1 (quick)", "FLUX.1 (quick)", "SD 3.5 medium (quick)"]
+    assert dits[1]["note"] == "gradient checkpointing" and all(r["saved_peft_over_ours_dora"] > 0 for r in dits)
     md = (tmp_path / "report" / "gpu_check.md").read_text()
     assert "| CUDA | 0 | 0 |" in md and "Skipped (reported, not passed): " in md and "no CUDA device" in md
     assert "No GPU figure was produced" in md and "TF32 off" in md and "| CPU | bf16 |" in md
@@ -75,3 +78,28 @@ def test_a_model_that_does_not_fit_still_gives_a_report_row(monkeypatch):
     assert row["model"] == "small" and row["skipped"].startswith(
         "out of memory at building the three variants (cast, then moved to the device)")
     assert moved == [{torch.bfloat16}]  # cast on the host first
+
+
+@pytest.mark.parametrize("factory", ["flux", "flux-checkpointing", "sd35"])
+def test_full_size_dit_steps_fit_their_inputs(factory):
+    """The full-size DiT rows (which only a GPU runs): FLUX.1's real widths with fewer blocks at
+    1024 px, SD 3.5 medium whole; built and run on the meta device (shapes, no memory, no time)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    check_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_module)
+    make = {"flux": lambda: check_module.flux_transformer("full", False),
+            "flux-checkpointing": lambda: check_module.flux_transformer("full", True),
+            "sd35": lambda: check_module.sd35_transformer("full")}[factory]
+    with torch.device("meta"):
+        model, px, inputs, targets, note = make()
+        from dreambooth_dora.adapters.inject import _matches
+
+        adapted = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _matches(n, targets)]
+        batch = inputs(model, torch.device("meta"), torch.float32)
+        out = batch(model, batch.latents)
+    assert px == 1024 and out.shape == batch.latents.shape
+    assert len(adapted) == {"flux": 2 * 12 + 4 * 3, "flux-checkpointing": 2 * 12 + 4 * 3, "sd35": 24 * 8 - 1}[factory]
+    tokens = batch.latents.shape[1] if factory.startswith("flux") else (px // 16) ** 2
+    assert tokens == 4096 and ("gradient checkpointing" in note) == factory.endswith("checkpointing")
