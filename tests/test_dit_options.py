@@ -122,3 +122,19 @@ def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst <= 1e-5, (family, worst)  # summation order only (DDP averages two halves); FLUX measured 5.5e-7
         assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 5e-3  # it did train
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launches_are_refused_in_one_line_not_ignored(flag, tiny_flux_path, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --use_fsdp` (or DeepSpeed) sets these; on CPU accelerate would quietly run
+    plain processes, and the trainer does not gather adapters from shards: one line, exit 2, nothing
+    written, before any model loads."""
+    from dreambooth_dora.cli import train_main
+
+    monkeypatch.setenv(flag, "true")
+    out = tmp_path / "out"
+    assert train_main(["--pretrained_model_name_or_path", str(tiny_flux_path), "--instance_data_dir",
+                       str(Path(__file__).resolve().parents[1] / "sample_data/3d_icon"), "--instance_prompt",
+                       "a sks icon", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not supported yet" in err[0] and "--multi_gpu" in err[0] and not out.exists()

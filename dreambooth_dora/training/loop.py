@@ -144,6 +144,12 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path):
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    import os
+
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP (--use_fsdp)"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "false").lower() in ("1", "true", "yes"):  # set by `accelerate launch`
+            raise ConfigError(f"{name} is not supported yet: this trainer would not shard (on CPU accelerate "
+                              "ignores it) nor gather the adapter from shards; launch with --multi_gpu (DDP) instead")
     # one run, one accelerator: a run started after another in the same process (a study, a
     # notebook, the tests) must not inherit the earlier one's singletons (precision, accumulation)
     AcceleratorState._reset_state(True)
