@@ -246,3 +246,29 @@ def test_sd3_web_ui_files_exact_and_unmapped_layers_refused_in_one_line(tiny_sd3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "norm_out.linear" in err[0] and "--format fused" in err[0]
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_the_apps_consumer_view_of_a_flux_adapter(tiny_flux_path, dit_runs):
+    """What a web UI draws from the kohya file (the app's "as ComfyUI" column): under ComfyUI #15458's
+    rule, our exact model; under today's ComfyUI rule, the measurably wrong one. Stacked layers (q/k/v,
+    linear1, members without adapter) are written back into the pipeline's own layers."""
+    from diffusers import FluxPipeline
+
+    from dreambooth_dora.formats.export import consumer_view
+
+    ours = FluxPipeline.from_pretrained(str(tiny_flux_path))
+    apply_to_models(read_adapter(dit_runs / "flux_dora"), pipeline_models(ours))
+
+    @torch.no_grad()
+    def out(pipe):
+        g = torch.Generator().manual_seed(0)
+        x, text, pooled = torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+        return pipe.transformer(hidden_states=x, timestep=torch.tensor([0.4]), guidance=torch.tensor([3.5]),
+                                pooled_projections=pooled, encoder_hidden_states=text, txt_ids=torch.zeros(8, 3),
+                                img_ids=pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32), return_dict=False)[0]
+
+    want = out(ours)
+    exact = consumer_view(dit_runs / "flux_dora", "comfyui-15458")
+    assert (out(exact) - want).abs().max() <= 1e-5
+    assert not any(hasattr(m, "merged_weight") for m in exact.transformer.modules())  # plain layers only
+    assert (out(consumer_view(dit_runs / "flux_dora", "comfyui")) - want).abs().max() > 1e-4
