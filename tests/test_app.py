@@ -174,6 +174,13 @@ def column_images(page, key):
     return [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB") for src in srcs]
 
 
+def few_steps(page, steps: int = 4):
+    """Sampling steps down from the page's 20: every check here compares pictures drawn alike, and
+    each column's draw costs a step count's worth of denoiser calls."""
+    page.locator("#steps input[type=number]").fill(str(steps))
+    page.locator("#steps input[type=number]").press("Enter")
+
+
 def tops(page, keys):
     return [page.locator(f"#col-{k}").bounding_box()["y"] for k in keys]
 
@@ -191,6 +198,7 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
             "--disable-component-update", "--no-first-run", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(served_app)
+        few_steps(page)
         page.locator("#prompt textarea").fill("a sks icon, 3d render")
         page.locator("#generate").click()
         page.locator("#col-lora img.dd-cell").first.wait_for(timeout=120_000)
@@ -260,6 +268,7 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
         assert "run step 2" in page.locator("#column-list").inner_text()
         # the columns live on the server: a reload (and any new tab) shows the page-added ones
         page.reload()
+        few_steps(page)  # a reload shows the page's defaults again
         page.wait_for_function("document.querySelector('#shown') !== null && "
                                "document.querySelector('#shown').innerText.includes('run step 4 as ComfyUI')",
                                timeout=30_000)
@@ -294,6 +303,7 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
         # two browsers at once are served in turn, each gets its own complete answer
         second = browser.new_page(viewport={"width": 1280, "height": 900})
         second.goto(served_app)
+        few_steps(second)
         second.locator("#prompt textarea").fill("a sks icon, 3d render")
         page.locator("#seed input").fill("5")
         second.locator("#seed input").fill("0")
