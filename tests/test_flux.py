@@ -314,15 +314,10 @@ def test_flux_text_encoder_training_adapts_clip_only_and_loads_exactly(tiny_flux
 def test_evaluate_takes_a_flux_base(tiny_flux_path, flux_runs, tmp_path):
     """`evaluate` on a FLUX.1 base: the same seeds and latents for every model (a zero adapter would
     reproduce the base), prior-drift pixels metrics, and the weight analysis over the transformer's blocks."""
-    from dreambooth_dora.evaluation import evaluate, load_eval_config
+    from conftest import evaluate_small
 
-    cfg = load_eval_config([
-        "--base_model", str(tiny_flux_path), "--adapters", f"{flux_runs['dora']},{flux_runs['lora']}",
-        "--instance_data_dir", str(REPO / "sample_data/3d_icon"), "--class_prompts", "a icon",
-        "--unrelated_prompts", "a red cube", "--seeds", "0,1", "--images_per_prompt", "1",
-        "--num_inference_steps", "2", "--guidance_scale", "3.5", "--resolution", "32", "--dino_model", "none",
-        "--clip_model", "none", "--output_dir", str(tmp_path / "report")])
-    out, result = evaluate(cfg, progress=False)
+    out, result = evaluate_small(tiny_flux_path, f"{flux_runs['dora']},{flux_runs['lora']}", tmp_path / "report",
+                                 seeds="0,1")
     m = result["metrics"]
     assert list(m) == ["base", "DoRA r4", "LoRA r4"]
     assert m["DoRA r4"]["class MSE"]["mean"] > 0 and m["base"].get("class MSE") is None

@@ -183,16 +183,10 @@ def test_sd3_fused_export_and_the_app(tiny_sd3_path, tmp_path):
 def test_evaluate_takes_an_sd3_base(tiny_sd3_path, tmp_path):
     """`evaluate` on an SD 3 base: the family's sampler and guidance, the same latents for every model,
     the weight analysis over the transformer's blocks."""
-    from dreambooth_dora.evaluation import evaluate, load_eval_config
+    from conftest import evaluate_small
 
     _train(tiny_sd3_path, tmp_path / "dora", "--max_train_steps", "2")
-    cfg = load_eval_config([
-        "--base_model", str(tiny_sd3_path), "--adapters", str(tmp_path / "dora"),
-        "--instance_data_dir", str(REPO / "sample_data/3d_icon"), "--class_prompts", "a icon",
-        "--unrelated_prompts", "a red cube", "--seeds", "0", "--images_per_prompt", "1",
-        "--num_inference_steps", "2", "--guidance_scale", "7.0", "--resolution", "32", "--dino_model", "none",
-        "--clip_model", "none", "--output_dir", str(tmp_path / "report")])
-    out, result = evaluate(cfg, progress=False)
+    out, result = evaluate_small(tiny_sd3_path, str(tmp_path / "dora"), tmp_path / "report", guidance="7.0")
     m = result["metrics"]
     assert list(m) == ["base", "DoRA r4"] and m["DoRA r4"]["class MSE"]["mean"] > 0
     assert (out / "report.md").is_file() and (out / "weight_analysis.png").is_file()
