@@ -382,10 +382,12 @@ def layout_prefix(model: torch.nn.Module) -> str:
     return ""
 
 
-def save_adapter(output_dir: str | os.PathLike, models: dict[str, torch.nn.Module], info: AdapterInfo | dict) -> Path:
+def save_adapter(output_dir: str | os.PathLike, models: dict[str, torch.nn.Module], info: AdapterInfo | dict,
+                 write: bool = True) -> Path:
     """Write `pytorch_lora_weights.safetensors` atomically: `<prefix>.<path>.lora_*` tensors for
     each model (prefix `unet`, `text_encoder`, ...), the LoRA configs as diffusers' adapter
-    metadata, and `info` under the key `dreambooth_dora`."""
+    metadata, and `info` under the key `dreambooth_dora`. A sharded model's tensors are gathered
+    first, which every process must join: the others call this with `write=False`."""
     tensors, configs = {}, {}
     for prefix, model in models.items():
         sd = adapter_state_dict(model, prefix=f"{prefix}.{layout_prefix(model)}")
@@ -397,12 +399,14 @@ def save_adapter(output_dir: str | os.PathLike, models: dict[str, torch.nn.Modul
             names = "|".join(re.escape(n) for n in config["target_modules"])
             config["target_modules"] = rf"(?:{re.escape(layout_prefix(model))})?(?:{names})"
         configs.update({f"{prefix}.{k}": v for k, v in config.items()})
+    out = Path(output_dir) / ADAPTER_FILE
+    if not write:
+        return out
     metadata = {
         "format": "pt",
         LORA_ADAPTER_METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True),
         INFO_KEY: (info if isinstance(info, AdapterInfo) else AdapterInfo(**info)).to_json(),
     }
-    out = Path(output_dir) / ADAPTER_FILE
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out

@@ -105,14 +105,47 @@ def adapter_parameters_by_role(model: nn.Module) -> dict[str, list[nn.Parameter]
     return roles
 
 
+def is_sharded(t) -> bool:
+    """A DTensor: a parameter split over processes (FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every process must ask), or `t` itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, sharded like it when it is sharded."""
+    if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
 def adapter_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The adapter parameters only, keyed as PEFT's `get_peft_model_state_dict` keys them."""
+    """The adapter parameters only, keyed as PEFT's `get_peft_model_state_dict` keys them; whole
+    tensors also when the model is sharded (then every process must ask: it gathers)."""
     out = {}
     for name, layer in adapted_layers(model):
-        out[f"{prefix}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        out[f"{prefix}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        out[f"{prefix}{name}.lora_A.weight"] = full(layer.lora_A.weight.detach())
+        out[f"{prefix}{name}.lora_B.weight"] = full(layer.lora_B.weight.detach())
         if layer.use_dora:
-            out[f"{prefix}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
+            out[f"{prefix}{name}.lora_magnitude_vector"] = full(layer.lora_magnitude_vector.detach())
+    return out
+
+
+def adapter_shapes(model: nn.Module, prefix: str = "") -> dict[str, torch.Size]:
+    """adapter_state_dict's keys and (whole) shapes, without gathering anything."""
+    out = {}
+    for name, layer in adapted_layers(model):
+        out[f"{prefix}{name}.lora_A.weight"] = layer.lora_A.weight.shape
+        out[f"{prefix}{name}.lora_B.weight"] = layer.lora_B.weight.shape
+        if layer.use_dora:
+            out[f"{prefix}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.shape
     return out
 
 
@@ -120,7 +153,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
     """Copy adapter tensors into the model's adapter layers. Every layer's tensors must be there
     with the right shapes and nothing else may be; otherwise ValueError names the bad keys and
     nothing is changed."""
-    expected = {k: v.shape for k, v in adapter_state_dict(model, prefix).items()}
+    expected = adapter_shapes(model, prefix)
     if not expected:
         raise ValueError(f"{type(model).__name__} has no adapter layers; call add_adapters first")
     given = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -137,10 +170,10 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
         raise ValueError("adapter state dict does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         for name, layer in adapted_layers(model):
-            layer.lora_A.weight.copy_(given[f"{prefix}{name}.lora_A.weight"])
-            layer.lora_B.weight.copy_(given[f"{prefix}{name}.lora_B.weight"])
+            assign(layer.lora_A.weight, given[f"{prefix}{name}.lora_A.weight"])
+            assign(layer.lora_B.weight, given[f"{prefix}{name}.lora_B.weight"])
             if layer.use_dora:
-                layer.lora_magnitude_vector.copy_(given[f"{prefix}{name}.lora_magnitude_vector"])
+                assign(layer.lora_magnitude_vector, given[f"{prefix}{name}.lora_magnitude_vector"])
             layer.clear_cache()
 
 

@@ -105,12 +105,14 @@ def checkpoint_step(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def register_adapter_hooks(accelerator, models: dict, pivotal=None) -> None:
+def register_adapter_hooks(accelerator, models: dict, pivotal=None, sharded=None) -> None:
     """Make `save_state`/`load_state` store only adapter tensors for the prepared models, and with
     pivotal tuning the new tokens' rows (`embeddings.safetensors`, so a checkpoint is a complete
     adapter with its tokens).
 
-    `models` maps a prefix ('unet', 'text_encoder') to the unwrapped model."""
+    `models` maps a prefix ('unet', 'text_encoder') to the unwrapped model. `sharded`: (the
+    FSDP-sharded denoiser, its optimizer), which accelerate does not hold: every process gathers
+    the adapter and the optimizer state, the main process writes them; loading shards them again."""
 
     def prefix_of(model):
         unwrapped = accelerator.unwrap_model(model)
@@ -120,11 +122,16 @@ def register_adapter_hooks(accelerator, models: dict, pivotal=None) -> None:
         return None
 
     def save_hook(prepared, weights, output_dir):
-        if accelerator.is_main_process:
+        if accelerator.is_main_process or sharded is not None:  # sharded: every process gathers
             if pivotal is not None:
                 save_embeddings(output_dir, pivotal.vectors(), pivotal.tokens, webui=False)
             save_adapter(output_dir, dict(models), AdapterInfo(checkpoint=True,
-                                                               tokens=pivotal.tokens if pivotal else None))
+                                                               tokens=pivotal.tokens if pivotal else None),
+                         write=accelerator.is_main_process)
+        if sharded is not None:
+            from .sharding import save_optimizer
+
+            save_optimizer(*sharded, output_dir, write=accelerator.is_main_process)
         for i in reversed(range(len(prepared))):  # keep accelerate from writing whole models
             if prefix_of(prepared[i]) is not None and i < len(weights):
                 weights.pop(i)
@@ -140,6 +147,13 @@ def register_adapter_hooks(accelerator, models: dict, pivotal=None) -> None:
             if prefix is not None:
                 model = models[prefix]
                 load_adapter_state_dict(model, tensors, prefix=f"{prefix}.{layout_prefix(model)}")
+        if sharded is not None:  # the denoiser is not among accelerate's models: loaded here, sharded
+            from .sharding import load_optimizer
+
+            for prefix, model in models.items():
+                if model is sharded[0]:
+                    load_adapter_state_dict(model, tensors, prefix=f"{prefix}.{layout_prefix(model)}")
+            load_optimizer(*sharded, input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.file import AdapterInfo, save_adapter
-from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, add_adapters
+from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, add_adapters, full
 from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -146,10 +146,18 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path):
 
     import os
 
-    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP (--use_fsdp)"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(flag, "false").lower() in ("1", "true", "yes"):  # set by `accelerate launch`
-            raise ConfigError(f"{name} is not supported yet: this trainer would not shard (on CPU accelerate "
-                              "ignores it) nor gather the adapter from shards; launch with --multi_gpu (DDP) instead")
+    from .sharding import check_fsdp, fsdp_requested, take_env
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):  # `accelerate launch`
+        raise ConfigError("DeepSpeed is not supported; launch with --use_fsdp --fsdp_version 2 (sharded) or "
+                          "--multi_gpu (DDP)")
+    fsdp = fsdp_requested()
+    if fsdp:
+        try:
+            check_fsdp(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        take_env()  # the trainer shards the denoiser itself (sharding.py); accelerate runs plain processes
     # one run, one accelerator: a run started after another in the same process (a study, a
     # notebook, the tests) must not inherit the earlier one's singletons (precision, accumulation)
     AcceleratorState._reset_state(True)
@@ -161,6 +169,7 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / cfg.logging_dir)),
     )
+    accelerator.shard_denoiser = fsdp and accelerator.num_processes > 1
     set_seed(cfg.seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -311,7 +320,8 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
                              run.text_encoders, run.validation_prompts, step, out_dir,
                              num_images=cfg.num_validation_images, seed=cfg.seed,
                              steps=cfg.validation_inference_steps, resolution=cfg.resolution,
-                             guidance_scale=run.family.validation_guidance(cfg))
+                             guidance_scale=run.family.validation_guidance(cfg),
+                             everyone=getattr(accelerator, "shard_denoiser", False))
     return finish(run)
 
 
@@ -355,7 +365,7 @@ def clip_gradients(run: Run, loss: torch.Tensor, step: int) -> float:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, "mean")
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
+    grad_norm = float(full(accelerator.clip_grad_norm_(run.params, max_norm)))  # (sharded: a DTensor)
     if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
         where = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
                  else "no checkpoint was saved yet")
@@ -454,6 +464,11 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
     # the global generator (building `embedded:tiny-random` on first use does), and a rerun must not differ
     torch.manual_seed(cfg.seed)
     adapted = attach_adapters(cfg, family, unet, text_encoders, device, weight_dtype)
+    sharded = getattr(accelerator, "shard_denoiser", False)
+    if sharded:  # before any parameter list is taken: sharding replaces the parameters
+        from .sharding import shard
+
+        shard(unet)
     pivotal = None
     if tokens:
         try:
@@ -489,10 +504,15 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     trained_te = text_encoders if cfg.train_text_encoder else []  # with pivotal tuning alone: not wrapped
-    unet, *trained_te, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_te, optimizer, lr_scheduler)
+    if sharded:  # sharded by us, not wrapped; the optimizer's state is saved whole by our hooks, not by accelerate
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        accelerator._optimizers.remove(optimizer)
+    else:
+        unet, *trained_te, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_te, optimizer, lr_scheduler)
     if cfg.train_text_encoder:
         text_encoders = encode.text_encoders = trained_te  # the prepared (wrapped) ones
-    register_adapter_hooks(accelerator, adapted, pivotal)
+    register_adapter_hooks(accelerator, adapted, pivotal,
+                           sharded=(unet, optimizer.optimizer) if sharded else None)
     ema = AdapterEMA(adapter_params, cfg.ema_decay) if cfg.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
@@ -545,5 +565,7 @@ def finish(run: Run) -> Path:
                 path = save_adapter(out_dir, run.adapted, info)
             write_text(out_dir / TRAIN_CONFIG, json.dumps(asdict(cfg), indent=2))
             write_text(out_dir / "README.md", model_card(cfg, info))
+    elif getattr(accelerator, "shard_denoiser", False):
+        save_adapter(out_dir, run.adapted, {}, write=False)  # join the main process's gathering of the shards
     accelerator.end_training()
     return path

@@ -106,10 +106,11 @@ def save_grid(path: str | Path, rows, labels) -> Path:
 @torch.no_grad()
 def validate(accelerator, family, denoiser, vae, scheduler_config, encode, text_encoders: list, prompts: list[str],
              step: int, out_dir: Path, *, num_images: int, seed: int, steps: int, resolution: int,
-             guidance_scale: float = 7.5) -> None:
+             guidance_scale: float = 7.5, everyone: bool = False) -> None:
     """Main process: images for the validation prompts with fixed seeds -> PNG grid + TensorBoard.
-    `encode` is the run's PromptEncoder; `text_encoders` the prepared ones when they are trained."""
-    if accelerator.is_main_process:
+    `encode` is the run's PromptEncoder; `text_encoders` the prepared ones when they are trained.
+    `everyone`: every process draws (a sharded denoiser's forward needs them all); the main one writes."""
+    if accelerator.is_main_process or everyone:
         model = accelerator.unwrap_model(denoiser)
         model.eval()
         encoders = [accelerator.unwrap_model(te).eval() for te in text_encoders]
@@ -124,6 +125,7 @@ def validate(accelerator, family, denoiser, vae, scheduler_config, encode, text_
                                        num_images, seed, steps, resolution, guidance_scale=guidance_scale,
                                        pooled=pooled, negative_pooled=negative_pooled)
         model.train()
+    if accelerator.is_main_process:
         save_grid(Path(out_dir) / "validation" / f"step-{step:06d}.png", rows, prompts)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":

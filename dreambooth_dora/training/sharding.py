@@ -1,0 +1,87 @@
+"""Sharded training (FSDP2): the denoiser's frozen weights and its adapters split over the processes.
+
+`accelerate launch --use_fsdp --fsdp_version 2 --num_processes N ...` asks for it. accelerate's own
+FSDP plugin runs on GPUs only (on CPUs it quietly starts plain processes), so the trainer shards
+the denoiser itself with torch's `fully_shard`, the same on CPUs (gloo) and GPUs: every block of
+the denoiser's block lists, then the whole model. accelerate then runs the processes as plain
+multi-process (DDP-less) workers, and the denoiser is not handed to `accelerator.prepare`.
+
+What sharding changes, and where it is handled:
+- gradients: each backward reduce-scatters (averages) the sharded adapters' gradients over the
+  processes; the optimizer steps each process's shard;
+- the adapter file and checkpoints: every process gathers the full adapter tensors
+  (`DTensor.full_tensor`, a collective) and the main process writes them, in the same layout as a
+  one-process run; loading distributes the file's tensors back into the shards;
+- the optimizer state: gathered whole into `optimizer_full.pt` (accelerate would save the main
+  process's shard only) and sharded again on resume;
+- validation: every process joins each forward (each one all-gathers the weights); the main
+  process writes the grid.
+Not with sharding (yet), each refused in one line: text-encoder adapters, pivotal tuning, EMA.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OPTIMIZER_FILE = "optimizer_full.pt"
+ENV = ("ACCELERATE_USE_FSDP", "FSDP_VERSION")
+
+
+def fsdp_requested() -> bool:
+    """`accelerate launch --use_fsdp` set the environment for this process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def check_fsdp(cfg) -> None:
+    """ValueError (one line) for what sharded training does not do; the FSDP version must be 2."""
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(f"FSDP version {version}: this trainer shards with FSDP2 (torch's fully_shard); "
+                         "launch with --fsdp_version 2")
+    for name, what in (("train_text_encoder", "text-encoder adapters"), ("train_text_encoder_ti", "pivotal tuning"),
+                       ("use_ema", "EMA")):
+        if getattr(cfg, name):
+            raise ValueError(f"{name}: {what} with FSDP is not supported yet; launch without --use_fsdp (DDP)")
+
+
+def take_env() -> None:
+    """Keep accelerate from building its own FSDP plugin (GPU-only): the trainer shards itself."""
+    for key in ENV:
+        os.environ.pop(key, None)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """`fully_shard` every block of the model's block lists (each nn.ModuleList child), then the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def save_optimizer(model: nn.Module, optimizer, output_dir: str | Path, write: bool) -> None:
+    """The whole optimizer state (gathered from every process: all must call this) into OPTIMIZER_FILE."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if write:
+        from ..outputs import atomic_path
+
+        with atomic_path(Path(output_dir) / OPTIMIZER_FILE) as tmp:
+            torch.save(state, tmp)
+
+
+def load_optimizer(model: nn.Module, optimizer, input_dir: str | Path) -> None:
+    """OPTIMIZER_FILE's whole state, sharded into this process's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(Path(input_dir) / OPTIMIZER_FILE, weights_only=False)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
