@@ -10,6 +10,7 @@
     validation.py   validation grids during training
     runs.py         the run folder: new, resumed or refused, and its lock
     checkpoints.py  checkpoints: atomic, rotated, resumable
+    sharding.py     FSDP2 over processes: the denoiser sharded, adapter and optimizer gathered for files
     model_card.py   the README beside the adapter
     loop.py         `train()`: setup, then one step at a time (the model family supplies the loss inputs)
 
