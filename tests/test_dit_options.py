@@ -128,7 +128,8 @@ def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed is not supported"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "launch with --fsdp_version 2"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--train_text_encoder"], "with FSDP is not supported yet"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--use_ema"], "EMA with FSDP")])
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--use_ema"], "EMA with FSDP"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--mixed_precision", "fp16"], "use bf16")])
 def test_sharded_launches_refuse_what_they_cannot_do_in_one_line(env, flags, words, tiny_flux_path, tmp_path, capsys,
                                                                  monkeypatch):
     """What `accelerate launch` sets for DeepSpeed or FSDP: what this trainer cannot do stops in one

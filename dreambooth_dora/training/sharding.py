@@ -16,7 +16,8 @@ What sharding changes, and where it is handled:
   process's shard only) and sharded again on resume;
 - validation: every process joins each forward (each one all-gathers the weights); the main
   process writes the grid.
-Not with sharding (yet), each refused in one line: text-encoder adapters, pivotal tuning, EMA.
+Not with sharding (yet), each refused in one line: text-encoder adapters, pivotal tuning, EMA, fp16
+mixed precision (its grad scaler; bf16 needs none).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def check_fsdp(cfg) -> None:
                        ("use_ema", "EMA")):
         if getattr(cfg, name):
             raise ValueError(f"{name}: {what} with FSDP is not supported yet; launch without --use_fsdp (DDP)")
+    if cfg.mixed_precision == "fp16":  # the grad scaler would not see the sharded optimizer before clipping
+        raise ValueError("mixed_precision fp16 with FSDP is not supported; use bf16 (no grad scaler) or DDP")
 
 
 def take_env() -> None:
