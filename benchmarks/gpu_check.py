@@ -96,7 +96,16 @@ class UNetInputs:
         return model(noisy, self.t, self.cond, **self.extra).sample
 
 
-class FluxInputs:
+class DiTInputs:
+    """A transformer step's keyword inputs beside its latents (the denoised input)."""
+
+    kw: dict
+
+    def __call__(self, model, noisy):
+        return model(hidden_states=noisy.to(self.kw["encoder_hidden_states"].dtype), **self.kw, return_dict=False)[0]
+
+
+class FluxInputs(DiTInputs):
     """One FLUX.1 step: packed latents (px / 16)^2 tokens of 64, T5 states (`text` tokens, 4096 wide
     at full size), CLIP's pooled, guidance, position ids."""
 
@@ -110,11 +119,8 @@ class FluxInputs:
                        timestep=torch.tensor([0.5], device=device), guidance=torch.tensor([3.5], device=device),
                        txt_ids=torch.zeros(text, 3, device=device), img_ids=torch.zeros(n, 3, device=device))
 
-    def __call__(self, model, noisy):
-        return model(hidden_states=noisy.to(self.kw["encoder_hidden_states"].dtype), **self.kw, return_dict=False)[0]
 
-
-class SD3Inputs:
+class SD3Inputs(DiTInputs):
     """One SD 3 step: 16-channel latents (px / 8), CLIP + T5 states (`text` tokens), pooled (2048)."""
 
     def __init__(self, px: int, text: int, model, device, dtype):
@@ -124,9 +130,6 @@ class SD3Inputs:
         self.kw = dict(encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(device, dtype),
                        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(device, dtype),
                        timestep=torch.tensor([500.0], device=device))
-
-    def __call__(self, model, noisy):
-        return model(hidden_states=noisy.to(self.kw["encoder_hidden_states"].dtype), **self.kw, return_dict=False)[0]
 
 
 def sd15_unet(size: str):

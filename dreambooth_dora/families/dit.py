@@ -70,7 +70,7 @@ class FlowTransformer(StableDiffusion):
         if part != self.denoiser_part:
             return super().webui_stack(part, module_name, model)
         native, members = self.native_module(module_name, model)
-        return self.kohya_prefixes[part] + native.replace(".", "_"), members
+        return self.kohya_key(part, native), members
 
     def native_module(self, name: str, model=None) -> tuple[str, tuple[str, ...]]:
         """(the checkpoint's module, the diffusers modules it stacks) for diffusers module `name`."""

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from ..adapters.file import (AdapterError, AdapterFile, apply_to_models, base_model_of, layout_prefix, load_tokens,
                              read_adapter, token_plan)
 from ..adapters.inject import merge_adapters
-from .consumers import RULES, KohyaModule, Stack, is_adapted, layers_by_kohya_key, merge, relative_error
+from .consumers import RULES, KohyaModule, is_adapted, layers_by_kohya_key, merge, relative_error
 from ..families import family_of_pipeline, pipeline_models
 from ..families.models import load_pipeline
 from ..outputs import EXPORT_KEY, atomic_dir, atomic_path, claim_output
@@ -101,15 +101,13 @@ def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path) -> dict:
 
 
 def kohya_module(stack, comfyui_compatible: bool = False) -> KohyaModule:
-    """A web UI module's kohya module (fp32) from a consumers.Stack (or one adapted layer):
-    lora_down / lora_up, alpha so that alpha / r is the scale, and for DoRA the output-axis
-    `dora_scale`, pre-compensated for ComfyUI's rule if asked. Several layers in one stack (FLUX's
-    fused q, k, v) give one module of their summed rank: the downs stacked, each up (its scale folded
-    in) on its own rows and its own columns (sd-scripts' split-qkv layout, which diffusers' kohya
-    loader splits back), rows of members without an adapter zero; their `dora_scale` is ||W0|| per
-    row, which every output-axis rule turns back into W0."""
-    if not isinstance(stack, Stack):
-        stack = Stack("", ("",), (stack,))
+    """A web UI module's kohya module (fp32) from a consumers.Stack: lora_down / lora_up, alpha so
+    that alpha / r is the scale, and for DoRA the output-axis `dora_scale`, pre-compensated for
+    ComfyUI's rule if asked. Several layers in one stack (FLUX's fused q, k, v) give one module of
+    their summed rank: the downs stacked, each up (its scale folded in) on its own rows and its own
+    columns (sd-scripts' split-qkv layout, which diffusers' kohya loader splits back), rows of
+    members without an adapter zero; their `dora_scale` is ||W0|| per row, which every output-axis
+    rule turns back into W0."""
     if len(stack.members) == 1:
         layer = stack.members[0]
         mod = KohyaModule(down=layer.lora_A.weight.detach().float(), up=layer.lora_B.weight.detach().float(),
@@ -117,7 +115,7 @@ def kohya_module(stack, comfyui_compatible: bool = False) -> KohyaModule:
     else:
         layers = stack.adapted
         rank = sum(layer.rank for layer in layers)
-        up = torch.zeros(stack.weight().shape[0], rank)
+        up = torch.zeros(sum(member.weight.shape[0] for member in stack.members), rank)
         row = col = 0
         for member in stack.members:
             if is_adapted(member):
@@ -130,13 +128,12 @@ def kohya_module(stack, comfyui_compatible: bool = False) -> KohyaModule:
     if any(getattr(layer, "use_dora", False) for layer in stack.adapted):
         scales = []
         for member in stack.members:
-            w0_norm = member.weight.detach().float().flatten(1).norm(dim=1)
             if not is_adapted(member):
-                scales.append(w0_norm)
+                scales.append(member.weight.detach().float().flatten(1).norm(dim=1))
                 continue
             m = member.lora_magnitude_vector.detach().float().flatten()
             if comfyui_compatible:  # ComfyUI divides by ||W0||: pre-multiply by ||W0|| / ||V||
-                m = m * w0_norm / member.weight_norm()
+                m = m * member.weight.detach().float().flatten(1).norm(dim=1) / member.weight_norm()
             scales.append(m)
         mod.dora_scale = torch.cat(scales).reshape((-1,) + (1,) * (stack.members[0].weight.dim() - 1))
     return mod
@@ -263,9 +260,9 @@ def consumer_view(adapter_dir: str | Path, rule: str, base: str | None = None):
     adapter = read_adapter(adapter_dir)
     pipe, models = _adapted(adapter, base)
     for part, model in models.items():
+        head = layout_prefix(model)
         for stack in layers_by_kohya_key(family_of_pipeline(pipe), {part: model}).values():
             rows = stack.rows(merge(rule, stack.weight(), kohya_module(stack)))
-            head = layout_prefix(model)
             for name, member, weight in zip(stack.names, stack.members, rows):
                 if not is_adapted(member):  # a stacked layer without adapter: the rule may still move it
                     member.weight.copy_(weight.reshape(member.weight.shape))

@@ -280,6 +280,7 @@ class Run:
     ti_steps: int  # pivotal tuning: the new tokens train for the steps before this one
     weight_dtype: torch.dtype
     loss_settings: dict  # the family's loss settings from the config (`Family.loss_settings`)
+    sharded: bool = False  # the denoiser is split over the processes (FSDP2): every process joins its forwards
     step: int = 0
     last_checkpoint: Path | None = None
     logs: dict = field(default_factory=dict)
@@ -321,7 +322,7 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
                              num_images=cfg.num_validation_images, seed=cfg.seed,
                              steps=cfg.validation_inference_steps, resolution=cfg.resolution,
                              guidance_scale=run.family.validation_guidance(cfg),
-                             everyone=getattr(accelerator, "shard_denoiser", False))
+                             everyone=run.sharded)
     return finish(run)
 
 
@@ -538,7 +539,7 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
                optimizer=optimizer, lr_scheduler=lr_scheduler, params=[p for g in groups for p in g["params"]],
                adapted=adapted, pivotal=pivotal, ema=ema, tokens=tokens, validation_prompts=validation_prompts,
                max_steps=max_steps, ti_steps=max(1, int(cfg.train_text_encoder_ti_frac * max_steps)),
-               weight_dtype=weight_dtype, loss_settings=family.loss_settings(cfg), step=step,
+               weight_dtype=weight_dtype, loss_settings=family.loss_settings(cfg), sharded=sharded, step=step,
                last_checkpoint=last_checkpoint)
 
 
@@ -565,7 +566,7 @@ def finish(run: Run) -> Path:
                 path = save_adapter(out_dir, run.adapted, info)
             write_text(out_dir / TRAIN_CONFIG, json.dumps(asdict(cfg), indent=2))
             write_text(out_dir / "README.md", model_card(cfg, info))
-    elif getattr(accelerator, "shard_denoiser", False):
+    elif run.sharded:
         save_adapter(out_dir, run.adapted, {}, write=False)  # join the main process's gathering of the shards
     accelerator.end_training()
     return path
