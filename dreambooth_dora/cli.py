@@ -52,6 +52,7 @@ def _one_line(err: BaseException) -> str:
 
 def train_main(argv: list[str] | None = None) -> int:
     from .training.config import help_text, load_config
+    from .training.control import STOPPED_STATUS, TrainingStopped
     from .training.loop import train
 
     argv = sys.argv[1:] if argv is None else argv
@@ -65,6 +66,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:  # SIGTERM: a checkpoint of the last step, then this
+        if os.environ.get("RANK", "0") == "0":
+            print(str(stopped), file=sys.stderr)
+        return STOPPED_STATUS
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
         flag = "--dora" if cfg.use_dora else "--lora"
         print(f"adapter saved to {path}\ncompare it with the base model: "

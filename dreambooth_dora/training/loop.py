@@ -29,6 +29,7 @@ from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, ad
 from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .control import Progress, StopRequest, TrainingStopped
 from .data import (BatchMaker, DataError, Example, cache_latents, load_examples, load_image_folder, micro_steps_per_epoch,
                    step_rng)
 from .ema import AdapterEMA
@@ -302,18 +303,24 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
     run.denoiser.train()
     for te in run.text_encoders:
         te.train()
+    progress = Progress(accelerator.is_main_process)
     with tqdm(total=run.max_steps, initial=run.step, desc="train",
-              disable=not accelerator.is_local_main_process) as bar:
+              disable=not accelerator.is_local_main_process) as bar, StopRequest() as stop:
         while run.step < run.max_steps:
             run.logs = train_step(run, run.step)
             run.step = step = run.step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{run.logs['loss']:.4f}")
             accelerator.log(run.logs, step=step)
-            if step % cfg.checkpointing_steps == 0 and step < run.max_steps:
+            progress.step(step, run.max_steps, run.logs)
+            stopping = step < run.max_steps and stop.requested(accelerator)
+            if (step % cfg.checkpointing_steps == 0 or stopping) and step < run.max_steps:
                 with saving(f"checkpoint-{step}", run.last_checkpoint):
                     run.last_checkpoint = save_checkpoint(accelerator, out_dir, step, cfg.checkpoints_total_limit,
                                                           run.plan.run_id, run.plan.record["settings"])
+                progress.event("checkpoint", run.last_checkpoint, step)
+            if stopping:  # SIGTERM: this step's checkpoint is written; resume continues from it
+                raise TrainingStopped(step, run.max_steps, run.last_checkpoint)
             if cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == run.max_steps):
                 with saving(f"the validation grid of step {step}", run.last_checkpoint), \
                         run.ema.applied() if run.ema is not None else nullcontext():
@@ -323,7 +330,10 @@ def run_training(cfg: TrainConfig, accelerator, out_dir: Path) -> Path:
                              steps=cfg.validation_inference_steps, resolution=cfg.resolution,
                              guidance_scale=run.family.validation_guidance(cfg),
                              everyone=run.sharded)
-    return finish(run)
+                progress.event("validation", out_dir / "validation" / f"step-{step:06d}.png", step)
+    path = finish(run)
+    progress.event("adapter", path, run.step)
+    return path
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -565,7 +575,7 @@ def finish(run: Run) -> Path:
             with run.ema.applied() if run.ema is not None else nullcontext():
                 path = save_adapter(out_dir, run.adapted, info)
             write_text(out_dir / TRAIN_CONFIG, json.dumps(asdict(cfg), indent=2))
-            write_text(out_dir / "README.md", model_card(cfg, info))
+            write_text(out_dir / "README.md", model_card(cfg, info, run.family.card_call(cfg, run.encode.tokenizers)))
     elif run.sharded:
         save_adapter(out_dir, run.adapted, {}, write=False)  # join the main process's gathering of the shards
     accelerator.end_training()
