@@ -2,11 +2,13 @@
 
     python -m app --base MODEL [--adapter LABEL=PATH ...] [--run [PREFIX=]RUN_DIR ...] [--view LABEL:comfyui|a1111]
                   [--dora DIR] [--lora DIR] [--port N] [--host 127.0.0.1] [--adapters-root DIR]
-                  [--grids-dir DIR] [--max-work N]
+                  [--grids-dir DIR] [--max-work N] [--no-train] [--auth USER:PASS] [--models-root DIR]
 
 With no arguments: the embedded default model and the quick start's outputs when they exist.
 Safe by default: listens on 127.0.0.1, no public share link unless --share, reads only
-.safetensors adapters, and the UI opens folders under --adapters-root only.
+.safetensors adapters, and the UI opens folders under --adapters-root only. The Train tab
+(uploads, training jobs) is on by default only on 127.0.0.1: on any other address it needs
+--auth USER:PASS, or --no-train.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def parse(argv):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="open a public Gradio share link (off by default)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--no-train", action="store_true", help="no Train tab (compare only)")
+    parser.add_argument("--auth", metavar="USER:PASS", help="a login for the page (needed for the Train tab when "
+                                                             "--host is not a loopback address)")
+    parser.add_argument("--models-root", help="folders under it holding a diffusers model are offered as base models "
+                                              "in the Train tab")
     parser.add_argument("--max-work", type=int, default=None,
                         help="the most work one request may ask for, width x height x steps x images x columns "
                              "(default: about a minute of SD 1.5 on 2 CPU cores; "
@@ -64,6 +71,32 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def train_problem(args) -> str | None:
+    """The Train tab runs commands on this machine: off the loopback address it needs a login."""
+    if args.auth is not None:
+        user, colon, password = args.auth.partition(":")
+        if not colon or not user or not password:
+            return "--auth: give USER:PASS (both non-empty)"
+    if not args.no_train and args.auth is None and (args.share or not is_loopback(args.host)):
+        where = "a public share link" if args.share else f"--host {args.host}"
+        return (f"the Train tab would let anyone who reaches {where} run training on this machine: "
+                "add --auth USER:PASS, or --no-train")
+    if args.models_root and not Path(args.models_root).is_dir():
+        return f"--models-root {args.models_root!r} is not a folder"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from dreambooth_dora.families.models import quiet_libraries
 
@@ -72,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = port_problem(args.host, args.port)
     if problem is None and args.max_work is not None and args.max_work < 1:
         problem = f"--max-work must be >= 1, got {args.max_work}"
+    if problem is None:
+        problem = train_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -117,7 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     except (AppError, OSError, ValueError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    demo = build_ui(comp)
+    desk = None
+    if not args.no_train:  # jobs and datasets live under the adapters root (outputs/ by default)
+        from .train_tab import TrainDesk
+
+        train_root = Path(root or "outputs")
+        train_root.mkdir(parents=True, exist_ok=True)
+        if comp.root is None:
+            comp.root = train_root.resolve()
+            comp.grids_dir = comp.grids_dir or comp.root / "grids"
+        desk = TrainDesk(comp.root, models_root=args.models_root)
+        desk.queue.start()
+    demo = build_ui(comp, desk)
     print(f"open http://{args.host}:{args.port}" + (" (and a public share link)" if args.share else ""))
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, auth=auth)
     return 0

@@ -138,16 +138,25 @@ def error_line(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def build_ui(comp: Comparison) -> gr.Blocks:
-    """The page: one builder per section; the column pickers follow the columns by name."""
+def build_ui(comp: Comparison, desk=None) -> gr.Blocks:
+    """The page: one builder per section; the column pickers follow the columns by name. With a
+    `desk` (app/train_tab.py), a Train tab beside Compare."""
     with gr.Blocks(title="dreambooth-dora: compare adapters") as demo:
-        gr.Markdown("## Base and any adapters, checkpoints and UI views — same prompt, seed, initial latents and "
-                    "scheduler for every column")
         pickers = Pickers(comp)
-        ui = controls_section(comp, pickers)
-        results_section(comp, pickers, ui)
-        grid_section(comp, pickers, ui)
-        columns_section(comp, pickers)
+        with gr.Tabs(selected="compare", elem_id="tabs") as tabs:
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                gr.Markdown("## Base and any adapters, checkpoints and UI views — same prompt, seed, initial latents "
+                            "and scheduler for every column")
+                ui = controls_section(comp, pickers)
+                results_section(comp, pickers, ui)
+                grid_section(comp, pickers, ui)
+                columns_section(comp, pickers)
+            if desk is not None:
+                from .train_tab import train_tab
+
+                with gr.Tab("Train", id="train", elem_id="tab-train"):
+                    t = train_tab(desk)
+                compare_section(comp, pickers, ui, desk, t, tabs)
         # the columns live on the server: a new tab or a reload shows every column added since
         demo.load(lambda: {**pickers.updates(), pickers.column_list: column_text(comp)},
                   outputs=[*pickers.widgets.values(), pickers.column_list], queue=False)
@@ -360,6 +369,27 @@ def columns_section(comp: Comparison, pickers: Pickers) -> None:
     remove.click(lambda pick: guarded(lambda: comp.remove(pick)), inputs=remove_pick, outputs=managed)
     refresh.click(lambda: gr.update(choices=sorted(set(find_adapters(comp.root) + find_runs(comp.root)))),
                   outputs=found)
+
+
+def compare_section(comp: Comparison, pickers: Pickers, ui: dict, desk, t: dict, tabs) -> None:
+    """Train tab -> Compare: a finished job's adapters become columns, with its instance prompt
+    and seed preset, and the page turns to Compare."""
+    from .train_tab import job_adapters
+
+    def on_compare(job_id):
+        try:
+            loaded = [comp.load(label, path) for label, path in job_adapters(desk, job_id or "")]
+            job = desk.queue.get(job_id)
+        except (AppError, ValueError) as err:
+            return {t["settings_status"]: f"Error: {err}", **pickers.unchanged(), pickers.column_list: gr.update(),
+                    ui["prompt"]: gr.update(), ui["seed"]: gr.update(), tabs: gr.update()}
+        return {t["settings_status"]: "OK: " + "; ".join(loaded), **pickers.updates(),
+                pickers.column_list: column_text(comp), ui["prompt"]: job.settings.get("instance_prompt", ""),
+                ui["seed"]: job.settings.get("seed", 0), tabs: gr.Tabs(selected="compare")}
+
+    t["compare"].click(on_compare, inputs=t["job"],
+                       outputs=[t["settings_status"], *pickers.widgets.values(), pickers.column_list, ui["prompt"],
+                                ui["seed"], tabs])
 
 
 def column_text(comp: Comparison) -> str:

@@ -1,0 +1,117 @@
+"""The Train tab's work without the page: uploads into a dataset under the adapters root (images
+only, limits, never a file replaced), captions as the trainer's metadata.jsonl, the settings a job
+runs with (a preset, the page's fields, the Advanced section generated from TrainConfig) checked
+with the CLI's own messages, and who may use it (loopback, or a login)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.core import AppError
+from app.train_tab import ADVANCED, DATASET_MARK, PAGE_FIELDS, TrainDesk
+from dreambooth_dora.training.config import ConfigError, build_config, describe_fields
+
+REPO = Path(__file__).resolve().parents[1]
+ICONS = sorted((REPO / "sample_data/3d_icon").glob("*.png"))
+
+
+def form(**extra) -> dict:
+    return {"dataset": "icon", "instance_prompt": "a sks icon, 3d render", "base": "embedded:toy-world",
+            "method": "DoRA and LoRA twins", "rank": 4, "max_train_steps": 10, "learning_rate": 1e-3, **extra}
+
+
+def test_uploads_make_a_dataset_of_pictures_only_and_replace_nothing(tmp_path, monkeypatch):
+    desk = TrainDesk(tmp_path)
+    assert "added 4 picture(s)" in desk.add_pictures("icon", [str(p) for p in ICONS[:4]])
+    folder = tmp_path / "datasets" / "icon"
+    assert (folder / DATASET_MARK).is_file() and [p.name for p in desk.pictures("icon")] == [p.name for p in ICONS[:4]]
+    before = (folder / ICONS[0].name).read_bytes()
+    message = desk.add_pictures("icon", [str(ICONS[0])])  # the same name again: a new file beside it
+    assert "icon_00-2.png" in message and (folder / ICONS[0].name).read_bytes() == before
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture")
+    with pytest.raises(AppError, match="nothing added: notes.png: not an image"):
+        desk.add_pictures("icon", [str(ICONS[1]), str(fake)])
+    assert len(desk.pictures("icon")) == 5  # all or nothing
+    monkeypatch.setattr("app.train_tab.MAX_FILES", 6)
+    with pytest.raises(AppError, match="at most 6 pictures"):
+        desk.add_pictures("icon", [str(p) for p in ICONS[:2]])
+    monkeypatch.setattr("app.train_tab.MAX_PIXELS", 100)
+    with pytest.raises(AppError, match="megapixels"):
+        desk.add_pictures("other", [str(ICONS[0])])
+    for bad in ("../outside", "a/b", "", ".hidden"):
+        with pytest.raises(AppError, match="dataset name"):
+            desk.add_pictures(bad, [str(ICONS[0])])
+    (tmp_path / "datasets" / "mine").mkdir()  # a folder the app did not make: left alone
+    with pytest.raises(AppError, match="not made by this app"):
+        desk.add_pictures("mine", [str(ICONS[0])])
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "icon" not in p.parts) == ["notes.png"]
+
+
+def test_captions_are_saved_as_the_trainer_reads_them(tmp_path):
+    from dreambooth_dora.training.data import load_examples
+
+    desk = TrainDesk(tmp_path)
+    desk.add_pictures("icon", [str(p) for p in ICONS[:3]])
+    rows = desk.captions("icon")
+    assert [r[1] for r in rows] == ["", "", ""]
+    rows[1][1] = "a sks icon on a blue background"
+    assert "saved 3 caption(s)" in desk.save_captions("icon", rows)
+    assert desk.captions("icon")[1][1] == "a sks icon on a blue background"
+    examples = load_examples(str(tmp_path / "datasets" / "icon"), caption_column="text")
+    assert sorted(e.caption for e in examples) == ["", "", "a sks icon on a blue background"]
+    with pytest.raises(AppError, match="no picture 'x.png'"):
+        desk.save_captions("icon", [["x.png", "?"]])
+    assert desk.job_settings(form())["dora"]["caption_column"] == "text"
+
+
+def test_settings_are_checked_by_the_clis_rules_and_twins_differ_only_in_use_dora(tmp_path):
+    desk = TrainDesk(tmp_path)
+    desk.add_pictures("icon", [str(p) for p in ICONS[:4]])
+    runs = desk.job_settings(form(preset="quickstart_tiny_icon_dora", advanced={"seed": "7", "lr_scheduler": ""}))
+    text, command = desk.yaml_and_command(runs, "outputs/jobs/J")
+    assert "use_dora: true" in text and command.count("accelerate launch train_dreambooth_dora.py --config") == 2
+    assert "output_dir: outputs/jobs/J/dora" in text
+    dora, lora = dict(runs["dora"]), dict(runs["lora"])
+    assert dora.pop("use_dora") is True and lora.pop("use_dora") is False and dora == lora
+    assert dora["seed"] == 7 and dora["max_train_steps"] == 10 and dora["validation_steps"] == 200  # preset kept
+    assert Path(dora["instance_data_dir"]) == tmp_path.resolve() / "datasets" / "icon"
+    for advanced, fragment in (({"lr_scheduler": "bogus"}, "lr_scheduler"), ({"seed": "[1"}, "seed"),
+                               ({"rnak": "3"}, "rnak")):
+        with pytest.raises(ConfigError) as err:
+            desk.job_settings(form(advanced=advanced))
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as page:  # the same message the CLI gives for the same value
+        desk.job_settings(form(rank=0))
+    with pytest.raises(ConfigError) as cli:
+        build_config({"rank": 0, "instance_prompt": "x", "instance_data_dir": str(ICONS[0].parent), "output_dir": "o"})
+    assert str(page.value) == str(cli.value)
+    with pytest.raises(AppError, match="outside the adapters root"):
+        desk.job_settings(form(folder="../elsewhere"))
+    shutil.copytree(REPO / "sample_data/lego", tmp_path / "lego")
+    assert desk.job_settings(form(folder="lego", method="LoRA")).keys() == {"lora"}
+    assert "lego" in desk.image_folders() and "datasets/icon" in desk.image_folders()
+
+
+def test_the_advanced_section_is_every_other_setting_with_its_help():
+    names = [f[0] for f in describe_fields()]
+    assert sorted([f[0] for f in ADVANCED] + [n for n in PAGE_FIELDS if n in names]) == sorted(names)
+    assert all(doc for name, _, _, doc in ADVANCED if name in ("lora_alpha", "use_ema", "validation_prompt"))
+
+
+def test_the_train_tab_needs_a_login_off_this_machine(capsys, monkeypatch):
+    import app.core
+    from app.main import main
+    from test_app import free_port
+
+    monkeypatch.setattr(app.core, "Comparison", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv, words in ((["--host", "0.0.0.0"], "add --auth USER:PASS, or --no-train"),
+                        (["--share"], "public share link"), (["--auth", "user"], "--auth: give USER:PASS"),
+                        (["--models-root", "/nonexistent"], "is not a folder")):
+        assert main([*argv, "--port", str(free_port())]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
