@@ -14,6 +14,8 @@ import re
 import gradio as gr
 import numpy as np
 
+from dreambooth_dora.families import family_of_pipeline
+
 from .core import (RULES, AppError, Comparison, GridSpec, StoppedError, difference_map, find_adapters,
                    find_runs)
 
@@ -177,7 +179,8 @@ def controls_section(comp: Comparison, pickers: Pickers) -> dict:
         ui["seed"] = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", min_width=100)
         random_seed = gr.Button("Random seed", elem_id="random-seed", min_width=100)
         ui["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps", min_width=160)
-        ui["guidance"] = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance", min_width=160)
+        ui["guidance"] = gr.Slider(0.0, 20.0, value=family_of_pipeline(comp.pipe).default_guidance, step=0.5,
+                                   label="Guidance", min_width=160)
         ui["scheduler"] = gr.Dropdown(list(comp.schedulers), value=next(iter(comp.schedulers)), label="Scheduler",
                                       min_width=140)
     with gr.Row():

@@ -1,6 +1,7 @@
 """How well the embedded toy-world model draws, and what the quick start's adapters learned.
 
     python benchmarks/embedded_quality.py                       # base model on 64 held-out prompts
+    python benchmarks/embedded_quality.py --base embedded:toy-world-flux   # the FLUX.1-architecture model
     python benchmarks/embedded_quality.py --dora outputs/quickstart_tiny_icon_dora --lora outputs/quickstart_tiny_icon_lora
 
 Judged by the classifier shipped beside the model (no human): class and colour agreement with
@@ -14,13 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dreambooth_dora.training.data import load_image_folder  # noqa: E402
-from dreambooth_dora.toy.embedded import score_base, subject_distance  # noqa: E402
+from dreambooth_dora.toy.embedded import draw_prompts, score_base, subject_distance  # noqa: E402
 from dreambooth_dora.adapters.file import load_adapter  # noqa: E402
-from dreambooth_dora.families.models import resolve_model  # noqa: E402
+from dreambooth_dora.families.models import load_pipeline, resolve_model  # noqa: E402
 from dreambooth_dora.toy.world import CLASSES, classify, load_classifier  # noqa: E402
 
 
@@ -33,21 +32,20 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="a sks icon, 3d render")
     parser.add_argument("--class-prompt", default="a orange square icon")
     parser.add_argument("--class-name", default="square icon")
+    parser.add_argument("--guidance", type=float, help="CFG's scale (default 5), or the guidance a model with guidance "
+                                                       "built in is told (default its family's: 3.5 for FLUX.1)")
     args = parser.parse_args(argv)
-    from diffusers import StableDiffusionPipeline
-
     base = resolve_model(args.base)
     classifier = load_classifier(Path(base) / "classifier")
 
     def pipe_with(path=None):
-        pipe = StableDiffusionPipeline.from_pretrained(base)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(base)
         if path:
             load_adapter(pipe, path, adapter_name="adapter")
         return pipe
 
     if not (args.dora or args.lora):
-        c, k = score_base(pipe_with(), classifier, seeds=(0, 1))
+        c, k = score_base(pipe_with(), classifier, seeds=(0, 1), guidance=args.guidance)
         print(f"base on 64 held-out prompts x 2 seeds: class agreement {c:.1%}, colour agreement {k:.1%}")
         return 0
     instances = [e.image for e in load_image_folder(args.instance_dir)]
@@ -57,9 +55,8 @@ def main(argv=None) -> int:
         if name != "base" and not path:
             continue
         pipe = pipe_with(path)
-        d = subject_distance(pipe, classifier, instances, args.prompt)
-        images = pipe([args.class_prompt] * 8, num_inference_steps=20, guidance_scale=5.0,
-                      generator=torch.Generator().manual_seed(0)).images
+        d = subject_distance(pipe, classifier, instances, args.prompt, guidance=args.guidance)
+        images = draw_prompts(pipe, [args.class_prompt] * 8, seed=0, guidance=args.guidance)
         cls, _, _ = classify(classifier, images)
         hits = sum(CLASSES[i] == args.class_name for i in cls)
         print(f"| {name} | {d:.3f} | {hits}/8 |")

@@ -181,6 +181,13 @@ def few_steps(page, steps: int = 4):
     page.locator("#steps input[type=number]").press("Enter")
 
 
+def launch(playwright):
+    """Debian's chromium, headless, quiet."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"])
+
+
 def tops(page, keys):
     return [page.locator(f"#col-{k}").bounding_box()["y"] for k in keys]
 
@@ -193,9 +200,7 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
     from dreambooth_dora.training.validation import cell_scale
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(served_app)
         few_steps(page)
@@ -342,6 +347,111 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
         page.locator("#steps input[type=number]").press("Enter")
         page.locator("#generate").click()
         page.wait_for_function("document.querySelector('#status').innerText.includes('2 steps')", timeout=120_000)
+        browser.close()
+
+
+def job_line(page) -> str:
+    return page.locator("#job-status").inner_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (CI installs it)")
+def test_train_tab_in_a_real_browser(served_app, tiny_sd_path, adapters, tmp_path):
+    """Pictures in, twins out: upload four pictures, edit a caption, a bad setting is the CLI's
+    message and starts nothing, start a DoRA + LoRA job on the app's base, see progress and the
+    loss chart move, reload (still running), Stop, Resume, done, both adapters into Compare."""
+    import json
+
+    root = adapters["dora"].parent
+    icons = sorted((REPO / "sample_data/3d_icon").glob("*.png"))[:4]
+    try:
+        train_tab_journey(served_app, tiny_sd_path, root, icons)
+    finally:  # a trainer left running by a failed check must not outlive the test
+        for record in root.glob("jobs/*/job.json"):
+            pid = json.loads(record.read_text()).get("pid")
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+def train_tab_journey(served_app, tiny_sd_path, root, icons):
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from app.ui import slug
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(served_app)
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#dataset input, #dataset textarea").first.fill("browser-icons")
+        page.locator("#pictures input[type=file]").set_input_files([str(p) for p in icons])
+        page.wait_for_function("document.querySelector('#data-status').innerText.includes('added 4 picture')",
+                               timeout=60_000)
+        assert page.locator("#thumbs img").count() == 4
+        page.locator('#captions [data-testid="cell-1-1"]').dblclick()  # picture 2's caption
+        page.keyboard.type("a sks icon on a blue background")
+        page.keyboard.press("Enter")
+        page.locator("#save-captions").click()
+        page.wait_for_function("document.querySelector('#data-status').innerText.includes('saved 4 caption')",
+                               timeout=30_000)
+        rows = [json.loads(line) for line in (root / "datasets/browser-icons/metadata.jsonl").read_text().splitlines()]
+        assert rows[1] == {"file_name": icons[1].name, "text": "a sks icon on a blue background"}
+
+        base = page.locator("#base input")
+        base.fill(str(tiny_sd_path))
+        base.press("Enter")
+        page.locator("#train-steps input").fill("150")
+        page.get_by_text("Advanced: the other").click()
+        for name, value in (("resolution", "64"), ("validation_prompt", "a sks icon"), ("validation_steps", "150"),
+                            ("num_validation_images", "1"), ("validation_inference_steps", "2"),
+                            ("checkpointing_steps", "1000"), ("lr_scheduler", "bogus")):
+            page.locator(f"#adv-{name} input, #adv-{name} textarea").first.fill(value)
+        page.locator("#start").click()  # a bad setting: the CLI's one line, and no job
+        page.wait_for_function("document.querySelector('#settings-status').innerText.includes('Error')",
+                               timeout=30_000)
+        assert "lr_scheduler" in page.locator("#settings-status").inner_text()
+        assert not (root / "jobs").exists() or not any((root / "jobs").iterdir())
+        page.locator("#adv-lr_scheduler input, #adv-lr_scheduler textarea").first.fill("")
+        page.locator("#start").click()
+        page.wait_for_function("document.querySelector('#settings-status').innerText.includes('Queued job')",
+                               timeout=30_000)
+        page.wait_for_function("document.querySelector('#job-status').innerText.includes('step ')", timeout=120_000)
+        first = int(re.search(r"step (\d+) /", job_line(page)).group(1))
+        page.wait_for_function(f"(m => m && +m[1] > {first})(document.querySelector('#job-status').innerText"
+                               ".match(/step (\\d+) \\//))", timeout=60_000)
+        assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0  # the chart is drawn
+        page.locator("#job-stop").click()
+        page.wait_for_function("document.querySelector('#job-status').innerText.includes(': stopped')",
+                               timeout=60_000)
+        stopped = job_line(page)
+        assert "run dora (stopped)" in stopped and "step 150 / 150" not in stopped
+        page.locator("#job-resume").click()
+        page.wait_for_function("document.querySelector('#settings-status').innerText.includes('resume: job')",
+                               timeout=30_000)
+        page.reload()  # the job runs on without the page (the LoRA twin still to come)
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_function("/: (queued|running)/.test(document.querySelector('#job-status').innerText)",
+                               timeout=30_000)
+        page.wait_for_function("document.querySelector('#job-status').innerText.includes(': done')",
+                               timeout=240_000)
+        assert "step 150 / 150" in job_line(page), (stopped, job_line(page))
+        assert page.locator("#job-grid img").count() == 1  # the newest validation grid
+        job_id = page.locator("#job input").first.input_value()
+        page.locator("#job-compare").click()
+        page.wait_for_function("document.querySelector('#shown') !== null && "
+                               f"document.querySelector('#shown').innerText.includes('{job_id} lora')",
+                               timeout=60_000)
+        assert page.locator("#prompt textarea").input_value() == "a sks icon, 3d render"
+        few_steps(page)
+        page.locator("#generate").click()
+        for method in ("dora", "lora"):
+            page.locator(f"#col-{slug(job_id + ' ' + method)} img.dd-cell").first.wait_for(timeout=120_000)
+            assert arr(column_images(page, slug(job_id + " " + method))[0]).std() > 1
         browser.close()
 
 

@@ -19,12 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 FLUX = Flux1()
 
 
+def _args(model, out, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
+            str(REPO / "sample_data/3d_icon"), "--instance_prompt", "a sks icon, 3d render",
+            "--resolution", "64", "--learning_rate", "1e-2", "--max_train_steps", "4", "--rank", "4",
+            "--lora_alpha", "8", "--output_dir", str(out), "--report_to", "none", "--seed", "3",
+            "--max_sequence_length", "32", "--center_crop", *map(str, extra)]
+
+
 def _train(model, out, *extra):
-    return train_now(["--pretrained_model_name_or_path", str(model), "--instance_data_dir",
-                       str(REPO / "sample_data/3d_icon"), "--instance_prompt", "a sks icon, 3d render",
-                       "--resolution", "64", "--learning_rate", "1e-2", "--max_train_steps", "4", "--rank", "4",
-                       "--lora_alpha", "8", "--output_dir", str(out), "--report_to", "none", "--seed", "3",
-                       "--max_sequence_length", "32", "--center_crop", *extra])
+    return train_now(_args(model, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,10 @@ def test_flux_is_its_own_family(tiny_flux_path):
     assert family_of(str(tiny_flux_path)).name == "flux1"
     pipe = _pipe(tiny_flux_path)
     assert list(FLUX.models(pipe)) == ["transformer", "text_encoder"]  # T5 is never adapted
+    assert FLUX.native_size(pipe) == pipe.vae.config.sample_size == 64  # the VAE's size, not FluxPipeline's fixed 1024
+    pipe.vae.register_to_config(sample_size=[64, 64])  # a size that is not one number: the pipeline's default
     assert FLUX.native_size(pipe) == pipe.default_sample_size * pipe.vae_scale_factor
+    assert FLUX.draw_settings(pipe) == {"max_sequence_length": 32}  # T5 as trained (its tokenizer's), not 512
 
 
 def test_flow_matching_draws_and_weights_as_diffusers_defines_them():
@@ -167,6 +174,49 @@ def test_flux_resume_equals_uninterrupted(tiny_flux_path, flux_runs, tmp_path, m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_stops_after_a_checkpoint_and_resume_equals_uninterrupted(tiny_flux_path, flux_runs, tmp_path,
+                                                                          monkeypatch, capsys):
+    """SIGTERM (a job queue's Stop, a cluster's pre-emption) mid-run: the step in progress ends, its
+    checkpoint is written, the command exits with status 3 and one line; the progress file has every
+    step and event; `--resume_from_checkpoint latest` ends where the uninterrupted run ends."""
+    import os
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    import dreambooth_dora.training.loop as train_module
+    from dreambooth_dora.cli import train_main
+    from dreambooth_dora.training.control import PROGRESS_ENV, read_progress
+
+    calls, real = {"n": 0}, train_module.diffusion_loss
+
+    def terminated_during_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    out = tmp_path / "dora"
+    common = ["--cache_latents", "--weighting_scheme", "logit_normal", "--checkpointing_steps", "2"]
+    monkeypatch.setattr(train_module, "diffusion_loss", terminated_during_third)
+    monkeypatch.setenv(PROGRESS_ENV, str(tmp_path / "progress.jsonl"))
+    try:
+        assert train_main(_args(tiny_flux_path, out, *common)) == 3
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped on request at step 3 of 4")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    assert (out / "checkpoint-3").is_dir() and not (out / ADAPTER_FILE).exists()
+    records = read_progress(tmp_path / "progress.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and records[0]["max_steps"] == 4
+    assert [(r["event"], r["step"]) for r in records if "event" in r] == [("checkpoint", 2), ("checkpoint", 3)]
+    monkeypatch.undo()
+    _train(tiny_flux_path, out, *common, "--resume_from_checkpoint", "latest")
+    a, b = load_file(str(flux_runs["dora"] / ADAPTER_FILE)), load_file(str(out / ADAPTER_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_uncached_latents_train_the_same_adapter(tiny_flux_path, flux_runs, tmp_path):
     """The VAE's shift and scale are applied alike to cached and freshly encoded latents."""
     _train(tiny_flux_path, tmp_path / "uncached", "--weighting_scheme", "logit_normal", "--checkpointing_steps", "2",
@@ -222,7 +272,7 @@ def test_app_compares_flux_columns_from_the_same_latents(tiny_flux_path, flux_ru
     comp = Comparison(str(tiny_flux_path), adapters_root=flux_runs["dora"].parent, device="cpu")
     comp.load("dora", flux_runs["dora"])
     comp.load("lora", flux_runs["lora"])
-    assert list(comp.schedulers) == ["Euler (flow matching)"] and comp.native_size() == 256
+    assert list(comp.schedulers) == ["Euler (flow matching)"] and comp.native_size() == 64
     first = comp.generate("a sks icon", seed=7, steps=2, width=32, height=32)
     again = comp.generate("a sks icon", seed=7, steps=2, width=32, height=32)
     base, lora, dora = (np.asarray(first[c][0][0], np.int16) for c in ("base", "lora", "dora"))
@@ -322,3 +372,34 @@ def test_evaluate_takes_a_flux_base(tiny_flux_path, flux_runs, tmp_path):
     assert list(m) == ["base", "DoRA r4", "LoRA r4"]
     assert m["DoRA r4"]["class MSE"]["mean"] > 0 and m["base"].get("class MSE") is None
     assert (out / "report.md").is_file() and (out / "weight_analysis.png").is_file()
+
+
+def test_dit_quick_start_has_the_quick_starts_shape(tmp_path, monkeypatch):
+    """The FLUX quick start's recipes, cut to 2 steps: DoRA and its LoRA twin on the embedded
+    FLUX.1-architecture model write validation grids, checkpoints, the adapter and a model card
+    whose snippet draws at the model's size and T5 length; the app compares base / LoRA / DoRA."""
+    import numpy as np
+
+    from app.core import Comparison
+
+    monkeypatch.chdir(REPO)
+    short = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
+             "--validation_inference_steps", "1", "--report_to", "none"]
+    for method in ("dora", "lora"):
+        train_now(["--config", f"train_configs/quickstart_tiny_icon_flux_{method}.yaml", *short,
+                   "--output_dir", str(tmp_path / method)])
+        run = tmp_path / method
+        assert (run / ADAPTER_FILE).is_file() and (run / "validation" / "step-000002.png").is_file()
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]  # the last step is the adapter
+        card = (run / "README.md").read_text()
+        assert "FluxPipeline" in card and "height=32, width=32, max_sequence_length=32" in card
+        keys = load_file(run / ADAPTER_FILE).keys()
+        assert any(k.startswith("text_encoder.") for k in keys)  # CLIP-L adapted too
+        assert any(".lora_magnitude_vector" in k for k in keys) == (method == "dora")
+    comp = Comparison("embedded:toy-world-flux", adapters_root=tmp_path, device="cpu")
+    comp.load("dora", tmp_path / "dora")
+    comp.load("lora", tmp_path / "lora")
+    assert comp.native_size() == 32
+    pictures = comp.generate("a sks icon, 3d render", seed=0, steps=2, width=32, height=32)
+    base, lora, dora = (np.asarray(pictures[c][0][0], np.int16) for c in ("base", "lora", "dora"))
+    assert base.shape == (32, 32, 3) and np.abs(base - dora).max() > 0 and np.abs(base - lora).max() > 0

@@ -72,7 +72,9 @@ def test_pretraining_command_never_writes_over_a_model_it_did_not_make(tmp_path,
     assert main([str(out), *steps, "--overwrite"]) == 0 and (out / "unet").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
     capsys.readouterr()
-    for flag, value in (("--unet-steps", "0"), ("--batch", "-1"), ("--resolution", "30")):
+    for flag, value in (("--unet-steps", "0"), ("--batch", "-1"), ("--resolution", "30"), ("--vae-from", str(out)),
+                        ("--judge-from", str(tmp_path)), ("--transformer-steps", "0"),
+                        ("--init-from", str(out))):
         assert main([str(tmp_path / "bad"), *steps, flag, value]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
@@ -96,3 +98,45 @@ def test_the_embedded_model_draws_its_world():
     cls, colour, _ = classify(classifier, images)
     assert sum(c == p[1] for c, p in zip(cls, prompts)) >= 5
     assert sum(k == p[2] for k, p in zip(colour, prompts)) >= 6
+
+
+def test_flux_pretraining_saves_a_loadable_flux_pipeline(tmp_path):
+    """Two steps of the FLUX.1-architecture toy on the toy-world VAE: the code path and the layout
+    (stock FluxPipeline loads it; our family sees FLUX.1 at 32 px with T5 at its own length)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    from dreambooth_dora.families import family_of
+    from dreambooth_dora.families.models import resolve_model
+    from dreambooth_dora.toy.embedded import FLUX_T5_LENGTH, draw_prompts, pretrain_flux
+
+    vae_from = Path(resolve_model("embedded:toy-world"))
+    out = pretrain_flux(tmp_path / "flux", steps=2, guidance_steps=2, batch=4, vae_from=vae_from, log=lambda m: None)
+    assert family_of(str(out)).name == "flux1"
+    pipe = FluxPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert len(pipe.transformer.transformer_blocks) == 2 and len(pipe.transformer.single_transformer_blocks) == 4
+    assert pipe.transformer.config.guidance_embeds and pipe.vae.config.shift_factor is not None  # as FLUX.1 dev
+    theirs = AutoencoderKL.from_pretrained(vae_from / "vae").state_dict()  # the toy-world model's VAE
+    assert all(torch.equal(v, theirs[k]) for k, v in pipe.vae.state_dict().items())
+    assert draw_prompts(pipe, ["a red ball"], seed=0, steps=2)[0].size == (32, 32)
+    ids = pipe.tokenizer_2("a red ball on a beige background").input_ids
+    assert len(ids) == 7 + 1 and pipe.tokenizer_2.model_max_length == FLUX_T5_LENGTH  # one token per word, </s>
+
+
+def test_the_embedded_flux_model_draws_its_world():
+    """The FLUX.1-architecture model, drawn as the app draws it (its size, T5 at its length, no
+    CFG): a small, fast version of the measured figure, 8 held-out prompts, one seed."""
+    from dreambooth_dora.families.models import load_pipeline, resolve_model
+    from dreambooth_dora.toy.embedded import draw_prompts
+    from dreambooth_dora.toy.world import load_classifier
+
+    pipe = load_pipeline("embedded:toy-world-flux")
+    assert type(pipe).__name__ == "FluxPipeline"
+    classifier = load_classifier(f"{resolve_model('embedded:toy-world-flux')}/classifier")
+    prompts = held_out_prompts()[:8]
+    images = draw_prompts(pipe, [p for p, *_ in prompts], seed=0, steps=15)
+    assert images[0].size == (32, 32)
+    cls, colour, _ = classify(classifier, images)
+    assert sum(c == p[1] for c, p in zip(cls, prompts)) >= 5
+    assert sum(k == p[2] for k, p in zip(colour, prompts)) >= 5

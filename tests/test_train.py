@@ -230,11 +230,11 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, icon_dir, capsys, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("text", [["--train_text_encoder", "--aspect_buckets", "--bucket_step", "16"],
-                                  ["--train_text_encoder_ti", "--token_abstraction", "sks"]], ids=["te-buckets", "pivotal"])
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_sd_path, icon_dir, text):
-    """Text-encoder adapters (DDP-wrapped) with aspect buckets on non-square pictures (each global
-    batch one bucket), or pivotal tuning's new rows (averaged by hand)."""
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_sd_path, icon_dir):
+    """Pivotal tuning's new rows (averaged by hand) with aspect buckets on non-square pictures
+    (each global batch one bucket). Text-encoder LoRA/DoRA under DDP (the same wrapping for every
+    family): tests/test_dit_options.py's two-process test, CLIP adapters included."""
+    text = ["--train_text_encoder_ti", "--token_abstraction", "sks", "--aspect_buckets", "--bucket_step", "16"]
     if "--aspect_buckets" in text:
         from PIL import Image
 

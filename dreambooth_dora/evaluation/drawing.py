@@ -58,4 +58,5 @@ def draw(pipe, adapter: str | None, prompt: str, latents: torch.Tensor, generato
     negative = insert_tokens(negative_prompt, tokens or {}) if negative_prompt else None
     start = family.pack_latents(pipe, latents.to(denoiser.device, denoiser.dtype) * 1.0)
     return pipe(insert_tokens(prompt, tokens or {}), negative_prompt=negative, latents=start,
-                num_images_per_prompt=latents.shape[0], generator=generator, **call).images
+                num_images_per_prompt=latents.shape[0], generator=generator,
+                **{**family.draw_settings(pipe), **call}).images

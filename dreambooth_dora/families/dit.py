@@ -17,6 +17,11 @@ FAMILY_ONLY = {"precondition_outputs": "precondition_outputs is an SD 3 setting;
                                  "ignore it"}
 
 
+def t5_length(tokenizer) -> int:
+    """T5 tokens per prompt when no length is set: the tokenizer's own, at most 512 (FLUX.1's limit)."""
+    return min(512, int(tokenizer.model_max_length))
+
+
 class FlowTransformer(StableDiffusion):
     denoiser_part = "transformer"
     denoiser_label = "Transformer"
@@ -88,7 +93,10 @@ class FlowTransformer(StableDiffusion):
                          "adapt other layers, or export --format fused")
 
     def native_size(self, pipe) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
+        """The VAE's picture size (1024 for FLUX.1 and SD 3; the pipelines' default size is fixed at
+        1024 whatever the model, so a toy model says its own size here)."""
+        size = pipe.vae.config.sample_size
+        return size if isinstance(size, int) else pipe.default_sample_size * pipe.vae_scale_factor
 
     def vae_latents(self, vae, sample):
         return (sample - vae.config.shift_factor) * vae.config.scaling_factor
@@ -101,7 +109,7 @@ class FlowTransformer(StableDiffusion):
     def encode_fixed(self, tokenizers: list, text_encoders: list, prompts: list[str], max_sequence_length=None):
         """T5's last hidden state (B, L, D) for the prompts: the part of the conditioning no adapter trains."""
         t5 = text_encoders[-1]
-        length = max_sequence_length or tokenizers[-1].model_max_length
+        length = max_sequence_length or t5_length(tokenizers[-1])
         ids = tokenizers[-1](prompts, padding="max_length", max_length=length, truncation=True,
                              return_tensors="pt").input_ids
         return t5(ids.to(t5.device))[0]

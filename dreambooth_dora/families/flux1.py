@@ -12,7 +12,7 @@ only text encoder adapters may train; T5 stays frozen.
 
 from __future__ import annotations
 
-from .dit import FlowTransformer
+from .dit import FlowTransformer, t5_length
 from .flow import loss_weighting
 from .sd import token_ids
 
@@ -42,6 +42,8 @@ FLUX_TOP = {"img_in": ("x_embedder",), "txt_in": ("context_embedder",), "final_l
 
 class Flux1(FlowTransformer):
     name = "flux1"
+    default_guidance = 3.5  # FluxPipeline's: dev's distilled guidance, one pass (schnell ignores it)
+    distilled_guidance = True
     label = "FLUX.1"
     pipeline_class = "FluxPipeline"
     pipeline_classes = ("FluxPipeline",)
@@ -57,7 +59,9 @@ class Flux1(FlowTransformer):
     native_blocks = {("transformer_blocks", "double_blocks"): FLUX_DOUBLE,
                      ("single_transformer_blocks", "single_blocks"): FLUX_SINGLE}
     native_top = FLUX_TOP
-    flow_defaults = {"weighting_scheme": "none", "guidance_scale": 3.5, "max_sequence_length": 512}  # diffusers'
+    # diffusers' defaults; T5 length None: the T5 tokenizer's own, at most 512 (FLUX.1's is 512; a toy's may be
+    # shorter, and FLUX pads every prompt to it with no mask, so it is drawn at the length it was trained at)
+    flow_defaults = {"weighting_scheme": "none", "guidance_scale": 3.5, "max_sequence_length": None}
 
     # ---- loading ------------------------------------------------------------------------------
 
@@ -144,6 +148,16 @@ class Flux1(FlowTransformer):
     def embedding_kwargs(self, embeds, negative, pooled, negative_pooled, index: int, count: int) -> dict:
         return {"prompt_embeds": embeds[index:index + 1].expand(count, -1, -1),
                 "pooled_prompt_embeds": pooled[index:index + 1].expand(count, -1)}
+
+    def card_call(self, cfg, tokenizers: list) -> dict:
+        """Size and T5 length where they differ from FluxPipeline's fixed defaults (1024 px, 512)."""
+        length = self.setting(cfg, "max_sequence_length") or t5_length(tokenizers[-1])
+        return {**({"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution != 1024 else {}),
+                **({"max_sequence_length": length} if length != 512 else {})}
+
+    def draw_settings(self, pipe) -> dict:
+        """T5 at the length training used by default (the pipeline's own default is always 512)."""
+        return {"max_sequence_length": t5_length(pipe.tokenizer_2)}
 
     # ---- files ---------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A name is a hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local diffusers folder
 (`save_pretrained` layout) or `embedded:<name>` for a model shipped with the package
-(`embedded:toy-world`, the project's own 32 px model in `toy/models/`, and
+(`embedded:toy-world` and `embedded:toy-world-flux`, the project's own 32 px models (SD and FLUX.1
+architectures) in `toy/models/`, and
 `embedded:tiny-random`, built from configs into a local cache). Everything that loads a base
 model goes through here: class images, exports, evaluation, the app (training loads its
 components through its family, `families/`).
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_NAMES = ("toy-world", "tiny-random")
+EMBEDDED_NAMES = ("toy-world", "toy-world-flux", "tiny-random")
 
 
 class ModelLoadError(ValueError):
@@ -34,8 +35,8 @@ def resolve_model(name_or_path: str) -> str:
         return name_or_path
     check_embedded_name(name_or_path)
     name = name_or_path[len(EMBEDDED_PREFIX):]
-    if name == "toy-world":  # trained by `python -m dreambooth_dora.toy.embedded`, shipped in the package
-        return str(Path(__file__).resolve().parents[1] / "toy" / "models" / "toy-world")
+    if name.startswith("toy-world"):  # trained by `python -m dreambooth_dora.toy.embedded`, shipped in the package
+        return str(Path(__file__).resolve().parents[1] / "toy" / "models" / name)
     from ..toy.tiny import save_tiny_pipeline
 
     cache = Path(os.environ.get("DREAMBOOTH_DORA_CACHE", Path.home() / ".cache" / "dreambooth_dora"))

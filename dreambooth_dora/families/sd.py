@@ -92,6 +92,14 @@ class StableDiffusion(Family):
         """The picture size (px) the base model was trained at."""
         return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
+    def card_call(self, cfg, tokenizers: list) -> dict:
+        """The arguments the model card's snippet passes to the pipeline call (none: its defaults)."""
+        return {}
+
+    def draw_settings(self, pipe) -> dict:
+        """The pipeline call's arguments the family sets when a picture is drawn from a prompt."""
+        return {}
+
     def latent_shape(self, pipe, count: int, width: int, height: int) -> tuple[int, ...]:
         """The shape of `count` pictures' initial latents, as the pipeline draws them."""
         f = pipe.vae_scale_factor
@@ -125,6 +133,8 @@ class StableDiffusion(Family):
     # the samplers the app offers: {label: diffusers class}, the first the default
     schedulers = {"DPM++ 2M": "DPMSolverMultistepScheduler", "DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler",
                   "Euler a": "EulerAncestralDiscreteScheduler", "PNDM": "PNDMScheduler"}
+    default_guidance = 7.5  # the pipeline call's guidance_scale by default (the app's starting value)
+    distilled_guidance = False  # guidance_scale is classifier-free guidance (True: an input of the model)
 
     def check_settings(self, cfg) -> None:
         """ValueError (one line) for a setting this family would ignore or cannot honour; asked

@@ -40,6 +40,7 @@ SD3_TOP = {"x_embedder.proj": ("pos_embed.proj",), "context_embedder": ("context
 
 class StableDiffusion3(FlowTransformer):
     name = "sd3"
+    default_guidance = 7.0  # StableDiffusion3Pipeline's
     label = "Stable Diffusion 3 / 3.5"
     pipeline_class = "StableDiffusion3Pipeline"
     pipeline_classes = ("StableDiffusion3Pipeline",)

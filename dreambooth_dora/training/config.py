@@ -201,7 +201,8 @@ class TrainConfig:
     guidance_scale: float | None = None
     """FLUX.1 dev: the guidance its distilled guidance embedding is told while training (default 3.5)."""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt; default the family's (SD 3: 77, FLUX.1: 512; schnell takes at most 256)."""
+    """T5 tokens per prompt; default the family's (SD 3: 77; FLUX.1: its T5 tokenizer's length, at most
+    512 (512 for FLUX.1 dev and schnell), as the app and `evaluate` draw it; schnell takes at most 256)."""
     precondition_outputs: bool | None = None
     """SD 3: compare the prediction turned into an estimate of the clean latents with them (diffusers'
     default, on); off: the prediction against noise - latents."""

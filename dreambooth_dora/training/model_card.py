@@ -8,23 +8,26 @@ from ..families import Family, family_named
 from ..families.models import EMBEDDED_PREFIX
 
 
-def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str, pivotal: bool = False) -> str:
+def load_snippet(pipeline: str, base: str, adapter_dir: str, prompt: str, pivotal: bool = False,
+                 call: dict | None = None) -> str:
     """Python that loads the adapter exactly and draws one picture; it runs as written (an
     `embedded:` base is resolved to its folder first, which `from_pretrained` needs). With
-    `pivotal`, the new tokens come with the adapter and replace the identifier in the prompt."""
+    `pivotal`, the new tokens come with the adapter and replace the identifier in the prompt;
+    `call`: the pipeline call's arguments that differ from its defaults (size, T5 length)."""
     names = ["load_adapter"] + (["insert_tokens"] if pivotal else [])
     source = repr(base)
     if base.startswith(EMBEDDED_PREFIX):
         names.append("resolve_model")
         source = f"resolve_model({base!r})"
+    args = "".join(f", {k}={v!r}" for k, v in (call or {}).items())
     imports = [f"from diffusers import {pipeline}", f"from dreambooth_dora import {', '.join(names)}"]
     return "\n".join([
         *imports,
         f"pipe = {pipeline}.from_pretrained({source})",
         ("report = " if pivotal else "") + f"load_adapter(pipe, {adapter_dir!r})  # exact; stock pipe.load_lora_weights "
         "drops text-encoder DoRA magnitudes" + ("; the new tokens too" if pivotal else ""),
-        f"image = pipe(insert_tokens({prompt!r}, report['tokens'])).images[0]" if pivotal
-        else f"image = pipe({prompt!r}).images[0]",
+        f"image = pipe(insert_tokens({prompt!r}, report['tokens']){args}).images[0]" if pivotal
+        else f"image = pipe({prompt!r}{args}).images[0]",
     ])
 
 
@@ -75,13 +78,14 @@ def options(cfg: TrainConfig) -> str:
     return ", ".join(p for p in parts if p) or "none"
 
 
-def model_card(cfg: TrainConfig, info: AdapterInfo) -> str:
+def model_card(cfg: TrainConfig, info: AdapterInfo, call: dict | None = None) -> str:
+    """`call`: the pipeline call's arguments the snippet passes (the family's `card_call`)."""
     method = "DoRA" if cfg.use_dora else "LoRA"
     family = family_named(info.architecture)
     pipeline = family.pipeline_class
     loss = "n/a" if info.final_loss is None else round(info.final_loss, 5)
     snippet = load_snippet(pipeline, cfg.pretrained_model_name_or_path, cfg.output_dir, cfg.instance_prompt,
-                           pivotal=bool(info.tokens))
+                           pivotal=bool(info.tokens), call=call)
     return f"""---
 base_model: {cfg.pretrained_model_name_or_path}
 tags: [dreambooth, {method.lower()}, {family.tag}, dreambooth-dora]
