@@ -351,7 +351,7 @@ def train_tab(desk: TrainDesk) -> dict:
         t["loss"] = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss-plot", height=260)
         t["grid"] = gr.Image(label="Newest validation grid", elem_id="job-grid", height=260, format="png")
     t["log"] = gr.Textbox(label="Log (tail)", lines=8, max_lines=8, elem_id="job-log")
-    t["timer"] = gr.Timer(1.0)
+    t["timer"] = gr.Timer(1.0, active=False)  # on while the Train tab is shown (build_ui)
     wire(desk, t)
     return t
 

@@ -146,7 +146,7 @@ def build_ui(comp: Comparison, desk=None) -> gr.Blocks:
     with gr.Blocks(title="dreambooth-dora: compare adapters") as demo:
         pickers = Pickers(comp)
         with gr.Tabs(selected="compare", elem_id="tabs") as tabs:
-            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_page:
                 gr.Markdown("## Base and any adapters, checkpoints and UI views — same prompt, seed, initial latents "
                             "and scheduler for every column")
                 ui = controls_section(comp, pickers)
@@ -156,8 +156,10 @@ def build_ui(comp: Comparison, desk=None) -> gr.Blocks:
             if desk is not None:
                 from .train_tab import train_tab
 
-                with gr.Tab("Train", id="train", elem_id="tab-train"):
+                with gr.Tab("Train", id="train", elem_id="tab-train") as train_page:
                     t = train_tab(desk)
+                train_page.select(lambda: gr.Timer(active=True), outputs=t["timer"], queue=False)
+                compare_page.select(lambda: gr.Timer(active=False), outputs=t["timer"], queue=False)
                 compare_section(comp, pickers, ui, desk, t, tabs)
         # the columns live on the server: a new tab or a reload shows every column added since
         demo.load(lambda: {**pickers.updates(), pickers.column_list: column_text(comp)},

@@ -405,9 +405,9 @@ def train_tab_journey(served_app, tiny_sd_path, root, icons):
         base = page.locator("#base input")
         base.fill(str(tiny_sd_path))
         base.press("Enter")
-        page.locator("#train-steps input").fill("150")
+        page.locator("#train-steps input").fill("60")
         page.get_by_text("Advanced: the other").click()
-        for name, value in (("resolution", "64"), ("validation_prompt", "a sks icon"), ("validation_steps", "150"),
+        for name, value in (("resolution", "64"), ("validation_prompt", "a sks icon"), ("validation_steps", "60"),
                             ("num_validation_images", "1"), ("validation_inference_steps", "2"),
                             ("checkpointing_steps", "1000"), ("lr_scheduler", "bogus")):
             page.locator(f"#adv-{name} input, #adv-{name} textarea").first.fill(value)
@@ -429,7 +429,7 @@ def train_tab_journey(served_app, tiny_sd_path, root, icons):
         page.wait_for_function("document.querySelector('#job-status').innerText.includes(': stopped')",
                                timeout=60_000)
         stopped = job_line(page)
-        assert "run dora (stopped)" in stopped and "step 150 / 150" not in stopped
+        assert "run dora (stopped)" in stopped and "step 60 / 60" not in stopped
         page.locator("#job-resume").click()
         page.wait_for_function("document.querySelector('#settings-status').innerText.includes('resume: job')",
                                timeout=30_000)
@@ -439,7 +439,7 @@ def train_tab_journey(served_app, tiny_sd_path, root, icons):
                                timeout=30_000)
         page.wait_for_function("document.querySelector('#job-status').innerText.includes(': done')",
                                timeout=240_000)
-        assert "step 150 / 150" in job_line(page), (stopped, job_line(page))
+        assert "step 60 / 60" in job_line(page), (stopped, job_line(page))
         assert page.locator("#job-grid img").count() == 1  # the newest validation grid
         job_id = page.locator("#job input").first.input_value()
         page.locator("#job-compare").click()

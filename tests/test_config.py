@@ -101,7 +101,7 @@ def test_a_diffusers_command_line_works_unchanged(icon_dir, tmp_path):
     ("learning_rate: fast\n", "learning_rate must be a number, got 'fast'"),
     ("unet_target_modules: {to_q: 1}\n", "unet_target_modules must be a list"),
     ("pretrained_model_name_or_path: 'embedded:toy-wrld'\n",
-     "unknown embedded model 'toy-wrld'; known: 'embedded:toy-world', 'embedded:tiny-random'"),
+     "unknown embedded model 'toy-wrld'; known: 'embedded:toy-world', 'embedded:toy-world-flux', 'embedded:tiny-random'"),
 ])
 def test_every_setting_is_checked_for_type_and_range(tmp_path, icon_dir, yaml_text, message):
     cfg_file = tmp_path / "c.yaml"
