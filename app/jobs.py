@@ -3,7 +3,7 @@
 A job is a folder `ROOT/jobs/<id>/` (a new one per job, never reused): `job.json` (its state),
 one YAML config per run (`dora.yaml`, `lora.yaml`: the twins differ only in `use_dora`), and per
 run its log, progress file, exit status and output folder (`dora/`, `lora/`). Each run is the
-trainer itself in a process of its own (`python -m dreambooth_dora train --config RUN.yaml`,
+trainer itself in a process of its own (`dreambooth-dora train --config RUN.yaml`,
 started in a new session), so closing the page, reloading it or restarting the app loses
 nothing: a restarted app finds the job's process by its pid and command line and follows it on.
 
@@ -79,8 +79,8 @@ class Job:
 
 def train_command(config: Path, resume: bool) -> list[str]:
     """The trainer as the command line runs it (one process)."""
-    return [sys.executable, "-m", "dreambooth_dora", "train", "--config", str(config),
-            *(["--resume_from_checkpoint", "latest"] if resume else [])]
+    return [sys.executable, "-c", "import sys; from dreambooth_dora.cli import main; sys.exit(main())", "train",
+            "--config", str(config), *(["--resume_from_checkpoint", "latest"] if resume else [])]
 
 
 def _alive(pid: int | None, marker: str) -> bool:
