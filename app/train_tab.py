@@ -345,6 +345,7 @@ def train_tab(desk: TrainDesk) -> dict:
         t["stop"] = gr.Button("Stop (checkpoint, then end)", elem_id="job-stop")
         t["resume"] = gr.Button("Resume", elem_id="job-resume")
         t["cancel"] = gr.Button("Cancel (queued)", elem_id="job-cancel")
+        t["with_checkpoints"] = gr.Checkbox(label="with its checkpoints", value=False, elem_id="job-checkpoints")
         t["compare"] = gr.Button("Open in Compare", variant="primary", elem_id="job-compare")
     t["job_status"] = gr.Markdown("", elem_id="job-status")
     with gr.Row():
@@ -468,6 +469,18 @@ def wire(desk: TrainDesk, t: dict) -> None:
 
     for kind in ("stop", "resume", "cancel"):
         t[kind].click(action(kind), inputs=t["job"], outputs=[t["settings_status"], t["jobs"], t["job"]], queue=False)
+
+
+def open_in_compare(comp, desk: TrainDesk, job_id: str, checkpoints: bool = False) -> list[str]:
+    """A finished job's adapters as Compare columns `<job> <method>` (with `checkpoints`, each run's
+    checkpoints and final adapter, `<job> <method> step N`); returns what the loads said."""
+    said = []
+    for label, folder in job_adapters(desk, job_id):
+        if checkpoints:
+            said.append("added " + ", ".join(comp.add_run(folder, label)))
+        else:
+            said.append(comp.load(label, folder))
+    return said
 
 
 def job_adapters(desk: TrainDesk, job_id: str) -> list[tuple[str, Path]]:

@@ -379,11 +379,11 @@ def columns_section(comp: Comparison, pickers: Pickers) -> None:
 def compare_section(comp: Comparison, pickers: Pickers, ui: dict, desk, t: dict, tabs) -> None:
     """Train tab -> Compare: a finished job's adapters become columns, with its instance prompt
     and seed preset, and the page turns to Compare."""
-    from .train_tab import job_adapters
+    from .train_tab import open_in_compare
 
-    def on_compare(job_id):
+    def on_compare(job_id, checkpoints):
         try:
-            loaded = [comp.load(label, path) for label, path in job_adapters(desk, job_id or "")]
+            loaded = open_in_compare(comp, desk, job_id or "", bool(checkpoints))
             job = desk.queue.get(job_id)
         except (AppError, ValueError) as err:
             return {t["settings_status"]: f"Error: {err}", **pickers.unchanged(), pickers.column_list: gr.update(),
@@ -392,7 +392,7 @@ def compare_section(comp: Comparison, pickers: Pickers, ui: dict, desk, t: dict,
                 pickers.column_list: column_text(comp), ui["prompt"]: job.settings.get("instance_prompt", ""),
                 ui["seed"]: job.settings.get("seed", 0), tabs: gr.Tabs(selected="compare")}
 
-    t["compare"].click(on_compare, inputs=t["job"],
+    t["compare"].click(on_compare, inputs=[t["job"], t["with_checkpoints"]],
                        outputs=[t["settings_status"], *pickers.widgets.values(), pickers.column_list, ui["prompt"],
                                 ui["seed"], tabs])
 

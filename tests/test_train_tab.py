@@ -5,7 +5,6 @@ with the CLI's own messages, and who may use it (loopback, or a login)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -50,6 +49,39 @@ def test_uploads_make_a_dataset_of_pictures_only_and_replace_nothing(tmp_path, m
     with pytest.raises(AppError, match="not made by this app"):
         desk.add_pictures("mine", [str(ICONS[0])])
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "icon" not in p.parts) == ["notes.png"]
+
+
+def test_masks_go_beside_their_pictures_and_into_the_settings(tmp_path):
+    desk = TrainDesk(tmp_path)
+    with pytest.raises(AppError, match="no pictures yet"):
+        desk.add_pictures("icon", [str(ICONS[0])], masks=True)
+    desk.add_pictures("icon", [str(p) for p in ICONS[:2]])
+    stranger = tmp_path / "other.png"
+    shutil.copyfile(ICONS[3], stranger)
+    with pytest.raises(AppError, match="mask other.png has no picture of the same name"):
+        desk.add_pictures("icon", [str(stranger)], masks=True)
+    assert "added 1 mask(s)" in desk.add_pictures("icon", [str(ICONS[0])], masks=True)
+    masks = tmp_path / "datasets" / "icon" / "masks"
+    assert [p.name for p in masks.iterdir()] == [ICONS[0].name] and len(desk.pictures("icon")) == 2
+    runs = desk.job_settings(form(masked=True))
+    assert runs["dora"]["masked_loss"] is True and Path(runs["dora"]["mask_data_dir"]) == masks.resolve()
+
+
+def test_open_in_compare_puts_a_jobs_twins_or_their_checkpoints_in_as_columns(tmp_path, tiny_sd_path, adapters):
+    from app.core import Comparison
+    from app.train_tab import open_in_compare
+
+    desk = TrainDesk(tmp_path)
+    job = desk.queue.submit({"dora": {}, "lora": {}})
+    with pytest.raises(AppError, match="no finished adapter yet"):
+        open_in_compare(None, desk, job.id)
+    for method in ("dora", "lora"):  # two finished runs (checkpoints at steps 2 and 4)
+        shutil.copytree(adapters[method], Path(job.folder) / method)
+    comp = Comparison(str(tiny_sd_path), adapters_root=tmp_path, device="cpu")
+    open_in_compare(comp, desk, job.id)
+    assert list(comp.columns) == ["base", f"{job.id} dora", f"{job.id} lora"]
+    open_in_compare(comp, desk, job.id, checkpoints=True)
+    assert f"{job.id} dora step 2" in comp.columns and f"{job.id} lora step 4" in comp.columns
 
 
 def test_captions_are_saved_as_the_trainer_reads_them(tmp_path):
