@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dreambooth_dora.outputs import write_text
+from dreambooth_dora.outputs import ADAPTER_FILE, write_text
 from dreambooth_dora.training.control import PROGRESS_ENV, STOPPED_STATUS, read_progress
 
 STATES = ("queued", "running", "stopping", "stopped", "failed", "done", "cancelled")
@@ -167,42 +167,40 @@ class JobQueue:
             job.save()
             return job
 
-    def stop(self, job_id: str) -> Job:
-        """Ask a running job's trainer to checkpoint and end (SIGTERM)."""
+    def _change(self, job_id: str, allowed: tuple[str, ...], refusal: str, change) -> Job:
+        """Apply `change(job)` to a job whose status is one of `allowed` (else ValueError: the
+        status, then `refusal`) and save it."""
         with self.lock:
             job = self.get(job_id)
-            if job.status != "running":
-                raise ValueError(f"job {job_id} is {job.status}, not running")
-            job.status = "stopping"
+            if job.status not in allowed:
+                raise ValueError(f"job {job_id} is {job.status}{refusal}")
+            change(job)
             job.save()
-            if job.pid:
-                try:
-                    os.kill(job.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
             return job
+
+    def stop(self, job_id: str) -> Job:
+        """Ask a running job's trainer to checkpoint and end (SIGTERM)."""
+        job = self._change(job_id, ("running",), ", not running", lambda j: setattr(j, "status", "stopping"))
+        if job.pid:
+            try:
+                os.kill(job.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        return job
 
     def resume(self, job_id: str) -> Job:
         """Queue a stopped or failed job again; its current run continues from its latest checkpoint."""
-        with self.lock:
-            job = self.get(job_id)
-            if job.status not in ("stopped", "failed"):
-                raise ValueError(f"job {job_id} is {job.status}; only a stopped or failed job resumes")
+        def requeue(job):
             run = job.current()
             if run is not None:
                 run.status, run.resume = "queued", True
             job.status, job.error = "queued", None
-            job.save()
-            return job
+
+        return self._change(job_id, ("stopped", "failed"), "; only a stopped or failed job resumes", requeue)
 
     def cancel(self, job_id: str) -> Job:
-        with self.lock:
-            job = self.get(job_id)
-            if job.status != "queued":
-                raise ValueError(f"job {job_id} is {job.status}; only a queued job can be cancelled (stop a running one)")
-            job.status = "cancelled"
-            job.save()
-            return job
+        return self._change(job_id, ("queued",), "; only a queued job can be cancelled (stop a running one)",
+                            lambda j: setattr(j, "status", "cancelled"))
 
     # ---- what a job shows -------------------------------------------------------------------------
 
@@ -239,8 +237,8 @@ class JobQueue:
             jobs = self.jobs()
             active = [j for j in jobs if j.status in ("running", "stopping")]
             for job in active:
-                self._follow(job)
-            if any(j.status in ("running", "stopping") for j in self.jobs()):
+                self._follow(job)  # updates `job` in place (and on disk)
+            if any(j.status in ("running", "stopping") for j in active):
                 return
             queued = [j for j in jobs if j.status == "queued"]
             if queued:
@@ -279,7 +277,7 @@ class JobQueue:
             job.status = "done"
             job.save()
             return
-        adapter = job.run_folder(run.method) / "pytorch_lora_weights.safetensors"
+        adapter = job.run_folder(run.method) / ADAPTER_FILE
         log = job.path / f"{run.method}.log"
         if code is None:
             code = 0 if adapter.is_file() else (STOPPED_STATUS if job.status == "stopping" else 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 import yaml
 
-from dreambooth_dora.outputs import atomic_path, write_text
+from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path, write_text
 from dreambooth_dora.training.config import ConfigError, build_config, describe_fields
 from dreambooth_dora.training.data import IMAGE_SUFFIXES, DataError, load_image_folder
 
@@ -487,7 +487,7 @@ def job_adapters(desk: TrainDesk, job_id: str) -> list[tuple[str, Path]]:
     """(column label, adapter folder) of a finished job's runs, for Compare."""
     job = desk.queue.get(job_id)
     done = [(f"{job.id} {r.method}", job.run_folder(r.method)) for r in job.runs
-            if (job.run_folder(r.method) / "pytorch_lora_weights.safetensors").is_file()]
+            if (job.run_folder(r.method) / ADAPTER_FILE).is_file()]
     if not done:
         raise AppError(f"job {job.id} has no finished adapter yet ({job.status})")
     return done

@@ -107,24 +107,13 @@ def main() -> int:
     if not all((p / "checkpoint-100").is_dir() for p in runs.values()):
         print("error: run the quick start first (README, Set up)", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--device", "cpu",
-                             *[a for label, path in runs.items() for a in ("--run", f"{label}={path}")],
-                             "--view", "DoRA step 400:comfyui", "--adapters-root", str(ROOT / "outputs")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = free_port()
+    proc = serve([*[a for label, path in runs.items() for a in ("--run", f"{label}={path}")],
+                  "--view", "DoRA step 400:comfyui", "--adapters-root", str(ROOT / "outputs")], port)
+    if proc is None:
+        return 1
     url = f"http://127.0.0.1:{port}/"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    print(proc.stdout.read(), file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium",
                                         args=["--headless", "--no-sandbox", "--disable-gpu"])
