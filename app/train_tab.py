@@ -242,17 +242,22 @@ class TrainDesk:
 
     def start(self, form: dict) -> Job:
         runs = self.job_settings(form)
+        first = runs[next(iter(runs))]
         return self.queue.submit(runs, {"base": form.get("base"), "methods": list(runs),
                                         "instance_prompt": (form.get("instance_prompt") or "").strip(),
-                                        "seed": runs[next(iter(runs))].get("seed", 0)})
+                                        "seed": first.get("seed", 0), "max_train_steps": first.get("max_train_steps")})
 
     # ---- a job's view ------------------------------------------------------------------------------
 
     def job_rows(self) -> list[list[str]]:
+        """The jobs table, newest first: id, status, each run's status, the base it trains on, its
+        steps, its folder under the root."""
         rows = []
         for job in reversed(self.queue.jobs()):
             runs = ", ".join(f"{r.method} {r.status}" for r in job.runs)
-            rows.append([job.id, job.status, runs, str(Path(job.folder).relative_to(self.root))])
+            steps = job.settings.get("max_train_steps")
+            rows.append([job.id, job.status, runs, str(job.settings.get("base") or "?"),
+                         "?" if steps is None else str(steps), str(Path(job.folder).relative_to(self.root))])
         return rows
 
     def job_view(self, job_id: str) -> dict:
@@ -337,7 +342,7 @@ def train_tab(desk: TrainDesk) -> dict:
                             elem_id="yaml")
         t["command"] = gr.Textbox(label="Command", buttons=["copy"], elem_id="command")
     gr.Markdown("### Jobs (one runs at a time; each in its own process: closing the page loses nothing)")
-    t["jobs"] = gr.Dataframe(headers=["job", "status", "runs", "folder"], interactive=False, elem_id="jobs",
+    t["jobs"] = gr.Dataframe(headers=["job", "status", "runs", "base", "steps", "folder"], interactive=False, elem_id="jobs",
                              value=desk.job_rows() or None)
     with gr.Row():
         ids = [r[0] for r in desk.job_rows()]

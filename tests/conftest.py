@@ -140,16 +140,16 @@ def ddpm_draw(noise_offset: float = 0.0):
     return partial(StableDiffusion().draw_noise, noise_offset=noise_offset, scheduler=DDPMScheduler())
 
 
-def evaluate_small(base, adapters: str, out: Path, seeds: str = "0", guidance: str = "3.5"):
+def evaluate_small(base, adapters: str, out: Path, seeds: str = "0", guidance: str | None = "3.5"):
     """`evaluate` on the sample icons with one class and one unrelated prompt, 2 steps at 32 px, no
-    DINO / CLIP models: (report folder, result)."""
+    DINO / CLIP models (guidance None: the model's default): (report folder, result)."""
     from dreambooth_dora.evaluation import evaluate, load_eval_config
 
     cfg = load_eval_config([
         "--base_model", str(base), "--adapters", adapters, "--instance_data_dir",
         str(Path(__file__).resolve().parents[1] / "sample_data/3d_icon"), "--class_prompts", "a icon",
         "--unrelated_prompts", "a red cube", "--seeds", seeds, "--images_per_prompt", "1", "--num_inference_steps", "2",
-        "--guidance_scale", guidance, "--resolution", "32", "--dino_model", "none", "--clip_model", "none",
+        *(["--guidance_scale", guidance] if guidance else []), "--resolution", "32", "--dino_model", "none", "--clip_model", "none",
         "--output_dir", str(out)])
     return evaluate(cfg, progress=False)
 

@@ -127,6 +127,9 @@ def test_settings_are_checked_by_the_clis_rules_and_twins_differ_only_in_use_dor
     shutil.copytree(REPO / "sample_data/lego", tmp_path / "lego")
     assert desk.job_settings(form(folder="lego", method="LoRA")).keys() == {"lora"}
     assert "lego" in desk.image_folders() and "datasets/icon" in desk.image_folders()
+    job = desk.start(form(base="embedded:toy-world-flux", max_train_steps=12))  # queued; nothing runs it here
+    assert desk.job_rows()[0][:6] == [job.id, "queued", "dora queued, lora queued", "embedded:toy-world-flux", "12",
+                                      f"jobs/{job.id}"]
 
 
 def test_the_advanced_section_is_every_other_setting_with_its_help():

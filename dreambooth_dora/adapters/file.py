@@ -149,6 +149,23 @@ class AdapterFile:
 
 
 _GAP_SAID: list = []  # load_adapter's note on the stock loader's known gap, said once per process
+_REPORTING = "transformers.integrations.peft"  # where transformers logs its adapter "LOAD REPORT"
+
+
+class quiet_load_reports(logging.Filter):
+    """While the stock loader runs, drop transformers' "LOAD REPORT" for a text encoder's adapter:
+    its "MISSING ... newly initialized" lines are the DoRA magnitudes the stock loader skips, which
+    `load_adapter` then checks tensor by tensor against the file and sets (said in one note)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    def __enter__(self):
+        logging.getLogger(_REPORTING).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger(_REPORTING).removeFilter(self)
 BIN_REFUSED = "pickled .bin weights are refused on purpose: loading a pickle can run code; save it as .safetensors"
 
 
@@ -261,7 +278,8 @@ def load_adapter(pipe, path: str | Path, adapter_name: str = "default", scale: f
     models = pipeline_models(pipe)
     check_fits(adapter, models)
     tokens, vectors = token_plan(pipe, adapter, adapter_name)  # checked before the pipeline changes
-    with warnings.catch_warnings():  # PEFT warns for every named adapter after the first; several are normal here
+    with warnings.catch_warnings(), quiet_load_reports():
+        # PEFT warns for every named adapter after the first; several are normal here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         pipe.load_lora_weights(str(adapter.path.parent), weight_name=adapter.path.name, adapter_name=adapter_name)
     restored = []

@@ -23,6 +23,8 @@ appears complete or not at all (built in a temporary folder, then renamed).
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from pathlib import Path
 
@@ -88,6 +90,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Path, dict]:
     tokens = [{}] + [load_adapter(pipe, path, adapter_name=f"adapter{i}")["tokens"]
                      for i, (_, path, _) in enumerate(sources)]
     size = cfg.resolution or family_of_pipeline(pipe).native_size(pipe)
+    if cfg.guidance_scale is None:  # the report states the value drawn with
+        cfg = dataclasses.replace(cfg, guidance_scale=family_of_pipeline(pipe).default_guidance)
     images = generate(pipe, ["base"] + [label for label, _, _ in sources], prompts, cfg, size, progress, tokens)
     del pipe
 

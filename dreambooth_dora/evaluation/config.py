@@ -31,7 +31,8 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     images_per_prompt: int = 2
     num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
+    """Default: the base model's own (SD 7.5, SD 3 7.0, FLUX.1 3.5: dev's distilled guidance)."""
     resolution: int | None = None
     """Image size; default: the model's native size."""
     dino_model: str | None = "facebook/dino-vits16"
