@@ -127,7 +127,8 @@ def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch
 @pytest.mark.parametrize("env, flags, words", [
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed is not supported"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "launch with --fsdp_version 2"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--train_text_encoder"], "with FSDP is not supported yet"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--train_text_encoder_ti", "--token_abstraction", "sks"],
+     "pivotal tuning with FSDP is not supported yet"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--use_ema"], "EMA with FSDP"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--mixed_precision", "fp16"], "use bf16")])
 def test_sharded_launches_refuse_what_they_cannot_do_in_one_line(env, flags, words, tiny_flux_path, tmp_path, capsys,
@@ -149,7 +150,8 @@ def test_sharded_launches_refuse_what_they_cannot_do_in_one_line(env, flags, wor
 @pytest.mark.slow
 def test_fsdp_over_two_processes_trains_like_one_and_resumes_exactly(tiny_flux_path, tmp_path):
     """`accelerate launch --use_fsdp --fsdp_version 2` on 2 CPU processes (gloo): the transformer and
-    its DoRA adapters sharded (FSDP2), the adapter equal to one process's with the doubled batch; the
+    its DoRA adapters sharded (FSDP2), CLIP's adapters whole on each process (DDP), one gradient
+    clip over both; the adapter equal to one process's with the doubled batch; the
     checkpoint holds the gathered adapter (the same layout, no base weights) and the whole optimizer
     state; a run killed after it and resumed under FSDP ends where the uninterrupted one did; the
     validation grid is drawn by both processes, written by one."""
@@ -163,7 +165,7 @@ def test_fsdp_over_two_processes_trains_like_one_and_resumes_exactly(tiny_flux_p
             "--instance_prompt", "a sks icon", "--resolution", "32", "--learning_rate", "5e-3", "--report_to", "none",
             "--seed", "0", "--max_train_steps", "4", "--checkpointing_steps", "2", "--max_sequence_length", "16",
             "--validation_prompt", "a sks icon", "--validation_steps", "4", "--num_validation_images", "1",
-            "--validation_inference_steps", "2"]
+            "--validation_inference_steps", "2", "--train_text_encoder"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
     def launch(out, *extra):
@@ -180,6 +182,7 @@ def test_fsdp_over_two_processes_trains_like_one_and_resumes_exactly(tiny_flux_p
     assert sharded.returncode == 0, output[-2000:]
     one, two = (load_file(str(tmp_path / n / ADAPTER_FILE)) for n in ("one", "fsdp"))
     assert one.keys() == two.keys() and any("lora_magnitude_vector" in k for k in one)
+    assert {k.split(".", 1)[0] for k in one} == {"transformer", "text_encoder"}  # CLIP whole on each process
     assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5  # Adam's first steps magnify summation order
     checkpoint = tmp_path / "fsdp" / "checkpoint-2"
     assert load_file(str(checkpoint / ADAPTER_FILE)).keys() == one.keys()  # gathered, the one-process layout

@@ -111,8 +111,9 @@ def register_adapter_hooks(accelerator, models: dict, pivotal=None, sharded=None
     adapter with its tokens).
 
     `models` maps a prefix ('unet', 'text_encoder') to the unwrapped model. `sharded`: (the
-    FSDP-sharded denoiser, its optimizer), which accelerate does not hold: every process gathers
-    the adapter and the optimizer state, the main process writes them; loading shards them again."""
+    FSDP-sharded denoiser, the module owning every trained tensor, the optimizer), which
+    accelerate does not hold: every process gathers the adapter and the optimizer state, the main
+    process writes them; loading shards them again."""
 
     def prefix_of(model):
         unwrapped = accelerator.unwrap_model(model)
@@ -131,7 +132,7 @@ def register_adapter_hooks(accelerator, models: dict, pivotal=None, sharded=None
         if sharded is not None:
             from .sharding import save_optimizer
 
-            save_optimizer(*sharded, output_dir, write=accelerator.is_main_process)
+            save_optimizer(*sharded[1:], output_dir, write=accelerator.is_main_process)
         for i in reversed(range(len(prepared))):  # keep accelerate from writing whole models
             if prefix_of(prepared[i]) is not None and i < len(weights):
                 weights.pop(i)
@@ -153,7 +154,7 @@ def register_adapter_hooks(accelerator, models: dict, pivotal=None, sharded=None
             for prefix, model in models.items():
                 if model is sharded[0]:
                     load_adapter_state_dict(model, tensors, prefix=f"{prefix}.{layout_prefix(model)}")
-            load_optimizer(*sharded, input_dir)
+            load_optimizer(*sharded[1:], input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.file import AdapterInfo, save_adapter
-from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, add_adapters, full
+from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, add_adapters
 from .buckets import assign
 from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -376,7 +376,12 @@ def clip_gradients(run: Run, loss: torch.Tensor, step: int) -> float:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, "mean")
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(full(accelerator.clip_grad_norm_(run.params, max_norm)))  # (sharded: a DTensor)
+    if run.sharded:  # sharded and whole gradients together (text encoders, new rows)
+        from .sharding import clip_grad_norm
+
+        grad_norm = float(clip_grad_norm(run.params, max_norm))
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
     if not math.isfinite(grad_norm) or not math.isfinite(float(loss.detach())):
         where = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
                  else "no checkpoint was saved yet")
@@ -515,15 +520,19 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     trained_te = text_encoders if cfg.train_text_encoder else []  # with pivotal tuning alone: not wrapped
-    if sharded:  # sharded by us, not wrapped; the optimizer's state is saved whole by our hooks, not by accelerate
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    owner = None
+    if sharded:  # the denoiser sharded by us, not wrapped; the optimizer's state is saved whole by our hooks
+        from .sharding import state_owner
+
+        owner = state_owner(unet, adapted)
+        *trained_te, optimizer, lr_scheduler = accelerator.prepare(*trained_te, optimizer, lr_scheduler)
         accelerator._optimizers.remove(optimizer)
     else:
         unet, *trained_te, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_te, optimizer, lr_scheduler)
     if cfg.train_text_encoder:
         text_encoders = encode.text_encoders = trained_te  # the prepared (wrapped) ones
     register_adapter_hooks(accelerator, adapted, pivotal,
-                           sharded=(unet, optimizer.optimizer) if sharded else None)
+                           sharded=(unet, owner, optimizer.optimizer) if sharded else None)
     ema = AdapterEMA(adapter_params, cfg.ema_decay) if cfg.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints

@@ -16,8 +16,12 @@ What sharding changes, and where it is handled:
   process's shard only) and sharded again on resume;
 - validation: every process joins each forward (each one all-gathers the weights); the main
   process writes the grid.
-Not with sharding (yet), each refused in one line: text-encoder adapters, pivotal tuning, EMA, fp16
-mixed precision (its grad scaler; bf16 needs none).
+- text-encoder adapters: the text encoders stay whole on every process (wrapped by accelerate:
+  DDP averages their adapters' gradients); gradient clipping takes the norm over sharded and whole
+  gradients together (`clip_grad_norm`), and the optimizer state of both is gathered through one
+  owner module (`state_owner`).
+Not with sharding (yet), each refused in one line: pivotal tuning, EMA, fp16 mixed precision (its
+grad scaler; bf16 needs none).
 """
 
 from __future__ import annotations
@@ -43,8 +47,7 @@ def check_fsdp(cfg) -> None:
     if version != "2":
         raise ValueError(f"FSDP version {version}: this trainer shards with FSDP2 (torch's fully_shard); "
                          "launch with --fsdp_version 2")
-    for name, what in (("train_text_encoder", "text-encoder adapters"), ("train_text_encoder_ti", "pivotal tuning"),
-                       ("use_ema", "EMA")):
+    for name, what in (("train_text_encoder_ti", "pivotal tuning"), ("use_ema", "EMA")):
         if getattr(cfg, name):
             raise ValueError(f"{name}: {what} with FSDP is not supported yet; launch without --use_fsdp (DDP)")
     if cfg.mixed_precision == "fp16":  # the grad scaler would not see the sharded optimizer before clipping
@@ -67,6 +70,35 @@ def shard(model: nn.Module) -> nn.Module:
                 fully_shard(block)
     fully_shard(model)
     return model
+
+
+def state_owner(denoiser: nn.Module, models: dict[str, nn.Module]) -> nn.Module:
+    """The module whose parameters include every tensor the optimizer trains, for gathering and
+    sharding its state: the sharded denoiser alone, or with the adapted text encoders (whole on
+    every process) under one container (their names prefixed)."""
+    others = {prefix: m for prefix, m in models.items() if m is not denoiser}
+    return nn.ModuleDict({"denoiser": denoiser, **others}) if others else denoiser
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch's `clip_grad_norm_` (the 2-norm of all gradients together; each scaled by
+    max_norm / (norm + 1e-6) where that is below 1) over sharded (DTensor) and whole gradients
+    alike: torch's own cannot stack the two kinds' norms. Returns the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    squares = []
+    for g in grads:
+        norm = torch.linalg.vector_norm(g, 2)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2))
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    coef = float(max_norm / (float(total) + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
 
 
 def save_optimizer(model: nn.Module, optimizer, output_dir: str | Path, write: bool) -> None:
