@@ -333,6 +333,8 @@ def test_page_in_a_real_browser(served_app, adapters, tmp_path):
         assert page.locator("#stop-status").inner_text().strip() == ""  # said once, in one place
         # a grid: the stop is said beside the grid, the cells drawn so far stay, nothing is saved
         grids_before = sorted((adapters["dora"].parent / "grids").glob("*.png"))
+        page.locator("#steps input[type=number]").fill("30")  # a cell takes a moment, the grid far longer
+        page.locator("#steps input[type=number]").press("Enter")
         page.locator("#draw-grid").click()
         page.wait_for_function("document.querySelector('#grid-progress').innerText.includes('drawing: 1 of')",
                                timeout=120_000)
