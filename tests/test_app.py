@@ -359,9 +359,11 @@ def job_line(page) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (CI installs it)")
 def test_train_tab_in_a_real_browser(served_app, tiny_sd_path, adapters, tmp_path):
-    """Pictures in, twins out: upload four pictures, edit a caption, a bad setting is the CLI's
-    message and starts nothing, start a DoRA + LoRA job on the app's base, see progress and the
-    loss chart move, reload (still running), Stop, Resume, done, both adapters into Compare."""
+    """Pictures in, an adapter out: upload four pictures, edit a caption, a bad setting is the CLI's
+    message and starts nothing, start a DoRA job on the app's base, see progress and the loss chart
+    move, Stop, Resume, reload (still running), done, the adapter into Compare and drawn there. (A
+    job's twins run one after the other and open as two columns: tests/test_train_jobs.py and
+    tests/test_train_tab.py, without a second real trainer start here.)"""
     import json
 
     root = adapters["dora"].parent
@@ -408,6 +410,7 @@ def train_tab_journey(served_app, tiny_sd_path, root, icons):
         base.fill(str(tiny_sd_path))
         base.press("Enter")
         page.locator("#train-steps input").fill("60")
+        page.locator("#method").get_by_text("DoRA", exact=True).click()
         page.get_by_text("Advanced: the other").click()
         for name, value in (("resolution", "64"), ("validation_prompt", "a sks icon"), ("validation_steps", "60"),
                             ("num_validation_images", "1"), ("validation_inference_steps", "2"),
@@ -435,7 +438,7 @@ def train_tab_journey(served_app, tiny_sd_path, root, icons):
         page.locator("#job-resume").click()
         page.wait_for_function("document.querySelector('#settings-status').innerText.includes('resume: job')",
                                timeout=30_000)
-        page.reload()  # the job runs on without the page (the LoRA twin still to come)
+        page.reload()  # the job runs on without the page
         page.get_by_role("tab", name="Train").click()
         page.wait_for_function("/: (queued|running)/.test(document.querySelector('#job-status').innerText)",
                                timeout=30_000)
@@ -446,14 +449,14 @@ def train_tab_journey(served_app, tiny_sd_path, root, icons):
         job_id = page.locator("#job input").first.input_value()
         page.locator("#job-compare").click()
         page.wait_for_function("document.querySelector('#shown') !== null && "
-                               f"document.querySelector('#shown').innerText.includes('{job_id} lora')",
+                               f"document.querySelector('#shown').innerText.includes('{job_id} dora')",
                                timeout=60_000)
         assert page.locator("#prompt textarea").input_value() == "a sks icon, 3d render"
         few_steps(page)
         page.locator("#generate").click()
-        for method in ("dora", "lora"):
-            page.locator(f"#col-{slug(job_id + ' ' + method)} img.dd-cell").first.wait_for(timeout=120_000)
-            assert arr(column_images(page, slug(job_id + " " + method))[0]).std() > 1
+        page.locator(f"#col-{slug(job_id + ' dora')} img.dd-cell").first.wait_for(timeout=120_000)
+        assert arr(column_images(page, slug(job_id + " dora"))[0]).std() > 1
+        assert not (root / "jobs" / job_id / "lora").exists()  # DoRA alone was asked for
         browser.close()
 
 

@@ -16,6 +16,8 @@ new module here, listed in FAMILIES (the detection order: the more specific firs
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .family import Components, Family, FamilyError
 from .sd import StableDiffusion
 from .flux1 import Flux1
@@ -71,6 +73,9 @@ def family_of(path: str, revision: str | None = None) -> Family:
 
     from .models import ModelLoadError
 
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():  # a path, never a hub id
+        raise ModelLoadError(f"cannot load model {path!r}: no such folder (a local model is a diffusers folder "
+                             "holding model_index.json; a hub id looks like org/name)")
     try:
         index = DiffusionPipeline.load_config(path, revision=revision)
     except (OSError, ValueError) as err:
