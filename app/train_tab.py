@@ -167,6 +167,20 @@ class TrainDesk:
     def presets() -> list[str]:
         return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
 
+    def preset_fields(self, preset: str) -> dict:
+        """What picking a recipe puts in the page's own fields, so the page shows what will run
+        (its fields win over the recipe's values): the recipe's base model, instance prompt, rank,
+        steps and learning rate, where it names them; {} for no recipe."""
+        preset = (preset or "").strip()
+        if not preset:
+            return {}
+        if preset not in self.presets():
+            raise AppError(f"no recipe {preset!r} in train_configs/")
+        values = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text(encoding="utf-8")) or {}
+        names = {"base": "pretrained_model_name_or_path", "instance_prompt": "instance_prompt", "rank": "rank",
+                 "max_train_steps": "max_train_steps", "learning_rate": "learning_rate"}
+        return {field: values[key] for field, key in names.items() if values.get(key) not in (None, "")}
+
     def models(self) -> list[str]:
         found = []
         if self.models_root and self.models_root.is_dir():
@@ -421,6 +435,18 @@ def wire(desk: TrainDesk, t: dict) -> None:
         return f"OK: {len(runs)} run(s) would start ({', '.join(runs)})", text, command
 
     t["check"].click(on_check, inputs=form_inputs, outputs=[t["settings_status"], t["yaml"], t["command"]])
+
+    preset_outputs = ["base", "instance_prompt", "rank", "max_train_steps", "learning_rate"]
+
+    def on_preset(preset):
+        try:
+            fields = desk.preset_fields(preset)
+        except AppError as err:
+            return (f"Error: {err}", *(gr.update() for _ in preset_outputs))
+        said = f"recipe {preset}: its base model and values are in the fields above" if fields else ""
+        return (said, *(gr.update(value=fields[n]) if n in fields else gr.update() for n in preset_outputs))
+
+    t["preset"].change(on_preset, inputs=t["preset"], outputs=[t["settings_status"], *(t[n] for n in preset_outputs)])
 
     def jobs_update(pick=None):
         rows = desk.job_rows()

@@ -150,3 +150,33 @@ def test_the_train_tab_needs_a_login_off_this_machine(capsys, monkeypatch):
         assert main([*argv, "--port", str(free_port())]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_a_recipe_puts_its_base_and_values_in_the_pages_fields(tmp_path, tiny_sd_path):
+    """Picking a recipe shows what will run: its base model, prompt, rank, steps and learning rate
+    go into the page's fields (which win over the recipe's values), wired in the built page."""
+    from app.core import Comparison
+    from app.ui import build_ui
+
+    desk = TrainDesk(tmp_path)
+    fields = desk.preset_fields("flux1_dev_3d_icon_dora")
+    assert fields == {"base": "black-forest-labs/FLUX.1-dev", "instance_prompt": "a sks icon, 3d render", "rank": 16,
+                      "max_train_steps": 500, "learning_rate": 1e-4}
+    assert desk.preset_fields("quickstart_tiny_icon_flux_dora")["base"] == "embedded:toy-world-flux"
+    assert desk.preset_fields("") == {}
+    with pytest.raises(AppError, match="no recipe 'nope'"):
+        desk.preset_fields("nope")
+    desk.add_pictures("icon", [str(p) for p in ICONS[:4]])
+    runs = desk.job_settings(form(preset="quickstart_tiny_icon_flux_dora",
+                                  **desk.preset_fields("quickstart_tiny_icon_flux_dora")))
+    assert runs["dora"]["pretrained_model_name_or_path"] == "embedded:toy-world-flux"
+    assert runs["dora"]["max_train_steps"] == 400 and runs["dora"]["train_text_encoder"] is True
+
+    demo = build_ui(Comparison(str(tiny_sd_path), device="cpu"), desk)
+    preset = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "preset")
+    handler = next(f for f in demo.fns.values() if [c._id for c in f.inputs] == [preset._id])
+    said, base, prompt, rank, steps, lr = handler.fn("flux1_dev_3d_icon_dora")
+    assert "flux1_dev_3d_icon_dora" in said and base["value"] == "black-forest-labs/FLUX.1-dev"
+    assert (rank["value"], steps["value"], lr["value"]) == (16, 500, 1e-4)
+    assert [c.elem_id for c in handler.outputs][1:] == ["base", "instance-prompt", "rank", "train-steps",
+                                                        "learning-rate"]
