@@ -376,7 +376,7 @@ def clip_gradients(run: Run, loss: torch.Tensor, step: int) -> float:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, "mean")
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    if run.sharded:  # sharded and whole gradients together (text encoders, new rows)
+    if run.sharded:  # sharded and whole (text-encoder adapters) gradients together
         from .sharding import clip_grad_norm
 
         grad_norm = float(clip_grad_norm(run.params, max_norm))

@@ -83,17 +83,29 @@ def state_owner(denoiser: nn.Module, models: dict[str, nn.Module]) -> nn.Module:
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """torch's `clip_grad_norm_` (the 2-norm of all gradients together; each scaled by
     max_norm / (norm + 1e-6) where that is below 1) over sharded (DTensor) and whole gradients
-    alike: torch's own cannot stack the two kinds' norms. Returns the norm before clipping."""
-    from torch.distributed.tensor import DTensor
+    alike: torch's own cannot stack the two kinds' norms. The shards' squares are summed locally
+    and added over the processes in one all-reduce (not one per tensor); whole gradients are the
+    same on every process and added after it. Returns the norm before clipping."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
 
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    squares = []
+    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    sharded, whole = torch.zeros((), device=device), torch.zeros((), device=device)
+    group = None
     for g in grads:
-        norm = torch.linalg.vector_norm(g, 2)
-        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2))
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+        if isinstance(g, DTensor) and all(isinstance(p, Shard) for p in g.placements) and g.device_mesh.ndim == 1:
+            sharded += g.to_local().float().pow(2).sum()
+            group = g.device_mesh.get_group()
+        elif isinstance(g, DTensor):  # another layout: its own reduction
+            whole += torch.linalg.vector_norm(g, 2).full_tensor().float().pow(2)
+        else:
+            whole += g.float().pow(2).sum()
+    if group is not None:
+        dist.all_reduce(sharded, group=group)
+    total = (sharded + whole).sqrt()
     coef = float(max_norm / (float(total) + 1e-6))
     if coef < 1.0:
         for g in grads:
