@@ -167,16 +167,20 @@ class TrainDesk:
     def presets() -> list[str]:
         return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
 
-    def preset_fields(self, preset: str) -> dict:
-        """What picking a recipe puts in the page's own fields, so the page shows what will run
-        (its fields win over the recipe's values): the recipe's base model, instance prompt, rank,
-        steps and learning rate, where it names them; {} for no recipe."""
+    def recipe(self, preset: str | None) -> dict:
+        """A recipe's settings from train_configs/ ({} for none; AppError for one not there)."""
         preset = (preset or "").strip()
         if not preset:
             return {}
         if preset not in self.presets():
             raise AppError(f"no recipe {preset!r} in train_configs/")
-        values = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text(encoding="utf-8")) or {}
+        return yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text(encoding="utf-8")) or {}
+
+    def preset_fields(self, preset: str) -> dict:
+        """What picking a recipe puts in the page's own fields, so the page shows what will run
+        (its fields win over the recipe's values): the recipe's base model, instance prompt, rank,
+        steps and learning rate, where it names them; {} for no recipe."""
+        values = self.recipe(preset)
         names = {"base": "pretrained_model_name_or_path", "instance_prompt": "instance_prompt", "rank": "rank",
                  "max_train_steps": "max_train_steps", "learning_rate": "learning_rate"}
         return {field: values[key] for field, key in names.items() if values.get(key) not in (None, "")}
@@ -190,14 +194,9 @@ class TrainDesk:
     def job_settings(self, form: dict) -> dict[str, dict]:
         """{method: the run's settings} from the page's fields (`form`), checked as the CLI checks
         them (the same one-line messages); AppError / ConfigError / DataError otherwise."""
-        values: dict = {}
-        preset = (form.get("preset") or "").strip()
-        if preset:
-            if preset not in self.presets():
-                raise AppError(f"no recipe {preset!r} in train_configs/")
-            values = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text(encoding="utf-8")) or {}
-            values.pop("output_dir", None)
-            values.pop("instance_data_dir", None)
+        values = self.recipe(form.get("preset"))
+        values.pop("output_dir", None)
+        values.pop("instance_data_dir", None)
         for name, text in (form.get("advanced") or {}).items():
             if text is not None and str(text).strip():
                 try:
