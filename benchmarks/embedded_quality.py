@@ -13,6 +13,7 @@ to the instance images (lower is nearer), and whether the class prompt still dra
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -62,9 +63,28 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, help="CFG's scale (default 5), or the guidance a model with guidance "
                                                        "built in is told (default its family's: 3.5 for FLUX.1)")
     args = parser.parse_args(argv)
+    problem = None
+    try:
+        base = resolve_model(args.base)
+    except ValueError as err:
+        problem = f"--base: {err}"
+    else:
+        if not (Path(base) / "classifier" / "model.safetensors").is_file():
+            problem = f"--base: {args.base} has no classifier/ (the embedded toy-world models have one)"
     if args.grid and (Path(args.grid).exists() or not args.grid.endswith(".png")):
-        parser.error(f"--grid: give a new .png file ({args.grid} exists or is not one)")
-    base = resolve_model(args.base)
+        problem = problem or f"--grid: give a new .png file ({args.grid} exists or is not one)"
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        problem = problem or f"--guidance must be a finite number >= 0, got {args.guidance}"
+    for flag, path in (("--dora", args.dora), ("--lora", args.lora)):
+        if path and not Path(path).exists():
+            problem = problem or f"{flag}: no adapter at {path}"
+    if (args.dora or args.lora) and not Path(args.instance_dir).is_dir():
+        problem = problem or f"--instance-dir: no folder {args.instance_dir}"
+    if args.class_name not in CLASSES:
+        problem = problem or f"--class-name: one of {', '.join(CLASSES)}, got {args.class_name!r}"
+    if problem:  # one line, before any model loads
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     classifier = load_classifier(Path(base) / "classifier")
 
     def pipe_with(path=None):

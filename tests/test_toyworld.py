@@ -140,3 +140,27 @@ def test_the_embedded_flux_model_draws_its_world():
     cls, colour, _ = classify(classifier, images)
     assert sum(c == p[1] for c, p in zip(cls, prompts)) >= 5
     assert sum(k == p[2] for k, p in zip(colour, prompts)) >= 5
+
+
+def test_the_quality_benchmark_refuses_bad_input_in_one_line_before_any_model_loads(tmp_path, capsys):
+    """benchmarks/embedded_quality.py: a base without the toy world's judge, a nonsense guidance, an
+    existing --grid picture (never replaced), a missing adapter: one line, exit 2, nothing drawn."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("embedded_quality", repo / "benchmarks" / "embedded_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kept = tmp_path / "grid.png"
+    kept.write_bytes(b"an earlier picture")
+    for argv, words in ((["--base", str(tmp_path)], "has no classifier/"),
+                        (["--base", "embedded:nope"], "unknown embedded model"),
+                        (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
+                        (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+                        (["--grid", str(kept)], "give a new .png file"),
+                        (["--dora", str(tmp_path / "nope")], "--dora: no adapter at"),
+                        (["--class-name", "cat"], "--class-name: one of")):
+        assert module.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+    assert kept.read_bytes() == b"an earlier picture"
