@@ -25,6 +25,7 @@ from PIL import Image
 
 from dreambooth_dora.families.models import load_pipeline, resolve_model
 from dreambooth_dora.training.checkpoints import checkpoint_step
+from dreambooth_dora.training.config import SEED_MAX
 from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path
 from dreambooth_dora.adapters.file import AdapterError, describe, load_adapter, read_adapter
 from dreambooth_dora.evaluation.drawing import draw, loaded_adapters, seeded_latents
@@ -48,6 +49,25 @@ class StoppedError(AppError):
 
 class Stopped(Exception):
     """Raised inside a generation when Stop was pressed."""
+
+
+MAX_STEPS, MAX_IMAGES = 1000, 64  # sampling steps and images per request the page takes (the work bound applies too)
+
+
+def whole(value, what: str, low: int, high: int) -> int:
+    """A whole number from the page within [low, high]: 2.5 steps is not 2, a seed of 2**70 is no
+    seed; anything else is one AppError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value):
+        number = int(value)
+    else:
+        raise AppError(f"{what} must be a whole number, got {value!r}")
+    if not low <= number <= high:
+        raise AppError(f"{what} must be in [{low}, {high}], got {number}")
+    return number
 
 
 def request_work(width: int, height: int, steps: int, images: int, columns: int) -> int:
@@ -311,7 +331,7 @@ class Comparison:
         if scheduler not in self.schedulers:
             raise AppError(f"unknown scheduler {scheduler!r}; one of {', '.join(self.schedulers)}")
         size, step = self.native_size(), family_of_pipeline(self.pipe).size_step
-        width, height = int(width or size), int(height or size)
+        width, height = (whole(v or size, name, step, 8192) for v, name in ((width, "width"), (height, "height")))
         if width % step or height % step:
             raise AppError(f"width and height must be multiples of {step}")
         return width, height, scheduler
@@ -365,6 +385,8 @@ class Comparison:
         """{column: [(image, seconds), ...]} for every requested column (default: all) that exists."""
         width, height, scheduler = self._check(prompt, scheduler, width, height)
         scale = check_scale(scale)
+        seed, steps = whole(seed, "seed", 0, SEED_MAX), whole(steps, "steps", 1, MAX_STEPS)
+        num_images = whole(num_images, "images", 1, MAX_IMAGES)
         shown = [c for c in (self.columns if columns is None else columns) if c in self.columns]
         self._bound(width, height, steps, num_images, len(shown), "request")
         with self.lock:
@@ -397,6 +419,9 @@ class Comparison:
     def plan_grid(self, spec: "GridSpec") -> list["Cell"]:
         """The grid's cells, row by row, checked (columns exist, scales apply, the work bound)."""
         spec.width, spec.height, spec.scheduler = self._check(spec.prompt, spec.scheduler, spec.width, spec.height)
+        spec.seed, spec.steps = whole(spec.seed, "seed", 0, SEED_MAX), whole(spec.steps, "steps", 1, MAX_STEPS)
+        if spec.rows == "seeds":
+            spec.row_values = [whole(v, "seed", 0, SEED_MAX) for v in spec.row_values]
         if spec.rows not in ROW_AXES or spec.cols not in COL_AXES:
             raise AppError(f"rows are one of {', '.join(ROW_AXES)}; columns one of {', '.join(COL_AXES)}")
         if spec.rows == "scales" and spec.cols == "scales":

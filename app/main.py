@@ -116,11 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not name.strip() or not path.strip():
             problem = f"--adapter {item!r}: give LABEL=PATH"
         columns.append((name.strip(), path.strip()))
-    labels = [slot for slot in ("dora", "lora") if getattr(args, slot)] + [name for name, _ in columns]
-    twice = sorted({n for n in labels if labels.count(n) > 1})
-    if twice and not problem:
-        problem = (f"column label {twice[0]!r} is given twice (--adapter {twice[0]}=... / --{twice[0]}); each "
-                   "column needs its own label, or the second would replace the first")
     for item in args.view:
         name, colon, rule = item.rpartition(":")
         if not colon or rule not in ("comfyui", "a1111"):
@@ -131,7 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from .core import AppError, Comparison
+    from .core import AppError, Comparison, run_snapshots
+    from .core import RULES as VIEWS
+
+    # every column's label, known before any model loads: a label given twice would replace a column
+    given = [(slot, f"--{slot}") for slot in ("dora", "lora") if getattr(args, slot)]
+    given += [(name, f"--adapter {name}=...") for name, _ in columns]
+    for item in args.run:
+        prefix, _, folder = item.rpartition("=")
+        given += [(f"{(prefix or Path(folder).name).strip()} step {step}", f"--run {item}")
+                  for step, _ in run_snapshots(Path(folder))]
+    given += [(f"{name} as {VIEWS[rule]}", f"--view {item}")
+              for item in args.view for name, _, rule in [item.rpartition(":")]]
+    labels = [label for label, _ in given]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice:
+        where = " and ".join(dict.fromkeys(flag for label, flag in given if label == twice))
+        print(f"error: column label {twice!r} is given twice ({where}); each column needs its own label, or the "
+              "second would replace the first", file=sys.stderr)
+        return 2
     from .ui import build_ui
 
     root = args.adapters_root or ("outputs" if Path("outputs").is_dir() else None)

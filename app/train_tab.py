@@ -19,8 +19,8 @@ import gradio as gr
 import yaml
 
 from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path, write_text
-from dreambooth_dora.training.config import ConfigError, build_config, describe_fields
-from dreambooth_dora.training.data import IMAGE_SUFFIXES, DataError, load_image_folder
+from dreambooth_dora.training.config import PATH_SETTINGS, ConfigError, build_config, describe_fields
+from dreambooth_dora.training.data import IMAGE_SUFFIXES, DataError, is_colour, load_image, load_image_folder
 
 from .core import AppError, resolve_under_root
 from .jobs import Job, JobQueue, last_error, log_tail
@@ -38,6 +38,12 @@ PAGE_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "instance_p
                "mask_data_dir", "caption_column", "output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 ADVANCED = [f for f in describe_fields() if f[0] not in PAGE_FIELDS]
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # owner/name
+# how the page checks each kind of path setting (PATH_SETTINGS): TrainDesk's method per kind
+PAGE_PATH_RULES = {"model": "_model", "read folder": "_read_folder", "dataset": "_dataset",
+                   "written folder": "_written_folder", "run folder": "_set_by_the_job",
+                   "checkpoint": "_set_by_the_job", "inside the run folder": "_inside_run",
+                   "subject sets": "_subject_sets"}
 
 
 def _safe_name(name: str) -> str:
@@ -78,6 +84,9 @@ class TrainDesk:
             with Image.open(path) as im:
                 w, h = im.size
                 im.verify()
+        except Image.DecompressionBombError:  # the header alone claims more pixels than PIL opens
+            return f"{path.name}: its header claims more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels " \
+                   f"(the limit is {MAX_PIXELS // 10**6})"
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return f"{path.name}: not an image"
         if w * h > MAX_PIXELS:
@@ -120,7 +129,12 @@ class TrainDesk:
             with atomic_path(target) as tmp:
                 shutil.copyfile(f, tmp)
             added.append(target.name)
-        return f"added {len(added)} {'mask' if masks else 'picture'}(s) to {DATASETS}/{name}: {', '.join(added)}"
+        said = f"added {len(added)} {'mask' if masks else 'picture'}(s) to {DATASETS}/{name}: {', '.join(added)}"
+        colour = [f.name for f in files if masks and is_colour(load_image(f))]
+        if colour:
+            said += (f"; warning: {', '.join(colour[:3])}{' ...' if len(colour) > 3 else ''} are colour pictures, "
+                     "not masks (white = the subject, black = not): training reads them as grey levels")
+        return said
 
     def pictures(self, name: str) -> list[Path]:
         folder = self.dataset_folder(name)
@@ -140,15 +154,30 @@ class TrainDesk:
         return [[p.name, known.get(p.name, "")] for p in self.pictures(name)]
 
     def save_captions(self, name: str, rows) -> str:
-        """Write the captions as the trainer reads them (metadata.jsonl: file_name, text)."""
-        names = {p.name for p in self.pictures(name)}
-        rows = [[str(c) if c is not None else "" for c in row[:2]] for row in (rows or []) if row and row[0]]
-        unknown = [r[0] for r in rows if r[0] not in names]
+        """Merge the table's captions (rows of [picture, caption]) into the trainer's metadata.jsonl
+        (file_name, text), by picture name: pictures the table leaves out keep their captions. An
+        empty table, a row of another width or a picture not in the dataset changes nothing."""
+        pictures = [p.name for p in self.pictures(name)]
+        if not pictures:
+            raise AppError(f"dataset {name!r} has no pictures yet")
+        rows = [list(r) if isinstance(r, (list, tuple)) else [r] for r in (rows or [])]
+        rows = [r for r in rows if any(c is not None and str(c).strip() for c in r)]  # blank lines
+        if not rows:
+            raise AppError("the caption table is empty: nothing saved (the captions on disk are kept)")
+        odd = next((r for r in rows if len(r) != 2), None)
+        if odd is not None:
+            raise AppError(f"a caption row has {len(odd)} cell(s), 2 wanted (picture, caption): nothing saved")
+        given = [(str(f).strip(), "" if c is None else str(c).strip()) for f, c in rows]
+        unknown = [f for f, _ in given if f not in pictures]
         if unknown:
-            raise AppError(f"no picture {unknown[0]!r} in dataset {name!r}")
-        lines = [json.dumps({"file_name": f, "text": c.strip()}) for f, c in rows]
+            raise AppError(f"no picture {unknown[0]!r} in dataset {name!r}: nothing saved")
+        twice = next((f for f, _ in given if [g for g, _ in given].count(f) > 1), None)
+        if twice:
+            raise AppError(f"picture {twice!r} has two rows: nothing saved")
+        captions = {**dict(self.captions(name)), **dict(given)}
+        lines = [json.dumps({"file_name": f, "text": captions.get(f, "")}) for f in pictures]
         write_text(self.dataset_folder(name) / "metadata.jsonl", "\n".join(lines) + "\n")
-        return f"saved {len(lines)} caption(s) to {DATASETS}/{name}/metadata.jsonl"
+        return f"saved {len(lines)} caption(s) to {DATASETS}/{name}/metadata.jsonl ({len(given)} from the table)"
 
     def image_folders(self) -> list[str]:
         """Folders under the root (two levels) holding pictures, relative to it."""
@@ -191,6 +220,79 @@ class TrainDesk:
             found = sorted(str(p.parent) for p in self.models_root.glob("*/model_index.json"))
         return [*EMBEDDED, *found]
 
+    # ---- paths from the page: every setting of PATH_SETTINGS by the rule of its kind -------------
+
+    def page_paths(self, values: dict) -> dict:
+        """`values` with every path setting checked by the rule of its kind (PATH_SETTINGS), folders
+        made absolute under the adapters root; AppError for one the page may not name."""
+        rules = {kind: getattr(self, method) for kind, method in PAGE_PATH_RULES.items()}
+        out = dict(values)
+        for name, value in values.items():
+            if name in PATH_SETTINGS and value not in (None, ""):
+                out[name] = rules[PATH_SETTINGS[name]](name, value)
+        return out
+
+    def _model(self, name: str, value) -> str:
+        """A hub id (owner/name, not a folder here), an embedded model, or a folder under --models-root."""
+        text = str(value).strip()
+        if text.startswith("embedded:"):
+            return text  # the config's check names the embedded models
+        given = Path(text)
+        if self.models_root and text and ".." not in given.parts:
+            full = (given if given.is_absolute() else self.models_root / given).resolve()
+            if full.is_relative_to(self.models_root) and full.is_dir():
+                return str(full)
+        if HUB_ID.fullmatch(text) and not given.exists():
+            return text
+        roots = f"a folder under --models-root ({self.models_root})" if self.models_root else \
+            "a folder under --models-root (this app was started without one)"
+        raise AppError(f"{name} {text!r}: the page takes a hub id (owner/name), an embedded model "
+                       f"({', '.join(EMBEDDED)}) or {roots}")
+
+    def _read_folder(self, name: str, value) -> str:
+        try:
+            return str(resolve_under_root(self.root, str(value)))
+        except AppError as err:
+            raise AppError(f"{name}: {err}") from None
+
+    def _written_folder(self, name: str, value) -> str:
+        """A folder the run may write into: under the adapters root, outside jobs/ and datasets/."""
+        full = self._inside(name, value, self.root)
+        if full == self.root or any(full.is_relative_to(self.root / top) for top in ("jobs", DATASETS)):
+            raise AppError(f"{name} {str(value)!r}: give a folder of its own under the adapters root (not the root, "
+                           f"jobs/ or {DATASETS}/)")
+        return str(full)
+
+    def _dataset(self, name: str, value) -> str:
+        text = str(value).strip()
+        if HUB_ID.fullmatch(text) and not Path(text).exists():
+            return text
+        raise AppError(f"{name} {text!r}: the page takes a dataset hub id (owner/name); upload pictures for a local "
+                       "dataset")
+
+    def _set_by_the_job(self, name: str, value):
+        raise AppError(f"{name} is set by the job (each job has folders of its own); leave it out")
+
+    def _inside_run(self, name: str, value) -> str:
+        self._inside(name, value, self.root / "jobs" / "x")  # relative, no '..'
+        return str(value).strip()
+
+    def _subject_sets(self, name: str, value):
+        if not isinstance(value, list):
+            return value  # the config's check says what a list of sets looks like
+        return [self.page_paths(entry) if isinstance(entry, dict) else entry for entry in value]
+
+    @staticmethod
+    def _inside(name: str, value, root: Path) -> Path:
+        text = str(value).strip()
+        given = Path(text)
+        if not text or given.is_absolute() or ".." in given.parts or text.startswith("~"):
+            raise AppError(f"{name} {text!r}: give a path relative to the adapters root, without '..'")
+        full = (root / given).resolve()
+        if not full.is_relative_to(root.resolve()):
+            raise AppError(f"{name} {text!r} leads outside the adapters root")
+        return full
+
     def job_settings(self, form: dict) -> dict[str, dict]:
         """{method: the run's settings} from the page's fields (`form`), checked as the CLI checks
         them (the same one-line messages); AppError / ConfigError / DataError otherwise."""
@@ -207,8 +309,9 @@ class TrainDesk:
         if not base:
             raise AppError("give a base model")
         data = self._data_folder(form)
-        values.update(pretrained_model_name_or_path=base, instance_data_dir=str(data),
-                      instance_prompt=(form.get("instance_prompt") or "").strip())
+        values.update(pretrained_model_name_or_path=base, instance_prompt=(form.get("instance_prompt") or "").strip())
+        values = self.page_paths(values)  # the recipe's, Advanced's and the base: one rule per kind
+        values["instance_data_dir"] = str(data)
         if (data / "metadata.jsonl").is_file():
             values["caption_column"] = "text"
         if form.get("prior"):
@@ -323,7 +426,7 @@ def train_tab(desk: TrainDesk) -> dict:
                                   label="Masks (optional; the pictures' names)", elem_id="masks", scale=1)
     t["data_status"] = gr.Markdown("", elem_id="data-status")
     t["gallery"] = gr.Gallery(label="Pictures", columns=8, height=160, elem_id="thumbs", allow_preview=False)
-    t["captions"] = gr.Dataframe(headers=["picture", "caption"], datatype=["str", "str"], col_count=(2, "fixed"),
+    t["captions"] = gr.Dataframe(headers=["picture", "caption"], datatype=["str", "str"], column_count=(2, "fixed"),
                                  interactive=True, label="Captions (edit, then save)", elem_id="captions")
     t["save_captions"] = gr.Button("Save captions", elem_id="save-captions")
     gr.Markdown("### Settings")
@@ -412,14 +515,16 @@ def wire(desk: TrainDesk, t: dict) -> None:
                            outputs=[t["data_status"], t["gallery"], t["captions"], t["mask_files"]])
     t["dataset"].change(lambda n: dataset_view(n), inputs=t["dataset"], outputs=[t["gallery"], t["captions"]])
 
-    def on_save(name, rows):
+    def on_save(name, table):
+        # the table unprocessed (preprocess=False): a table of another width is said, not a traceback
+        data = table.get("data") if isinstance(table, dict) else getattr(table, "data", table)
         try:
-            values = rows.values.tolist() if hasattr(rows, "values") else rows
-            return desk.save_captions(name, values)
+            return desk.save_captions(name, data)
         except AppError as err:
             return f"Error: {err}"
 
-    t["save_captions"].click(on_save, inputs=[t["dataset"], t["captions"]], outputs=t["data_status"])
+    t["save_captions"].click(on_save, inputs=[t["dataset"], t["captions"]], outputs=t["data_status"],
+                             preprocess=False)
 
     def checked(values):
         runs = desk.job_settings(form_of(values))

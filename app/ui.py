@@ -233,8 +233,8 @@ def results_section(comp: Comparison, pickers: Pickers, ui: dict) -> None:
     def on_generate(prompt, negative, seed, steps, guidance, scheduler, width, height, scale, count, shown):
         cols = [c for c in comp.columns if c in (shown or [])]
         try:
-            result = comp.generate(prompt, negative, int(seed), int(steps), float(guidance), int(width), int(height),
-                                   scheduler, float(scale), int(count), cols)
+            result = comp.generate(prompt, negative, seed, steps, float(guidance), width, height,
+                                   scheduler, float(scale), count, cols)
         except StoppedError as stopped:
             return (f"Stopped after step {stopped.step} of {stopped.steps} ({stopped.label} column): nothing of "
                     "this request is shown"), {}, gr.update()
@@ -289,8 +289,8 @@ def grid_section(comp: Comparison, pickers: Pickers, ui: dict) -> None:
         return GridSpec(prompt=prompt, rows=rows, row_values=parse_values(rows, rvals), cols=cols,
                         col_values=[c for c in comp.columns if c in (pick or [])] if cols == "columns"
                         else parse_values("scales", scales), column=column, negative=negative or "",
-                        seed=int(seed), steps=int(steps), guidance=float(guidance), width=int(width),
-                        height=int(height), scheduler=scheduler, scale=float(scale))
+                        seed=seed, steps=steps, guidance=float(guidance), width=width,
+                        height=height, scheduler=scheduler, scale=float(scale))
 
     def on_cost(*args):
         try:

@@ -63,9 +63,11 @@ class EvalConfig:
             raise ConfigError("resolution must be a multiple of 8, at least 16 (SSIM's window is 11 pixels)")
         if not self.identifier.strip():
             raise ConfigError("identifier is empty")
-        if any(seed < 0 for seed in self.seeds):
-            raise ConfigError(f"seeds must be >= 0, got {self.seeds}")
-        from ..training.config import check_ranges
+        from ..training.config import SEED_MAX, check_ranges
+
+        bad = [seed for seed in self.seeds if not 0 <= seed <= SEED_MAX]
+        if bad:
+            raise ConfigError(f"seeds must be in [0, {SEED_MAX}], got {bad[0]}")
         from ..families.models import check_embedded_name
 
         check_ranges(self, {"guidance_scale": (">=", 0)})

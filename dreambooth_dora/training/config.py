@@ -30,6 +30,24 @@ from ..families.sd import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS  # the de
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "prodigy")
 PROMPT_LISTS = {"validation_prompt", "subject_prompts", "class_prompts", "unrelated_prompts"}
+SEED_MAX = 2**32 - 1  # every seed a command takes (numpy's range: accelerate's set_seed seeds numpy too)
+MAX_T5_TOKENS = 512  # the longest T5 prompt FLUX.1's and SD 3's pipelines take
+
+# Every setting that names a file, a folder, a model or a dataset, with what it names. The app's
+# Train tab checks each one by its kind (app/train_tab.py, one rule per kind); a test fails when a
+# setting that looks like a path is missing here, so a new path setting cannot go unchecked.
+PATH_SETTINGS = {
+    "pretrained_model_name_or_path": "model",
+    "pretrained_vae_model_name_or_path": "model",
+    "instance_data_dir": "read folder",
+    "mask_data_dir": "read folder",
+    "dataset_name": "dataset",
+    "class_data_dir": "written folder",  # missing class images are generated into it
+    "output_dir": "run folder",
+    "resume_from_checkpoint": "checkpoint",
+    "logging_dir": "inside the run folder",
+    "datasets": "subject sets",  # each entry's instance_data_dir / dataset_name / class_data_dir, as above
+}
 
 
 SUBJECT_SET_KEYS = ("instance_data_dir", "dataset_name", "instance_prompt", "repeats", "caption_column",
@@ -232,6 +250,7 @@ class TrainConfig:
     report_to: str = "tensorboard"
     """'tensorboard' or 'none'."""
     logging_dir: str = "logs"
+    """TensorBoard's folder inside output_dir (a relative path without '..')."""
 
     def subject_sets(self) -> list[SubjectSet]:
         """The run's subject sets: the `datasets` entries, or the single set of the top-level keys."""
@@ -366,6 +385,15 @@ class TrainConfig:
             raise ConfigError("checkpoints_total_limit must be >= 1")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed}")
+        if self.max_sequence_length is not None and self.max_sequence_length > MAX_T5_TOKENS:
+            raise ConfigError(f"max_sequence_length must be <= {MAX_T5_TOKENS} (the longest T5 prompt FLUX.1's and "
+                              f"SD 3's pipelines take), got {self.max_sequence_length}")
+        logs = Path(self.logging_dir or "")
+        if not logs.parts or logs.is_absolute() or ".." in logs.parts or logs.parts[0].startswith("~"):
+            raise ConfigError(f"logging_dir {self.logging_dir!r} must be a folder inside output_dir: a relative path "
+                              "without '..' (e.g. logs)")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.rank)
         check_ranges(self, {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import random
 import warnings
@@ -120,6 +121,7 @@ def load_examples(instance_data_dir: str | None = None, dataset_name: str | None
         if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file()):
             raise DataError(f"image folder {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         where, args = repr(str(folder)), dict(path="imagefolder", data_dir=str(folder))
+        check_metadata(folder)
     else:
         where, args = repr(dataset_name), dict(path=dataset_name)
     try:
@@ -141,20 +143,53 @@ def load_examples(instance_data_dir: str | None = None, dataset_name: str | None
     return examples
 
 
+def is_colour(im: Image.Image) -> bool:
+    """Whether a picture given as a mask is a colour picture, not a mask: more than 1% of its
+    pixels have channels apart by over 16 of 255 (a grey or black-and-white mask has none)."""
+    rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+    return bool(((rgb.max(axis=2) - rgb.min(axis=2)) > 16).mean() > 0.01)
+
+
+def check_metadata(folder: Path) -> None:
+    """A folder's metadata.jsonl (captions) must name every picture beside it: `datasets` drops the
+    pictures it leaves out without a word, and fails obscurely on an empty file."""
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return
+    named = set()
+    for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                named.add(str(json.loads(line)["file_name"]))
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{str(meta)!r} line {n} is not a JSON object with a file_name") from None
+    if not named:
+        raise DataError(f"{str(meta)!r} is empty: give each picture a line {{\"file_name\": ..., \"text\": ...}}, "
+                        "or remove the file")
+    left_out = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in named)
+    if left_out:
+        raise DataError(f"{str(meta)!r} has no line for {len(left_out)} picture(s) beside it, which would not train: "
+                        f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''} (add their lines; the text "
+                        "may be empty)")
+
+
 def attach_masks(examples: list[Example], mask_data_dir: str | None, where: str) -> None:
     """Masks from `mask_data_dir` (same file name, or the same stem with any image suffix), or the
     alpha already read; every example must have one (DataError naming those without), of its
     image's shape (another aspect ratio would be stretched over the wrong pixels: DataError; the
     same shape at another size is scaled, with a warning) and not all black (it would train on
     nothing: DataError)."""
-    missing, shapes, black, scaled = [], [], [], []
+    missing, shapes, black, scaled, colour = [], [], [], [], []
     for ex in examples:
         name = ex.name or "an image"
         if mask_data_dir:
             stem = Path(ex.name).stem
             found = [p for p in [Path(mask_data_dir) / ex.name, *sorted(Path(mask_data_dir).glob(f"{stem}.*"))]
                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-            ex.mask = load_image(found[0]).convert("L") if found else None
+            picture = load_image(found[0]) if found else None
+            if picture is not None and is_colour(picture):
+                colour.append(found[0].name)
+            ex.mask = picture.convert("L") if found else None
         if ex.mask is None:
             missing.append(name)
             continue
@@ -178,6 +213,10 @@ def attach_masks(examples: list[Example], mask_data_dir: str | None, where: str)
     if black:
         raise DataError(f"masked_loss: {len(black)} mask(s) of {where} are all black, so their images would train "
                         f"nothing (white marks the subject): {', '.join(black[:5])}")
+    if colour:
+        warnings.warn(f"masked_loss: {len(colour)} mask(s) in {mask_data_dir!r} are colour pictures, not masks (white "
+                      f"= the subject, black = not); they are read as grey levels: {', '.join(colour[:3])}"
+                      f"{' ...' if len(colour) > 3 else ''}", stacklevel=2)
     if scaled:
         warnings.warn(f"masked_loss: {len(scaled)} mask(s) of {where} are scaled to their image's size (same shape): "
                       f"{', '.join(scaled[:3])}", stacklevel=2)
