@@ -27,7 +27,7 @@ from dreambooth_dora.families.models import load_pipeline, resolve_model
 from dreambooth_dora.training.checkpoints import checkpoint_step
 from dreambooth_dora.training.config import SEED_MAX
 from dreambooth_dora.outputs import ADAPTER_FILE, atomic_path
-from dreambooth_dora.adapters.file import AdapterError, describe, load_adapter, read_adapter
+from dreambooth_dora.adapters.file import AdapterError, describe, load_adapter, read_adapter, read_finite_adapter
 from dreambooth_dora.evaluation.drawing import draw, loaded_adapters, seeded_latents
 from dreambooth_dora.families import family_of_pipeline
 
@@ -192,7 +192,7 @@ class Comparison:
 
     def _load_adapter(self, label: str, folder: Path, step: int | None = None) -> str:
         try:
-            adapter = read_adapter(folder)
+            adapter = read_finite_adapter(folder, f"column {label!r}")
             info = describe(adapter)
         except AdapterError as err:
             raise AppError(str(err)) from None

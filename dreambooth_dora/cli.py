@@ -96,7 +96,7 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--comfyui", action="store_true",
                         help="kohya: write dora_scale for ComfyUI's loader (exact there, wrong in LyCORIS/A1111)")
     args = parser.parse_args(argv)
-    from .formats.export import export_full, export_fused, export_kohya, export_svd_lora
+    from .formats.export import export_full, export_fused, export_kohya, export_svd_lora, precision_said
 
     if args.format != "fused" and not args.out.lower().endswith(".safetensors"):
         print(f"error: --out must be a .safetensors file for --format {args.format}", file=sys.stderr)
@@ -124,6 +124,9 @@ def export_main(argv: list[str]) -> int:
         return 2
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    said = precision_said(out)
+    if said:
+        print(said)
     return 0
 
 

@@ -146,3 +146,40 @@ def test_batch_maker_from_settings_takes_every_data_setting():
     assert (maker.seed, maker.batch_size, maker.resolution, maker.center_crop, maker.random_flip,
             maker.caption_dropout_rate, maker.masked) == (9, 3, 48, True, True, 0.25, True)
     assert (maker.num_processes, maker.process_index, maker.draw, maker.dtype) == (2, 1, draw, torch.float16)
+
+
+def test_a_caption_file_that_leaves_pictures_out_or_is_empty_stops_in_one_line(tmp_path):
+    """`datasets` would drop the pictures metadata.jsonl leaves out without a word (and fails with
+    'list index out of range' on an empty one): both are one DataError naming the file."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(folder / f"{i}.png")
+    meta = folder / "metadata.jsonl"
+    meta.write_text("")
+    with pytest.raises(DataError, match="metadata.jsonl' is empty"):
+        load_examples(str(folder), caption_column="text")
+    meta.write_text(json.dumps({"file_name": "0.png", "text": "a sks cube"}) + "\n")
+    with pytest.raises(DataError, match=r"no line for 2 picture\(s\) beside it, which would not train: 1.png, 2.png"):
+        load_examples(str(folder), caption_column="text")
+    meta.write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"cube {i}"}) + "\n" for i in range(3)))
+    assert sorted(e.caption for e in load_examples(str(folder), caption_column="text")) == ["cube 0", "cube 1", "cube 2"]
+
+
+def test_colour_pictures_given_as_masks_are_warned_about(tmp_path):
+    folder, masks = tmp_path / "set", tmp_path / "masks"
+    folder.mkdir(), masks.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (200, 40, 40)).save(folder / f"{i}.png")
+    Image.new("L", (32, 32), 255).save(masks / "0.png")  # a mask
+    picture = Image.new("RGB", (32, 32), (255, 255, 255))
+    picture.paste((30, 120, 220), (0, 0, 16, 32))  # half blue: a colour picture, not a mask
+    picture.save(masks / "1.png")
+    with pytest.warns(UserWarning, match=r"1 mask\(s\) .* are colour pictures, not masks .*: 1.png"):
+        load_examples(str(folder), masked=True, mask_data_dir=str(masks))
+    picture.convert("L").save(masks / "1.png")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_examples(str(folder), masked=True, mask_data_dir=str(masks))

@@ -382,6 +382,15 @@ def test_app_labels_and_scales(tiny_sd_path, adapters, capsys, monkeypatch):
     assert "column label 'x' is given twice" in err
     err = one_line(capsys, app_main(["--dora", str(adapters["dora"]), "--adapter", f"dora={adapters['lora']}"]))
     assert "column label 'dora' is given twice" in err
+    # a run's columns '<prefix> step N' against an adapter of that label, and two runs under one prefix
+    err = one_line(capsys, app_main(["--run", f"x={adapters['dora']}", "--adapter", f"x step 2={adapters['lora']}"]))
+    assert "column label 'x step 2' is given twice" in err and f"--run x={adapters['dora']}" in err
+    assert "--adapter x step 2=..." in err
+    err = one_line(capsys, app_main(["--run", f"x={adapters['dora']}", "--run", f"x={adapters['lora']}"]))
+    assert "column label 'x step 2' is given twice" in err
+    err = one_line(capsys, app_main(["--adapter", f"d={adapters['dora']}", "--adapter", f"d as ComfyUI={adapters['lora']}",
+                                     "--view", "d:comfyui"]))
+    assert "column label 'd as ComfyUI' is given twice" in err
     monkeypatch.undo()
     for bad in ("1e9", "-1e9", "nan", "inf", "x"):
         with pytest.raises(AppError, match="scale"):
@@ -395,6 +404,17 @@ def test_app_labels_and_scales(tiny_sd_path, adapters, capsys, monkeypatch):
                                     column="dora", steps=2))
     with pytest.raises(AppError, match="outside"):
         comp.generate("a sks icon", steps=2, scale=float("inf"))
+    # whole numbers within range, or one line (2.5 steps were drawn as 2; a seed of 2**70 overflowed)
+    for kwargs, words in (({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+                          ({"seed": 2**70}, r"seed must be in \[0, 4294967295\]"), ({"seed": -1}, "seed must be in"),
+                          ({"num_images": 1.5}, "images must be a whole number"), ({"width": 64.5}, "width")):
+        with pytest.raises(AppError, match=words):
+            comp.generate("a sks icon", **{"steps": 2, **kwargs})
+    for spec, words in ((GridSpec("a sks icon", rows="seeds", row_values=[0, 2**70], col_values=["base"], steps=2),
+                         "seed must be in"),
+                        (GridSpec("a sks icon", col_values=["base"], steps=2.5), "steps must be a whole number")):
+        with pytest.raises(AppError, match=words):
+            comp.plan_grid(spec)
 
 
 def test_kohya_files_never_land_in_root_home_or_the_current_folder(adapters, tmp_path, capsys, monkeypatch):

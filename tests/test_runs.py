@@ -276,3 +276,48 @@ def test_explicit_damaged_checkpoint_and_bad_paths_are_one_line(finished, tiny_s
     a_file.write_text("x")
     assert "is a file" in one_line_error(capsys, flags(tiny_sd_path, icon_dir, a_file))
     assert "cannot be created" in one_line_error(capsys, flags(tiny_sd_path, icon_dir, a_file / "sub"))
+
+
+def test_an_explicit_checkpoint_of_another_run_is_refused(finished, tiny_sd_path, icon_dir, tmp_path, capsys,
+                                                          no_model_loads):
+    """`latest` skips another run's checkpoints; an explicit path to one (copied into the folder, or
+    in another folder) is refused the same way, with advice that names this run's own checkpoint."""
+    out, elsewhere = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(finished, out)
+    for copy in (out / "checkpoint-10", elsewhere / "checkpoint-5"):
+        shutil.copytree(finished / "checkpoint-3", copy)
+        manifest = json.loads((copy / "checkpoint.json").read_text())
+        (copy / "checkpoint.json").write_text(json.dumps({**manifest, "run_id": "another-run"}))
+    before = snapshot(out)
+    for given in ("checkpoint-10", str(elsewhere / "checkpoint-5")):
+        err = one_line_error(capsys, flags(tiny_sd_path, icon_dir, out, "--resume_from_checkpoint", given))
+        assert "was written by another run" in err and "--resume_from_checkpoint latest: checkpoint-3" in err, err
+        assert "overwrite_output_dir" not in err
+    assert snapshot(out) == before
+    # the run's own checkpoint, named explicitly, is taken (the plan only: no model loads here)
+    from dreambooth_dora.training.runs import plan_run
+
+    cfg = load_config(flags(tiny_sd_path, icon_dir, out, "--resume_from_checkpoint", "checkpoint-2"))
+    assert plan_run(cfg, json.loads((out / "run.json").read_text())["data"]).resume == [out / "checkpoint-2"]
+
+
+def test_a_checkpoint_that_fails_to_load_points_at_the_runs_own_others(finished, tmp_path):
+    """When the checkpoints tried do not load, the advice is this run's other checkpoint if one is
+    there (not --overwrite_output_dir, which would remove it), else to start afresh."""
+    from dreambooth_dora.training.loop import TrainingError, resume
+    from dreambooth_dora.training.runs import RunPlan
+
+    class Refusing:  # accelerate's load_state on a checkpoint it cannot read
+        def load_state(self, folder):
+            raise RuntimeError("size mismatch")
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    with pytest.warns(UserWarning, match="does not load"), pytest.raises(TrainingError) as err:
+        resume(Refusing(), RunPlan(out, run_id, {}, resume=[out / "checkpoint-3"]))
+    assert "(checkpoint-3)" in str(err.value) and "--resume_from_checkpoint checkpoint-2" in str(err.value)
+    assert "overwrite" not in str(err.value)
+    every = [out / f"checkpoint-{n}" for n in (3, 2, 1)]
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match="use --overwrite_output_dir to start afresh"):
+        resume(Refusing(), RunPlan(out, run_id, {}, resume=every))

@@ -180,3 +180,109 @@ def test_a_recipe_puts_its_base_and_values_in_the_pages_fields(tmp_path, tiny_sd
     assert (rank["value"], steps["value"], lr["value"]) == (16, 500, 1e-4)
     assert [c.elem_id for c in handler.outputs][1:] == ["base", "instance-prompt", "rank", "train-steps",
                                                         "learning-rate"]
+
+
+def test_every_path_setting_from_the_page_is_checked_by_one_rule(tmp_path, monkeypatch):
+    """PATH_SETTINGS lists every setting that names a place (a test of its own fails when a new one
+    is missing), each kind has the page's rule, and no path setting from the page (Advanced, a
+    recipe, the base model field) reaches outside the adapters root or --models-root."""
+    import json
+    import re
+
+    from app.train_tab import PAGE_PATH_RULES
+    from dreambooth_dora.training.config import PATH_SETTINGS
+
+    looks = {name for name, typ, _, _ in describe_fields() if ("str" in typ or "dict" in typ)
+             and re.search(r"(_dir|_path|name_or_path|^dataset_name|checkpoint|^datasets)$", name)}
+    assert looks <= set(PATH_SETTINGS) <= {f[0] for f in describe_fields()}, looks - set(PATH_SETTINGS)
+    assert set(PATH_SETTINGS.values()) == set(PAGE_PATH_RULES)
+    assert all(callable(getattr(TrainDesk, m)) for m in PAGE_PATH_RULES.values())
+
+    models = tmp_path / "models"
+    (models / "mine").mkdir(parents=True)
+    (models / "escape").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    root = tmp_path / "root"
+    desk = TrainDesk(root, models_root=models)
+    desk.add_pictures("icon", [str(p) for p in ICONS[:3]])
+    (root / "escape").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a link under the root, out
+    advanced = {n for n, *_ in ADVANCED}
+    for name in PATH_SETTINGS:
+        for bad in ("/etc", "../..", "../../outside", "~/x", str(tmp_path / "elsewhere"), "escape"):
+            if bad == "escape" and PATH_SETTINGS[name] == "inside the run folder":
+                continue  # a plain name inside the job's new run folder, where no link can be
+            value = f"[{{instance_data_dir: '{bad}', instance_prompt: x}}]" if name == "datasets" else repr(bad)
+            extra = {"prior": True, "class_prompt": "an icon"} if name == "class_data_dir" else {}
+            if name in advanced:
+                given = form(advanced={name: value}, **extra)
+            else:  # a page field: only a recipe could carry it
+                monkeypatch.setattr(desk, "recipe", lambda preset, name=name, bad=bad: {name: bad})
+                given = form(preset="x", **extra)
+            try:
+                runs = desk.job_settings(given)
+            except (AppError, ConfigError):
+                continue
+            finally:
+                monkeypatch.undo()
+            assert bad not in json.dumps(runs), (name, bad)  # set by the page itself, or refused
+    runs = desk.job_settings(form(base="mine", prior=True, class_prompt="an icon",
+                                  advanced={"class_data_dir": "class/icon", "logging_dir": "tb"}))
+    assert runs["dora"]["pretrained_model_name_or_path"] == str((models / "mine").resolve())
+    assert runs["dora"]["class_data_dir"] == str(root.resolve() / "class" / "icon")
+    assert desk.job_settings(form(base="stabilityai/stable-diffusion-xl-base-1.0"))["dora"][
+        "pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    with pytest.raises(AppError, match="hub id .* or a folder under --models-root"):
+        desk.job_settings(form(base="sample_data"))  # a folder here, though it looks like a name
+    for place in ("jobs/x", "datasets/icon", "."):
+        with pytest.raises(AppError, match="class_data_dir"):
+            desk.job_settings(form(prior=True, class_prompt="an icon", advanced={"class_data_dir": place}))
+
+
+def test_captions_merge_by_picture_and_a_bad_table_changes_nothing(tmp_path, tiny_sd_path):
+    from app.core import Comparison
+    from app.ui import build_ui
+
+    desk = TrainDesk(tmp_path)
+    desk.add_pictures("icon", [str(p) for p in ICONS[:3]])
+    names = [p.name for p in desk.pictures("icon")]
+    desk.save_captions("icon", [[n, f"caption {i}"] for i, n in enumerate(names)])
+    meta = tmp_path / "datasets" / "icon" / "metadata.jsonl"
+    before = meta.read_bytes()
+    for rows, words in (([], "empty"), ([["", ""]], "empty"), ([[names[0], "x", "y"]], r"3 cell\(s\)"),
+                        ([[names[0]]], r"1 cell\(s\)"), ([[names[0], "a"], [names[0], "b"]], "two rows"),
+                        ([["x.png", "?"]], "no picture 'x.png'")):
+        with pytest.raises(AppError, match=words):
+            desk.save_captions("icon", rows)
+        assert meta.read_bytes() == before
+    assert "3 caption(s)" in desk.save_captions("icon", [[names[1], "new"]])  # one row: the others kept
+    assert [c for _, c in desk.captions("icon")] == ["caption 0", "new", "caption 2"]
+    # the page's save button takes the table unprocessed: a table of another width is one line
+    demo = build_ui(Comparison(str(tiny_sd_path), device="cpu"), desk)
+    ids = {getattr(b, "elem_id", None): b._id for b in demo.blocks.values()}
+    save = next(f for f in demo.fns.values() if [c._id for c in f.inputs] == [ids["dataset"], ids["captions"]]
+                and [c._id for c in f.outputs] == [ids["data-status"]])
+    said = save.fn("icon", {"headers": ["picture"], "data": [[names[0]]]})
+    assert said.startswith("Error: a caption row has 1 cell(s)")
+    assert save.fn("icon", {"headers": ["picture", "caption"], "data": [[names[2], "third"]]}).startswith("saved 3")
+
+
+def test_a_picture_whose_header_claims_too_many_pixels_is_one_line(tmp_path):
+    from test_data import huge_png_header
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(huge_png_header(60000, 60000))
+    desk = TrainDesk(tmp_path / "root")
+    with pytest.raises(AppError, match=r"nothing added: bomb.png: its header claims more than \d+ megapixels"):
+        desk.add_pictures("icon", [str(bomb)])
+
+
+def test_colour_masks_are_said_on_upload(tmp_path):
+    desk = TrainDesk(tmp_path)
+    desk.add_pictures("icon", [str(p) for p in ICONS[:2]])
+    said = desk.add_pictures("icon", [str(ICONS[0])], masks=True)  # the picture itself, given as its mask
+    assert "colour pictures, not masks" in said
+    from PIL import Image
+
+    grey = tmp_path / ICONS[1].name
+    Image.open(ICONS[1]).convert("L").save(grey)
+    assert "warning" not in desk.add_pictures("icon", [str(grey)], masks=True)

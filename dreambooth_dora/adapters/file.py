@@ -212,6 +212,24 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return AdapterFile(file, tensors, configs, info)
 
 
+def nonfinite(tensors: dict) -> list[str]:
+    """The keys of tensors holding NaN or inf (a run that diverged): whatever loads them draws black
+    or noise."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def read_finite_adapter(path: str | Path, what: str) -> AdapterFile:
+    """`read_adapter`, refusing (one AdapterError) an adapter with NaN or inf: what `what` would make
+    of it (a column, an export) would be broken."""
+    adapter = read_adapter(path)
+    bad = nonfinite(adapter.tensors)
+    if bad:
+        raise AdapterError(f"{what}: {adapter.path.parent.name}/{adapter.path.name} holds NaN or inf in {len(bad)} "
+                           f"tensor(s) ({bad[0]}{' ...' if len(bad) > 1 else ''}): everything drawn with it would be "
+                           "black or noise; take an earlier checkpoint, or train again with a lower learning rate")
+    return adapter
+
+
 def metadata_json(file: Path, meta: dict, key: str) -> dict:
     """The JSON object stored under `key` in a file's metadata ({} when absent); damaged (cut
     short, edited by hand, not an object) is one AdapterError naming the file and the field."""

@@ -92,6 +92,21 @@ class FlowTransformer(StableDiffusion):
         raise ValueError(f"layer {name!r}: {self.label}'s web UI checkpoints store it another way (not mapped); "
                          "adapt other layers, or export --format fused")
 
+    def webui_kind(self, part: str, key: str) -> str | None:
+        """The checkpoint's own module name, block number left out, of a transformer key in the web
+        UIs' files ('lora_unet_single_blocks_3_modulation_lin' -> 'modulation.lin', 'lora_unet_img_in'
+        -> 'img_in'): kohya's underscores cannot be read back by splitting ('lin', 'in')."""
+        prefix = self.kohya_prefixes.get(self.denoiser_part, "")
+        if part != self.denoiser_part or not key.startswith(prefix):
+            return None
+        rest = key[len(prefix):]
+        for (_, theirs), table in self.native_blocks.items():
+            if rest.startswith(theirs + "_"):
+                number, _, tail = rest[len(theirs) + 1:].partition("_")
+                if number.isdigit():
+                    return next((n for n in table if n.replace(".", "_") == tail), None)
+        return next((n for n in self.native_top if n.replace(".", "_") == rest), None)
+
     def native_size(self, pipe) -> int:
         """The VAE's picture size (1024 for FLUX.1 and SD 3; the pipelines' default size is fixed at
         1024 whatever the model, so a toy model says its own size here)."""

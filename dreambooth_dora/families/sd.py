@@ -225,6 +225,11 @@ class StableDiffusion(Family):
         ValueError (one line)."""
         return self.kohya_key(part, module_name), (module_name,)
 
+    def webui_kind(self, part: str, key: str) -> str | None:
+        """The kind of module a web UI key names, as `info` lists it ('to_q' of
+        'lora_unet_..._attn1_to_q'); None: not one this family names (the caller falls back)."""
+        return None
+
     def webui_metadata(self, pipe) -> dict:
         """What A1111 / Forge read to file a LoRA under a base model (`ss_v2` makes SD 2.x files
         show while an SD 2.x checkpoint is loaded)."""

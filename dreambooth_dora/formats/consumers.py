@@ -83,6 +83,10 @@ def layers_by_kohya_key(family, models: dict) -> dict[str, Stack]:
     return out
 
 
+EXACT = 1e-4  # what "exact" allows: fp32 rounding of the stored tensors (verify's and info's verdicts)
+ROUNDING_LIMIT = 0.1  # a 16-bit file within its precision loses at most this much of the change; more is WRONG
+
+
 NO_CHANGE = 1e-6  # a layer whose change is below this fraction of ||W0|| has (almost) none
 
 

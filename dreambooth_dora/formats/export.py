@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters.file import (AdapterError, AdapterFile, apply_to_models, base_model_of, layout_prefix, load_tokens,
-                             read_adapter, token_plan)
+                             read_finite_adapter, token_plan)
 from ..adapters.inject import merge_adapters
 from .consumers import RULES, KohyaModule, is_adapted, layers_by_kohya_key, merge, relative_error
 from ..families import family_of_pipeline, pipeline_models
@@ -42,15 +42,30 @@ from ..families.models import load_pipeline
 from ..outputs import EXPORT_KEY, atomic_dir, atomic_path, claim_output
 from ..adapters.pivotal import bundled_embeddings
 
+PRECISION_FILE = "dreambooth_dora_precision.json"  # a fused export's stored precision and what it cost
 TOKENS_FILE = "tokens.json"  # a fused export's new tokens (pivotal tuning): {abstraction: [token, ...]}
 TOKENS_KEY = "dreambooth_dora_tokens"  # the same in a kohya / full file's metadata
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RULE_KEY = "dreambooth_dora_rule"  # the rule a file is exact under: lycoris-exact, comfyui-compensated, full, lora
 EXACT_KEY = "dreambooth_dora_exact_in"  # the consumers (consumers.RULES) that apply it exactly
+DIGEST_KEY = "dreambooth_dora_tensors_sha256"  # the tensors as written (info: edited since?)
 DTYPE_ERROR_KEY = "dreambooth_dora_dtype_error"  # max over layers of ||W'_file - W'|| / ||W' - W0||
 # ComfyUI's and Forge's output-axis DoRA rule, and PEFT's: which exports each applies exactly
 EXACT_UNDER = {"lycoris-exact": ("lycoris", "comfyui-15458"), "comfyui-compensated": ("comfyui",),
                "full": RULES, "lora": RULES, "svd-lora": ()}  # svd-lora: the same approximation everywhere
+
+
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 of a file's tensors (names, dtypes, shapes, bytes): `info` trusts the verdicts this
+    export recorded only while the tensors are still the ones written."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def web_ui_names(adapter: AdapterFile, what: str) -> AdapterFile:
@@ -78,9 +93,10 @@ def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None 
                  overwrite: bool = False, dtype: str = "fp32") -> Path:
     """A complete diffusers pipeline with the adapter merged into its weights (plain layers),
     saved in `dtype`. `out_dir` must be new or empty, or (with `overwrite`) an earlier fused export."""
-    adapter = read_adapter(adapter_dir)
+    adapter = read_finite_adapter(adapter_dir, "export")
     with claim_output(out_dir, "fused-pipeline", overwrite=overwrite, sources=(adapter.path.parent,)) as out_dir:
         pipe, models = _adapted(adapter, base)
+        error = _cast_error(models, DTYPES[dtype])
         for model in models.values():
             merge_adapters(model)
         tokens, vectors = token_plan(pipe, adapter, "fused")
@@ -90,7 +106,46 @@ def export_fused(adapter_dir: str | Path, out_dir: str | Path, base: str | None 
             pipe.save_pretrained(tmp)
             if tokens:
                 (tmp / TOKENS_FILE).write_text(json.dumps(tokens, indent=1) + "\n", encoding="utf-8")
+            (tmp / PRECISION_FILE).write_text(json.dumps({"dtype": dtype, "dtype_error": error}) + "\n",
+                                              encoding="utf-8")
         return out_dir
+
+
+@torch.no_grad()
+def _cast_error(models: dict, dtype: torch.dtype) -> float:
+    """Max over adapted layers of ||cast(W') - W'|| / ||W' - W0||: what storing the merged weights in
+    `dtype` loses of the adapter's change."""
+    from ..adapters.inject import adapted_layers
+
+    worst = 0.0
+    for model in models.values():
+        for _, layer in adapted_layers(model):
+            target = layer.merged_weight().float()
+            w0 = layer.weight.detach().float()
+            worst = max(worst, relative_error(target.to(dtype).float(), w0, target))
+    return worst
+
+
+def precision_said(out: Path) -> str | None:
+    """What an export's stored precision cost, as measured when it was written (None: not recorded)."""
+    try:
+        if out.is_dir():
+            record = json.loads((out / PRECISION_FILE).read_text(encoding="utf-8"))
+            dtype, error = record["dtype"], float(record["dtype_error"])
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(out), "pt") as f:
+                meta = f.metadata() or {}
+            dtype, error = meta["dreambooth_dora_dtype"], float(meta[DTYPE_ERROR_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    said = (f"{dtype} storage: the merged weights differ from the adapter's by {100 * error:.2g}% of its change "
+            "(max over layers)")
+    if dtype == "fp32" or error <= 0.01:
+        return said
+    return said + (": over 1%; for less, export --format full" + (" or --dtype fp16" if dtype == "bf16" else "")
+                   + " (or --dtype fp32: exact)")
 
 
 def _webui_metadata(pipe, adapter: AdapterFile, out_file: Path) -> dict:
@@ -165,7 +220,7 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
     # file's rule (an SVD file's approximation error is its own field, dreambooth_dora_svd_error)
     error = max((relative_error(merge(measure, w0, cast[key]), w0, target, reference=merge(measure, w0, modules[key]))
                  for key, (w0, target) in truths.items()), default=0.0)
-    metadata = {**_webui_metadata(pipe, adapter, out_file), RULE_KEY: rule,
+    metadata = {**_webui_metadata(pipe, adapter, out_file), RULE_KEY: rule, DIGEST_KEY: tensors_digest(tensors),
                 EXACT_KEY: ",".join(exact), "dreambooth_dora_dtype": dtype, DTYPE_ERROR_KEY: f"{error:.3e}",
                 EXPORT_KEY: kind,  # the export marker lets a later `--overwrite` recognise the file as ours
                 **(extra_metadata() if callable(extra_metadata) else extra_metadata)}
@@ -173,6 +228,7 @@ def _write_module_file(adapter: AdapterFile, pipe, models, out_file: Path, rule:
     if tokens:  # pivotal tuning: the web UI embeddings ride along (A1111 / Forge load them with the LoRA)
         tensors.update({k: v.to(DTYPES[dtype]).contiguous() for k, v in bundled_embeddings(vectors, tokens).items()})
         metadata[TOKENS_KEY] = json.dumps(tokens)
+        metadata[DIGEST_KEY] = tensors_digest(tensors)
     with atomic_path(out_file) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out_file
@@ -184,7 +240,7 @@ def export_kohya(adapter_dir: str | Path, out_file: str | Path, base: str | None
     """The kohya/LyCORIS single file (see the module docstring for the layout and rule), tensors in
     `dtype` (`dora_scale` computed in fp32 first). `out_file` must be new, or (with `overwrite`)
     an earlier kohya export."""
-    adapter = web_ui_names(read_adapter(adapter_dir), "--format kohya")
+    adapter = web_ui_names(read_finite_adapter(adapter_dir, "export"), "--format kohya")
     with claim_output(out_file, "kohya", overwrite=overwrite, is_file=True,
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)
@@ -206,7 +262,7 @@ def export_full(adapter_dir: str | Path, out_file: str | Path, base: str | None 
                 overwrite: bool = False, dtype: str = "fp32") -> Path:
     """The LyCORIS full-difference file: `diff = W' - W0` (computed in fp32, stored in `dtype`) for
     every adapted layer; exact in A1111, Forge, ComfyUI and LyCORIS."""
-    adapter = web_ui_names(read_adapter(adapter_dir), "--format full")
+    adapter = web_ui_names(read_finite_adapter(adapter_dir, "export"), "--format full")
     with claim_output(out_file, "full", overwrite=overwrite, is_file=True,
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)
@@ -224,7 +280,7 @@ def export_svd_lora(adapter_dir: str | Path, out_file: str | Path, rank: int, ba
     rank). Returns (file, max over layers of ||approximation - change|| / ||change||)."""
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}")
-    adapter = web_ui_names(read_adapter(adapter_dir), "--format svd")
+    adapter = web_ui_names(read_finite_adapter(adapter_dir, "export"), "--format svd")
     with claim_output(out_file, "kohya", overwrite=overwrite, is_file=True,
                       sources=(adapter.path.parent,)) as out_file:
         pipe, models = _adapted(adapter, base)
@@ -257,7 +313,7 @@ def consumer_view(adapter_dir: str | Path, rule: str, base: str | None = None):
     Plain layers (merged); the new tokens of a pivotal-tuning adapter are added as for `fused`."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; one of {', '.join(RULES)}")
-    adapter = read_adapter(adapter_dir)
+    adapter = read_finite_adapter(adapter_dir, "view")
     pipe, models = _adapted(adapter, base)
     for part, model in models.items():
         head = layout_prefix(model)

@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 
 from ..adapters.file import AdapterError, apply_to_models, base_model_of, layout_prefix, read_adapter
-from .consumers import (RULE_NAMES, RULES, KohyaModule, has_no_change, layers_by_kohya_key, merge,
-                        read_kohya_modules, relative_error)
+from .consumers import (EXACT, RULE_NAMES, ROUNDING_LIMIT, RULES, KohyaModule, has_no_change, layers_by_kohya_key,
+                        merge, read_kohya_modules, relative_error)
 from .export import kohya_module, web_ui_names
-from .info import read_safetensors
+from .info import read_safetensors, stored_dtype
 from ..families import ADAPTER_PARTS, family_of_pipeline, pipeline_models
 from ..families.models import load_pipeline
 from ..outputs import ADAPTER_FILE
 
-EXACT = 1e-4  # what "exact" allows: fp32 rounding of the stored tensors
 ROUNDING_ADVICE = 0.01  # a 16-bit file that loses more than this gets a recommendation
 
 
@@ -65,7 +64,7 @@ class VerifyReport:
         if w <= EXACT:
             return "exact"
         best = self.rounding
-        if self.dtype != "fp32" and best <= 0.1 and w <= 1.5 * best:
+        if self.dtype != "fp32" and best <= ROUNDING_LIMIT and w <= 1.5 * best:
             return f"rounding: {100 * w:.2g}%"
         return "WRONG"
 
@@ -131,6 +130,15 @@ def _file_modules(path: Path, read, base: str, stacks: dict, truths: dict) -> di
     return {key: kohya_module(stack) for key, stack in layers_by_kohya_key(family_of_pipeline(pipe), models).items()}
 
 
+def _error(rule: str, truth: tuple, module: KohyaModule) -> float:
+    """The rule's relative error on one layer; inf where its tensors do not fit the layer or each
+    other (a wrong rank or shape: no consumer can apply the module)."""
+    try:
+        return relative_error(merge(rule, truth[0], module), *truth)
+    except (RuntimeError, ValueError):
+        return math.inf
+
+
 @torch.no_grad()
 def verify(file: str | Path, against: str | Path, base: str | None = None) -> VerifyReport:
     path = Path(file)
@@ -146,8 +154,9 @@ def verify(file: str | Path, against: str | Path, base: str | None = None) -> Ve
     layers = [k for k in truths if k in modules]
     dtypes = {t.dtype for m in modules.values() for t in vars(m).values() if isinstance(t, torch.Tensor)}
     dtype = "bf16" if torch.bfloat16 in dtypes else "fp16" if torch.float16 in dtypes else "fp32"
-    errors = {rule: [relative_error(merge(rule, truths[k][0], modules[k]), *truths[k]) for k in layers]
-              for rule in RULES}
+    if read is None:  # a fused pipeline: its differences were taken in fp32 from weights stored in...
+        dtype = stored_dtype(path)
+    errors = {rule: [_error(rule, truths[k], modules[k]) for k in layers] for rule in RULES}
     return VerifyReport(str(path), layers, errors, missing=[k for k in truths if k not in modules],
                         unmatched=sorted(k for k in modules if k not in truths), dtype=dtype,
                         unchanged=[k for k in layers if has_no_change(*truths[k])])

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ..adapters.file import AdapterInfo, save_adapter
 from ..adapters.inject import adapter_parameters, adapter_parameters_by_role, add_adapters
 from .buckets import assign
-from .checkpoints import checkpoint_problem, checkpoint_step, register_adapter_hooks, save_checkpoint
+from .checkpoints import (checkpoint_problem, checkpoint_step, list_checkpoints, register_adapter_hooks,
+                          save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .control import Progress, StopRequest, TrainingStopped
 from .data import (BatchMaker, DataError, Example, cache_latents, load_examples, load_image_folder, micro_steps_per_epoch,
@@ -249,8 +250,12 @@ def resume(accelerator, plan: RunPlan) -> tuple[int, Path | None]:
         accelerator.print(f"resumed from {candidate} at step {checkpoint_step(candidate)}")
         return checkpoint_step(candidate), candidate
     if plan.resume:
-        raise TrainingError(f"no checkpoint in {plan.out_dir} loads completely; use --overwrite_output_dir "
-                            "to start afresh")
+        # the advice depends on what is left: this run's other checkpoints, or nothing of it
+        own = [p for p in list_checkpoints(plan.out_dir, run_id=plan.run_id) if p not in plan.resume]
+        advice = (f"resume from this run's {own[-1].name} (--resume_from_checkpoint {own[-1].name})" if own
+                  else "use --overwrite_output_dir to start afresh")
+        raise TrainingError(f"no checkpoint tried loads completely ({', '.join(p.name for p in plan.resume)}); "
+                            f"{advice}")
     return 0, None
 
 

@@ -230,6 +230,14 @@ def plan_run(cfg, data_fingerprint: str) -> RunPlan:
     if problem:
         raise ConfigError(f"checkpoint {str(path)!r} is damaged: {problem}")
     manifest = read_manifest(path)
+    owner = (manifest or {}).get("run_id")
+    if record is not None and record.get("run_id") and owner != record["run_id"]:
+        # foreign weights would continue this run under its name (latest refuses them too)
+        own = list_checkpoints(out, run_id=record["run_id"])
+        advice = (f"continue this run from its own checkpoints (--resume_from_checkpoint latest: {own[-1].name})"
+                  if own else "start afresh with --overwrite_output_dir (removes this run)")
+        raise ConfigError(f"checkpoint {str(path)!r} was written by {'another run' if owner else 'no known run'}, "
+                          f"not the run in {raw!r}; {advice}, or continue that run in its own folder")
     plan.foreign = {checkpoint_step(p): p for p in list_checkpoints(out) if checkpoint_owner(p) != plan.run_id}
     if record is None and manifest is not None:  # a checkpoint from elsewhere seeds this new folder
         _check_compatible(str(path), {"settings": manifest["settings"], "data": None}, settings, data_fingerprint)
