@@ -515,16 +515,8 @@ def wire(desk: TrainDesk, t: dict) -> None:
                            outputs=[t["data_status"], t["gallery"], t["captions"], t["mask_files"]])
     t["dataset"].change(lambda n: dataset_view(n), inputs=t["dataset"], outputs=[t["gallery"], t["captions"]])
 
-    def on_save(name, table):
-        # the table unprocessed (preprocess=False): a table of another width is said, not a traceback
-        data = table.get("data") if isinstance(table, dict) else getattr(table, "data", table)
-        try:
-            return desk.save_captions(name, data)
-        except AppError as err:
-            return f"Error: {err}"
-
-    t["save_captions"].click(on_save, inputs=[t["dataset"], t["captions"]], outputs=t["data_status"],
-                             preprocess=False)
+    t["save_captions"].click(lambda name, table: save_table(desk, name, table), inputs=[t["dataset"], t["captions"]],
+                             outputs=t["data_status"], preprocess=False)
 
     def checked(values):
         runs = desk.job_settings(form_of(values))
@@ -604,6 +596,16 @@ def wire(desk: TrainDesk, t: dict) -> None:
 
     for kind in ("stop", "resume", "cancel"):
         t[kind].click(action(kind), inputs=t["job"], outputs=[t["settings_status"], t["jobs"], t["job"]], queue=False)
+
+
+def save_table(desk: TrainDesk, name: str, table) -> str:
+    """The caption table as the page sends it, unprocessed (the save event has preprocess=False): a
+    table of another width is one line from `save_captions`, not a traceback in Gradio's parsing."""
+    data = table.get("data") if isinstance(table, dict) else getattr(table, "data", table)
+    try:
+        return desk.save_captions(name, data)
+    except AppError as err:
+        return f"Error: {err}"
 
 
 def open_in_compare(comp, desk: TrainDesk, job_id: str, checkpoints: bool = False) -> list[str]:

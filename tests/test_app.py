@@ -152,7 +152,8 @@ def served_app(tiny_sd_path, adapters):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "--base", str(tiny_sd_path), "--dora", str(adapters["dora"]),
                              "--lora", str(adapters["lora"]), "--adapters-root", str(adapters["dora"].parent),
-                             "--port", str(port), "--device", "cpu", "--max-work", "100000000"],
+                             "--port", str(port), "--device", "cpu", "--max-work", "100000000",
+                             "--models-root", str(tiny_sd_path.parent)],  # the Train tab's local bases
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(120):

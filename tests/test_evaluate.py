@@ -221,6 +221,8 @@ def test_evaluate_cli_errors_are_one_line(adapters, tiny_sd_path, icon_dir, tmp_
     assert code == 2 and "unknown setting 'seed'; did you mean seeds" in err
     code, err = _cli(capsys, *common, "--instance_data_dir", str(icon_dir), "--seeds", "a,b")
     assert code == 2 and "seeds must be a list of int" in err
+    code, err = _cli(capsys, *common, "--instance_data_dir", str(icon_dir), "--seeds", "1,99999999999999999999")
+    assert code == 2 and err == "error: seeds must be in [0, 4294967295], got 99999999999999999999"
     code, err = _cli(capsys, *common, "--instance_data_dir", str(icon_dir), "--dino_model", "facebook/dino-vits16")
     assert code == 2 and "\n" not in err and "cannot load the DINO model 'facebook/dino-vits16'" in err
     other = tmp_path / "wide"

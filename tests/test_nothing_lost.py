@@ -432,6 +432,8 @@ def test_study_resume_needs_a_study_and_bad_train_args_stop_before_its_record(tm
 
     argv = ["--base_model", "embedded:toy-world", "--instance_data_dir", str(ICONS), "--methods", "dora,lora",
             "--ranks", "2", "--learning_rates", "1e-3", "--training_seeds", "0", "--output_dir", str(tmp_path / "s")]
+    with pytest.raises(ConfigError, match=r"training_seeds must be in \[0, 4294967295\], got 4294967296"):
+        study.load_study_config([*argv[:-4], "--training_seeds", "0,4294967296", *argv[-2:]])
     with pytest.raises(ConfigError, match=r"--resume: .* holds no study to continue"):
         study.run_study(study.load_study_config(argv + ["--resume"]), progress=False)
     assert not (tmp_path / "s").exists()
