@@ -195,7 +195,7 @@ def adapted_shapes(cfg: StudyConfig) -> tuple[int, int]:
     family = family_of(path)
     parts = family.load_components(path)
     both = outs = 0
-    for model, targets in [(parts.denoiser, family.denoiser_targets(settings))] + [
+    for model, targets in [(parts.denoiser, family.denoiser_targets(settings, parts.denoiser))] + [
             (te, settings.text_encoder_target_modules)
             for te in (parts.text_encoders if settings.train_text_encoder else [])]:
         add_adapters(model, list(targets), rank=1, alpha=1, use_dora=True)

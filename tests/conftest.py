@@ -54,6 +54,13 @@ def tiny_flux_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_klein_path(tmp_path_factory) -> Path:
+    """A tiny FLUX.2 [klein] pipeline: a double and a single block, a 28-layer Qwen3 with a local
+    tokenizer and chat template, a Flux2 VAE with batch-norm statistics that are not the identity."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-klein", flux2_klein=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory) -> Path:
     """A tiny SD 3 pipeline: two joint blocks, CLIP-L + CLIP-G with projections, T5, a 16-channel VAE."""
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", sd3=True)

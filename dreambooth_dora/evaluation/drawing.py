@@ -57,6 +57,6 @@ def draw(pipe, adapter: str | None, prompt: str, latents: torch.Tensor, generato
     denoiser = getattr(pipe, family.denoiser_part)
     negative = insert_tokens(negative_prompt, tokens or {}) if negative_prompt else None
     start = family.pack_latents(pipe, latents.to(denoiser.device, denoiser.dtype) * 1.0)
-    return pipe(insert_tokens(prompt, tokens or {}), negative_prompt=negative, latents=start,
+    return pipe(**family.prompt_call(pipe, insert_tokens(prompt, tokens or {}), negative), latents=start,
                 num_images_per_prompt=latents.shape[0], generator=generator,
                 **{**family.draw_settings(pipe), **call}).images

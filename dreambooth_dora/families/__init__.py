@@ -5,6 +5,7 @@
     sdxl.py    Stable Diffusion XL
     sd3.py     Stable Diffusion 3 / 3.5 (flow matching, three text encoders)
     flux1.py   FLUX.1 dev / schnell (flow.py: flow matching's noise levels and weights)
+    flux2.py   FLUX.2 [klein] 4B / 9B (Qwen3 text encoder, batch-normed 2x2-patch latents)
     dit.py     what SD 3 and FLUX.1 share (FlowTransformer): T5 last and frozen, flow noise, refusals
     ddpm.py    the SD families' noise, targets and Min-SNR weights
     models.py  base models by name: hub ids, local folders, `embedded:` models; pipelines
@@ -21,10 +22,11 @@ from pathlib import Path
 from .family import Components, Family, FamilyError
 from .sd import StableDiffusion
 from .flux1 import Flux1
+from .flux2 import Flux2Klein
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[Family, ...] = (Flux1(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion())
+FAMILIES: tuple[Family, ...] = (Flux2Klein(), Flux1(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion())
 # what files of any family hold: the adapter file's part prefixes, and pivotal tuning's embedding
 # keys with the text encoder each belongs to
 ADAPTER_PARTS = tuple(dict.fromkeys(p for f in reversed(FAMILIES) for p in f.parts))

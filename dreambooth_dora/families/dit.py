@@ -65,7 +65,7 @@ class FlowTransformer(StableDiffusion):
         value = getattr(cfg, name)
         return self.flow_defaults[name] if value is None else value
 
-    def denoiser_targets(self, cfg) -> list[str]:
+    def denoiser_targets(self, cfg, model=None) -> list[str]:
         return list(cfg.lora_layers or self.default_targets["transformer"])
 
     def webui_stack(self, part: str, module_name: str, model=None) -> tuple[str, tuple[str, ...]]:

@@ -58,7 +58,7 @@ class StableDiffusion(Family):
         """Tokenizers and text encoders, the VAE (or the one at `vae_path`), the denoiser and the
         training noise scheduler (its prediction type overridden when given). A part that cannot
         be loaded raises ModelLoadError naming the model (or the VAE)."""
-        from diffusers import AutoencoderKL
+        import diffusers
 
         from .models import ModelLoadError, load_vae
 
@@ -69,7 +69,8 @@ class StableDiffusion(Family):
                 where = vae_path  # last, so that an error names the VAE only when the VAE failed
                 vae = load_vae(vae_path)
             else:
-                vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+                vae = getattr(diffusers, self.vae_class).from_pretrained(path, subfolder="vae", revision=revision,
+                                                                         variant=variant)
         except (OSError, ValueError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ModelLoadError(f"cannot load model {where!r}: {first}") from None
@@ -95,6 +96,10 @@ class StableDiffusion(Family):
     def card_call(self, cfg, tokenizers: list) -> dict:
         """The arguments the model card's snippet passes to the pipeline call (none: its defaults)."""
         return {}
+
+    def prompt_call(self, pipe, prompt: str, negative: str | None) -> dict:
+        """The pipeline call's prompt arguments for `prompt` and a negative prompt (None: none)."""
+        return {"prompt": prompt, "negative_prompt": negative}
 
     def draw_settings(self, pipe) -> dict:
         """The pipeline call's arguments the family sets when a picture is drawn from a prompt."""
@@ -127,6 +132,8 @@ class StableDiffusion(Family):
     # ---- the training objective ---------------------------------------------------------------
 
     denoiser_label = "UNet"
+    vae_class = "AutoencoderKL"  # diffusers' class of the pipeline's VAE
+    vae_mode = False  # train on the latent distribution's mode (True) or a sample of it
     fixed_encoders = 0  # trailing text encoders no adapter trains (encoded once when the others train)
     t5_parts: tuple[str, str] | None = None  # (tokenizer, text encoder) of T5, where the family has one
     size_step = 8  # picture sizes: multiples of the VAE's factor
@@ -148,8 +155,8 @@ class StableDiffusion(Family):
         if cfg.enable_t5_ti:
             raise ValueError(f"enable_t5_ti: {self.label} has no T5 text encoder")
 
-    def denoiser_targets(self, cfg) -> list[str]:
-        """The denoiser's modules to adapt."""
+    def denoiser_targets(self, cfg, model=None) -> list[str]:
+        """The denoiser's modules to adapt (`model`: the denoiser, where a default depends on its size)."""
         return list(cfg.unet_target_modules)
 
     def prompt_settings(self, cfg) -> dict:

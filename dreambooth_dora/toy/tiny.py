@@ -255,6 +255,61 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: boo
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
 
 
+# Qwen3's chat template for one user turn, as its tokenizer renders it with thinking off
+QWEN_CHAT = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+             "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+             "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+             "{%- endif %}{%- endif %}")
+
+
+def build_qwen_tokenizer(words=WORDS, max_length: int = 512):
+    """A Qwen2 tokenizer (byte-level BPE, Qwen's special tokens and chat template) learned from the
+    project's words, built locally: the hub's Qwen3 tokenizer is out of reach. Deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(words), *(" " + w for w in words), "user assistant"], trainer)
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                              chat_template=QWEN_CHAT, model_max_length=max_length)
+
+
+def build_tiny_flux2_klein_pipeline(seed: int = 0, sample_size: int = 32):
+    """A Flux2KleinPipeline with FLUX.2 [klein]'s structure at toy size: a Flux2Transformer2DModel with
+    one double and one single block (fused to_qkv_mlp_proj), no guidance embedding, 4-D rope; a
+    28-layer Qwen3 (16 wide: layers 9, 18, 27 give 48-wide prompt embeddings) with a local tokenizer;
+    a 2-level Flux2 VAE (8 latent channels, 2x2-patchified to the transformer's 32) whose batch-norm
+    statistics are not the identity, so their use is checked."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=8, norm_num_groups=8,
+                             sample_size=sample_size * 2, layers_per_block=1)
+    vae.bn.running_mean.uniform_(-0.2, 0.2)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer) + 8, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+
+
 def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
     """A StableDiffusion3Pipeline with SD 3's structure at toy size: an SD3Transformer2DModel with two
     joint (MM-DiT) blocks, CLIP-L and CLIP-G with projections (32 wide each, pooled 64) and a 2-layer
@@ -297,7 +352,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
 
 
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False, sdxl: bool = False,
-                       flux: bool = False, sd3: bool = False) -> Path:
+                       flux: bool = False, sd3: bool = False, flux2_klein: bool = False) -> Path:
     """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
     path = Path(path)
     if (path / "model_index.json").exists():
@@ -305,6 +360,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pipe = (build_tiny_flux_pipeline(seed=seed) if flux else build_tiny_sd3_pipeline(seed=seed) if sd3
+            else build_tiny_flux2_klein_pipeline(seed=seed) if flux2_klein
             else build_tiny_sdxl_pipeline(seed=seed) if sdxl
             else build_tiny_pipeline(seed=seed, sd2=sd2))
     pipe.save_pretrained(tmp)

@@ -416,15 +416,18 @@ class BatchMaker:
     masked: bool = False
     buckets: list | None = None  # aspect buckets: (w, h) per example of `examples`; None: square `resolution`
     latent_space: Callable | None = None  # (vae, sample) -> latent: the family's shift / scale (None: scale only)
+    vae_mode: bool = False  # the latent distribution's mode instead of a sample (the family's choice)
 
     @classmethod
     def from_settings(cls, cfg, examples: list[Example], class_examples: list[Example], order: list[int], *,
                       num_processes: int, process_index: int, draw: Callable, vae, latent_cache: dict | None,
-                      device, dtype, buckets: list | None, latent_space: Callable | None = None) -> "BatchMaker":
+                      device, dtype, buckets: list | None, latent_space: Callable | None = None,
+                      vae_mode: bool = False) -> "BatchMaker":
         """The batch maker of a run: the data settings from `cfg` (a TrainConfig), the rest explicit."""
         return cls(examples, class_examples, cfg.seed, cfg.train_batch_size, num_processes, process_index, order,
                    cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.caption_dropout_rate, draw, vae,
-                   latent_cache, device, dtype, masked=cfg.masked_loss, buckets=buckets, latent_space=latent_space)
+                   latent_cache, device, dtype, masked=cfg.masked_loss, buckets=buckets, latent_space=latent_space,
+                   vae_mode=vae_mode)
 
     def __post_init__(self):
         self.keys = None if self.buckets is None else tuple(tuple(self.buckets[i]) for i in self.order)
@@ -475,7 +478,7 @@ class BatchMaker:
                                   step_rng(0, 0) if cached else crop_rng)
                     masks.append(F.interpolate(m[None], size=mean.shape[-2:], mode="area")[0])
             eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean)
-            sample = mean + std * eps  # a VAE sample, our generator
+            sample = mean if self.vae_mode else mean + std * eps  # a VAE sample, our generator (eps drawn either way)
             latents.append((sample * self.vae.config.scaling_factor if self.latent_space is None
                             else self.latent_space(self.vae, sample))[0])
             drop = (not is_class and self.caption_dropout_rate > 0  # its own generator: the others' draws stay

@@ -187,7 +187,7 @@ def attach_adapters(cfg: TrainConfig, family: Family, unet, text_encoders: list,
     kw = dict(rank=cfg.rank, alpha=cfg.lora_alpha, use_dora=cfg.use_dora, dropout=cfg.lora_dropout,
               use_rslora=cfg.use_rslora)
     try:
-        add_adapters(unet, family.denoiser_targets(cfg), **kw)
+        add_adapters(unet, family.denoiser_targets(cfg, unet), **kw)
         for te in trained:
             add_adapters(te, cfg.text_encoder_target_modules, **kw)
     except ValueError as err:
@@ -557,7 +557,7 @@ def set_up(cfg: TrainConfig, accelerator, out_dir: Path) -> Run:
         cfg, examples, class_examples, order, num_processes=accelerator.num_processes,
         process_index=accelerator.process_index, vae=vae, latent_cache=latent_cache, device=device, dtype=weight_dtype,
         draw=partial(family.draw_noise, scheduler=parts.scheduler, **family.noise_settings(cfg)), buckets=buckets,
-        latent_space=family.vae_latents)
+        latent_space=family.vae_latents, vae_mode=family.vae_mode)
     return Run(cfg=cfg, accelerator=accelerator, family=family, plan=plan, out_dir=out_dir, denoiser=unet,
                text_encoders=text_encoders, encode=encode, vae=vae, scheduler=parts.scheduler, make_batch=make_batch,
                optimizer=optimizer, lr_scheduler=lr_scheduler, params=[p for g in groups for p in g["params"]],
