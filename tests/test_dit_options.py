@@ -78,11 +78,12 @@ def test_two_subjects_in_one_dit_run(family, tiny_flux_path, tiny_sd3_path, tmp_
 
 @pytest.mark.slow
 def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch(tiny_flux_path, tiny_sd3_path,
-                                                                                 tmp_path):
+                                                                                 tiny_klein_path, tmp_path):
     """DDP over 2 CPU processes (gloo) = one process with the doubled batch, per family: FLUX.1 with
     its CLIP adapters and aspect buckets in steps of 16 on non-square pictures; SD 3 with both CLIPs'
-    adapters, logit-normal noise levels and preconditioned outputs. The two launches run side by side
-    while this process trains the one-process twins."""
+    adapters, logit-normal noise levels and preconditioned outputs; FLUX.2 [klein] with its cached
+    Qwen3 prompts and batch-normed latents. The launches run side by side while this process trains
+    the one-process twins."""
     import os
     import subprocess
     import sys
@@ -93,17 +94,21 @@ def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch
     icons = sorted((repo / "sample_data/3d_icon").glob("*.png"))
     for i, (p, size) in enumerate(zip(icons, [(96, 64), (64, 96), (96, 64), (64, 64)])):
         Image.open(p).convert("RGB").resize(size).save(folder / f"{i}.png")
-    base = ["--instance_prompt", "a sks icon", "--learning_rate", "1e-2", "--report_to", "none", "--train_text_encoder",
-            "--seed", "0", "--checkpointing_steps", "100"]
+    common = ["--instance_prompt", "a sks icon", "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0",
+              "--checkpointing_steps", "100"]
+    base = [*common, "--train_text_encoder"]  # klein's Qwen3 never trains
     runs = {"flux1": [*base, "--pretrained_model_name_or_path", tiny_flux_path, "--instance_data_dir", folder,
                       "--resolution", "64", "--random_flip", "--max_train_steps", "3", "--aspect_buckets",
                       "--bucket_step", "16", "--weighting_scheme", "logit_normal", "--max_sequence_length", "32"],
             "sd3": [*base, "--pretrained_model_name_or_path", tiny_sd3_path, "--instance_data_dir",
                     repo / "sample_data/3d_icon", "--resolution", "32", "--max_train_steps", "2",
-                    "--max_sequence_length", "16"]}
+                    "--max_sequence_length", "16"],
+            "flux2_klein": [*common, "--pretrained_model_name_or_path", tiny_klein_path, "--instance_data_dir",
+                            repo / "sample_data/3d_icon", "--resolution", "32", "--max_train_steps", "2",
+                            "--max_sequence_length", "48"]}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = {}
-    for port, (family, argv) in zip((29534, 29536), runs.items()):
+    for port, (family, argv) in zip((29534, 29536, 29540), runs.items()):
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                   str(port), str(repo / "train_dreambooth_dora.py")]
@@ -112,7 +117,8 @@ def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for family, argv in runs.items():  # one process, in this one, meanwhile
         train_now([*argv, "--train_batch_size", "2", "--output_dir", tmp_path / f"{family}-one"])
-    parts = {"flux1": {"transformer", "text_encoder"}, "sd3": {"transformer", "text_encoder", "text_encoder_2"}}
+    parts = {"flux1": {"transformer", "text_encoder"}, "sd3": {"transformer", "text_encoder", "text_encoder_2"},
+             "flux2_klein": {"transformer"}}
     for family, proc in procs.items():
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output[-2000:]

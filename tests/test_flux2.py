@@ -249,3 +249,23 @@ def test_klein_recipes_run_on_a_local_tiny_model_in_bf16(tiny_klein_path, tmp_pa
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
     assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+
+
+def test_evaluate_takes_a_klein_base(tiny_klein_path, klein_runs, tmp_path):
+    """`evaluate` on a klein base: every model from the same latents, prior-drift metrics, the weight
+    analysis over the transformer, and the pipeline's own guidance (4.0) when none is given."""
+    from conftest import evaluate_small
+
+    out, result = evaluate_small(tiny_klein_path, f"{klein_runs['dora']},{klein_runs['lora']}", tmp_path / "report",
+                                 seeds="0,1", guidance=None)
+    assert "guidance 4." in (out / "report.md").read_text()
+    m = result["metrics"]
+    assert list(m) == ["base", "DoRA r4", "LoRA r4"]
+    assert m["DoRA r4"]["class MSE"]["mean"] > 0 and (out / "weight_analysis.png").is_file()
+
+
+def test_klein_prior_preservation_draws_its_class_images_with_its_pipeline(tiny_klein_path, tmp_path):
+    out, classes = tmp_path / "run", tmp_path / "class"
+    train_now(_args(tiny_klein_path, out, "--max_train_steps", "2", "--with_prior_preservation", "--class_prompt",
+                    "an icon", "--class_data_dir", classes, "--num_class_images", "2", "--sample_batch_size", "2"))
+    assert len(list(classes.glob("class-*.png"))) == 2 and (out / ADAPTER_FILE).is_file()

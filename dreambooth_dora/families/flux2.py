@@ -69,8 +69,7 @@ class Flux2Klein(FlowTransformer):
         super().check_settings(cfg)
         refused = {"train_text_encoder": "its text encoder is a Qwen3 language model, frozen and encoded once",
                    "train_text_encoder_ti": "pivotal tuning needs a CLIP text encoder; it has a Qwen3 model",
-                   "masked_loss": "masked loss is not mapped onto its 2x2-patchified latents yet",
-                   "with_prior_preservation": "class images would be drawn by its pipeline, not wired here yet"}
+                   "masked_loss": "masked loss is not mapped onto its 2x2-patchified latents yet"}
         for name, why in refused.items():
             if getattr(cfg, name):
                 raise ValueError(f"{name}: {self.label} {why}")

@@ -46,7 +46,7 @@ def ensure_class_images(class_data_dir: str | Path, class_prompt: str, num_class
             index = have + made
             # one generator per image: the k-th class image is the same however it is batched
             gens = [torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index + i) for i in range(n)]
-            images = pipe([class_prompt] * n, num_inference_steps=num_inference_steps, generator=gens).images
+            images = pipe(prompt=[class_prompt] * n, num_inference_steps=num_inference_steps, generator=gens).images
             for i, image in enumerate(images):
                 k = index + i
                 while (folder / f"class-{tag}-{k:05d}.png").exists():  # never overwrite a kept image
