@@ -213,8 +213,7 @@ def test_same_latents_helper_and_the_app_draw_what_the_klein_pipeline_draws(tiny
     assert np.abs(base - dora).max() > 0 and np.abs(base - lora).max() > 0
 
 
-def test_klein_exports_fused_exactly_and_says_web_ui_files_are_not_mapped(tiny_klein_path, klein_runs, tmp_path,
-                                                                         capsys):
+def test_klein_exports_fused_exactly(tiny_klein_path, klein_runs, tmp_path):
     from dreambooth_dora.adapters.file import apply_to_models, read_adapter
     from dreambooth_dora.cli import main
     from dreambooth_dora.families import pipeline_models
@@ -224,12 +223,78 @@ def test_klein_exports_fused_exactly_and_says_web_ui_files_are_not_mapped(tiny_k
     ref = _pipe(tiny_klein_path)
     apply_to_models(read_adapter(klein_runs["dora"]), pipeline_models(ref))
     assert (_transformer_out(_pipe(tmp_path / "fused")) - _transformer_out(ref)).abs().max() <= 1e-5
-    capsys.readouterr()
-    assert main(["export", str(klein_runs["dora"]), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "FLUX.2 [klein]" in err and "--format fused" in err
     info = file_info(klein_runs["dora"])
     assert set(info.parts) == {"transformer"} and "FLUX.2 [klein] adapter" in info.notes[0]
+
+
+def test_klein_web_ui_names_are_what_diffusers_converter_reads():
+    """The BFL checkpoint's names our web UI files use (ComfyUI's `lora_unet_` + name), read back
+    by diffusers' own FLUX.2 converter into the diffusers model: every name and row offset, at
+    klein 4B's widths (24 heads of 128, Qwen3-4B's 3 x 2560 text width), two blocks of each kind."""
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from test_dit_webui import _rows_only, swap
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(num_layers=2, num_single_layers=2, num_attention_heads=24,
+                                        joint_attention_dim=7680, guidance_embeds=False)
+    state = _rows_only(model)
+    native, refused = {}, set()
+    for name, module in model.named_modules():  # FLUX.2's layers have no biases
+        if isinstance(module, torch.nn.Linear):
+            try:
+                checkpoint_name, members = KLEIN.native_module(name, model)
+            except ValueError as err:
+                assert "\n" not in str(err) and name in str(err)
+                refused.add(name)
+                continue
+            native[f"{checkpoint_name}.weight"] = torch.cat([state[f"{m}.weight"] for m in members])
+    assert refused == {"norm_out.linear"}  # stored with shift and scale swapped: refused, not mapped
+    for i in range(2):  # the norms and the final modulation, written here from the converter's names
+        for side, ours in (("img", ""), ("txt", "added_")):
+            native[f"double_blocks.{i}.{side}_attn.norm.query_norm.scale"] = state[f"transformer_blocks.{i}.attn.norm_{ours}q.weight"]
+            native[f"double_blocks.{i}.{side}_attn.norm.key_norm.scale"] = state[f"transformer_blocks.{i}.attn.norm_{ours}k.weight"]
+        native[f"single_blocks.{i}.norm.query_norm.scale"] = state[f"single_transformer_blocks.{i}.attn.norm_q.weight"]
+        native[f"single_blocks.{i}.norm.key_norm.scale"] = state[f"single_transformer_blocks.{i}.attn.norm_k.weight"]
+    native["final_layer.adaLN_modulation.1.weight"] = swap(state["norm_out.linear.weight"])
+    assert native["double_blocks.0.img_attn.qkv.weight"].shape[0] == 3 * 3072
+    back = convert_flux2_transformer_checkpoint_to_diffusers(dict(native))
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert KLEIN.webui_kind("transformer", "lora_unet_double_stream_modulation_img_lin") == "double_stream_modulation_img.lin"
+
+
+def test_klein_web_ui_files_are_exact_in_comfyui(klein_runs, tmp_path, capsys):
+    """kohya (LyCORIS's dora_scale), --comfyui (ComfyUI's own weight rule) and full files from a klein
+    adapter, merged by each consumer's published rule (test_exports.py): exact where they claim."""
+    from dreambooth_dora.cli import main
+    from dreambooth_dora.formats.info import file_info
+    from test_dit_webui import _modules, _truths, _worst
+
+    truths = _truths(KLEIN, klein_runs["dora"])
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+            "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"} == set(truths)
+    files = {}
+    for name, flags in (("kohya", ["--format", "kohya"]), ("comfyui", ["--format", "kohya", "--comfyui"]),
+                        ("full", ["--format", "full"])):
+        files[name] = tmp_path / f"{name}.safetensors"
+        assert main(["export", str(klein_runs["dora"]), *flags, "--out", str(files[name])]) == 0
+    kohya, meta = _modules(files["kohya"])
+    assert set(kohya) == set(truths) and meta["ss_base_model_version"] == "flux2_klein"
+    qkv = kohya["lora_unet_double_blocks_0_img_attn_qkv"]  # q, k, v adapted at rank 4: rank 12 over 3 x 32 rows
+    assert qkv.down.shape == (12, 32) and qkv.up.shape == (96, 12) and qkv.dora_scale.shape == (96, 1)
+    comfy, _ = _modules(files["comfyui"])
+    full, _ = _modules(files["full"])
+    assert _worst(truths, kohya, "lycoris") <= 1e-5 and _worst(truths, comfy, "comfyui") <= 1e-5
+    assert _worst(truths, kohya, "comfyui") > 1e-3  # each file is rule-specific
+    assert _worst(truths, full, "comfyui") <= 1e-5
+    capsys.readouterr()
+    assert main(["verify", str(files["full"]), "--against", str(klein_runs["dora"])]) == 0
+    verdict = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| **verdict**"))
+    assert [c.strip() for c in verdict.strip("|").split("|")[1:]] == ["exact"] * 4
+    info = file_info(files["comfyui"])
+    assert info.exact_in == ["ComfyUI and Forge today"] and "img_attn.qkv" in info.parts["transformer"].targets
+    assert any("FLUX.2 [klein] module names" in n for n in info.notes)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train_configs").glob("flux2_klein_*_dora.yaml")))

@@ -26,6 +26,25 @@ FLUX2_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj")
 SINGLE_OUT = "single_transformer_blocks.{}.attn.to_out"
 QWEN3_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
 
+# the BFL checkpoint's names (ComfyUI's FLUX.2 models; its LoRA keys are `lora_unet_` + these with `_`),
+# as diffusers' `convert_flux2_transformer_checkpoint_to_diffusers` renames them: one to one, except
+# the double blocks' fused q, k, v (split into three) and the final modulation (shift and scale
+# swapped: not mapped). The single blocks' linear1 is diffusers' fused to_qkv_mlp_proj already.
+FLUX2_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
+                "img_mlp.0": ("ff.linear_in",), "img_mlp.2": ("ff.linear_out",),
+                "txt_mlp.0": ("ff_context.linear_in",), "txt_mlp.2": ("ff_context.linear_out",)}
+FLUX2_SINGLE = {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}
+FLUX2_TOP = {"img_in": ("x_embedder",), "txt_in": ("context_embedder",), "final_layer.linear": ("proj_out",),
+             "time_in.in_layer": ("time_guidance_embed.timestep_embedder.linear_1",),
+             "time_in.out_layer": ("time_guidance_embed.timestep_embedder.linear_2",),
+             "guidance_in.in_layer": ("time_guidance_embed.guidance_embedder.linear_1",),
+             "guidance_in.out_layer": ("time_guidance_embed.guidance_embedder.linear_2",),
+             "double_stream_modulation_img.lin": ("double_stream_modulation_img.linear",),
+             "double_stream_modulation_txt.lin": ("double_stream_modulation_txt.linear",),
+             "single_stream_modulation.lin": ("single_stream_modulation.linear",)}
+
 
 class Flux2Klein(FlowTransformer):
     name = "flux2_klein"
@@ -40,9 +59,11 @@ class Flux2Klein(FlowTransformer):
     default_targets = {"transformer": FLUX2_TARGETS}
     default_guidance = 4.0  # Flux2KleinPipeline's: classifier-free guidance (the distilled models ignore it)
     distilled_guidance = False
-    native_blocks: dict = {}  # web UI files: not mapped yet (export --format fused works)
-    native_top: dict = {}
+    native_blocks = {("transformer_blocks", "double_blocks"): FLUX2_DOUBLE,
+                     ("single_transformer_blocks", "single_blocks"): FLUX2_SINGLE}
+    native_top = FLUX2_TOP
     webui_consumers = "ComfyUI"
+    webui_versions = ("flux2_klein",)  # the `ss_base_model_version` its web UI files carry
     kohya_prefixes = {"transformer": "lora_unet_"}
     vae_class = "AutoencoderKLFlux2"
     vae_mode = True  # the latent distribution's mode, not a sample (diffusers' script)
@@ -194,10 +215,6 @@ class Flux2Klein(FlowTransformer):
         return {"prompt": prompt, "negative_prompt_embeds": pipe.encode_prompt(negative)[0]}
 
     # ---- files ---------------------------------------------------------------------------------
-
-    def native_module(self, name: str, model=None) -> tuple[str, tuple[str, ...]]:
-        raise ValueError(f"layer {name!r}: {self.label}'s web UI (ComfyUI) key names are not mapped here yet; "
-                         "export --format fused (a merged pipeline) instead")
 
     def webui_metadata(self, pipe) -> dict:
         return {"ss_base_model_version": "flux2_klein", "ss_v2": "False"}

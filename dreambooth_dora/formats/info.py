@@ -272,8 +272,10 @@ def _kohya(file: Path, tensors: dict, meta: dict) -> FileInfo:
                      "prompt): " + ", ".join(f"{name} ({next(iter(d.values())).shape[0]} vectors)"
                                              for name, d in bundled.items()))
     if version in DIT_VERSIONS:
-        notes.append("FLUX.1 / SD 3 module names of the original checkpoints (fused q/k/v): for ComfyUI and Forge; "
-                     "A1111's column is its rule only (A1111 runs no FLUX.1; its SD 3 LoRA loading is not checked)")
+        family = next(f for f in FAMILIES if version in f.webui_versions)
+        notes.append(f"{family.label} module names of the original checkpoint (fused q/k/v): for "
+                     f"{family.webui_consumers}; A1111's column is its rule only (A1111 runs no FLUX; its SD 3 LoRA "
+                     "loading is not checked)")
     if meta.get("ss_v2") == "True":
         notes.append("SD 2.x file (ss_v2): A1111 lists it with an SD 2.x checkpoint loaded")
     base = meta.get("dreambooth_dora_base_model") or meta.get("ss_base_model_version") or "not recorded"
