@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--steps 4] [--resolution 256] [--rank 8] [--device cpu]
     python benchmarks/bench_train.py --options [--runs 3] [--baseline REV]
-    python benchmarks/bench_train.py --dit flux1|sd35 [--steps 3] [--rank 16]
+    python benchmarks/bench_train.py --dit flux1|sd35|flux2_klein [--steps 3] [--rank 16]
 
 `--options`: what the trainer's optional features cost. The real `train()` on the embedded
 toy-world model (the quick start's settings, DoRA, batch 2) is timed at the code of `--baseline`
@@ -108,6 +108,18 @@ def dit_model(kind: str):
                       pooled_projections=torch.randn(1, 768, generator=g), timestep=torch.tensor([0.5]),
                       guidance=torch.tensor([3.5]), txt_ids=torch.zeros(64, 3), img_ids=torch.zeros(256, 3))
         return model, inputs, list(FLUX_TARGETS)
+    if kind == "flux2_klein":  # klein 4B: hidden 3072 (24 heads x 128), Qwen3-4B's 3 x 2560 text width, 1 + 2 (of 5 + 20)
+        from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+        from dreambooth_dora.families.flux2 import Flux2Klein
+
+        model = Flux2Transformer2DModel(num_layers=1, num_single_layers=2, num_attention_heads=24,
+                                        joint_attention_dim=7680, guidance_embeds=False)
+        text = torch.randn(1, 64, 7680, generator=g)
+        inputs = dict(hidden_states=torch.randn(1, 256, 128, generator=g), encoder_hidden_states=text,
+                      timestep=torch.tensor([0.5]), guidance=None, txt_ids=Flux2KleinPipeline._prepare_text_ids(text),
+                      img_ids=Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 128, 16, 16)))
+        return model, inputs, Flux2Klein().denoiser_targets(argparse.Namespace(lora_layers=None), model)
     from diffusers import SD3Transformer2DModel  # SD 3.5 medium: hidden 1536, 2 of its 24 blocks, one dual
 
     model = SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
@@ -121,7 +133,7 @@ def dit_model(kind: str):
 
 
 def dit(args) -> int:
-    """`--dit flux1|sd35`: training steps of a DiT family's transformer, ours LoRA / DoRA vs PEFT's DoRA."""
+    """`--dit flux1|sd35|flux2_klein`: training steps of a DiT family's transformer, ours LoRA / DoRA vs PEFT's DoRA."""
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(0)
@@ -214,7 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dit", choices=["flux1", "sd35"], help="time a DiT family's transformer instead")
+    parser.add_argument("--dit", choices=["flux1", "sd35", "flux2_klein"], help="time a DiT family's transformer instead")
     args = parser.parse_args(argv)
     if args.options:
         return options(args)

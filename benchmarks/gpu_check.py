@@ -120,6 +120,24 @@ class FluxInputs(DiTInputs):
                        txt_ids=torch.zeros(text, 3, device=device), img_ids=torch.zeros(n, 3, device=device))
 
 
+class KleinInputs(DiTInputs):
+    """One FLUX.2 [klein] step: (px / 16)^2 tokens of 128 (batch-normed 2x2 patches), Qwen3's stacked
+    states (`text` tokens, 3 x 2560 wide for 4B), 4-D position ids, no pooled, no guidance."""
+
+    def __init__(self, px: int, text: int, model, device, dtype):
+        from diffusers import Flux2KleinPipeline
+
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        n = (px // 16) ** 2
+        self.latents = torch.randn(1, n, cfg.in_channels, generator=g).to(device)
+        states = torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(device, dtype)
+        side = px // 16
+        self.kw = dict(encoder_hidden_states=states, timestep=torch.tensor([0.5], device=device), guidance=None,
+                       txt_ids=Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, text, 1)).to(device),
+                       img_ids=Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, side, side)).to(device))
+
+
 class SD3Inputs(DiTInputs):
     """One SD 3 step: 16-channel latents (px / 8), CLIP + T5 states (`text` tokens), pooled (2048)."""
 
@@ -186,6 +204,33 @@ def flux_transformer(size: str, checkpointing: bool):
         model.enable_gradient_checkpointing()
     note = ", ".join(x for x in (note, "gradient checkpointing" if checkpointing else "") if x)
     return model, px, lambda m, d, t: FluxInputs(px, text, m, d, t), list(FLUX_TARGETS), note
+
+
+KLEIN_BLOCKS = (2, 4)  # of klein 4B's 5 double + 20 single blocks
+
+
+def klein_transformer(size: str):
+    """FLUX.2 [klein] 4B's transformer (quick: a small one at 64 px) with diffusers' klein targets;
+    full: its real widths (24 heads x 128, Qwen3-4B's 7680-wide states) with fewer blocks, 1024 px
+    (4096 image tokens) and 512 text tokens."""
+    import argparse as _argparse
+
+    from diffusers import Flux2Transformer2DModel
+
+    from dreambooth_dora.families.flux2 import Flux2Klein
+
+    if size == "quick":
+        model = Flux2Transformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=48, timestep_guidance_channels=32,
+                                        axes_dims_rope=(4, 4, 4, 4), in_channels=32, guidance_embeds=False)
+        px, text, note = 64, 16, ""
+    else:
+        model = Flux2Transformer2DModel(num_layers=KLEIN_BLOCKS[0], num_single_layers=KLEIN_BLOCKS[1],
+                                        num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)
+        px, text = 1024, 512
+        note = f"real widths, {KLEIN_BLOCKS[0]} of 5 double + {KLEIN_BLOCKS[1]} of 20 single blocks"
+    targets = Flux2Klein().denoiser_targets(_argparse.Namespace(lora_layers=None), model)
+    return model, px, lambda m, d, t: KleinInputs(px, text, m, d, t), targets, note
 
 
 def sd35_transformer(size: str):
@@ -444,7 +489,8 @@ def main(argv=None) -> int:
         train_rows.append(train_step_bench("SD 1.5" if args.size == "full" else "small (quick)",
                                            lambda: sd15_unet(args.size), device, dtype, args.repeats))
         big = [("SDXL", sdxl_unet), ("FLUX.1", lambda: flux_transformer(args.size, False)),
-               ("FLUX.1", lambda: flux_transformer(args.size, True)), ("SD 3.5 medium", lambda: sd35_transformer(args.size))]
+               ("FLUX.1", lambda: flux_transformer(args.size, True)), ("SD 3.5 medium", lambda: sd35_transformer(args.size)),
+               ("FLUX.2 [klein] 4B", lambda: klein_transformer(args.size))]
         for label, factory in big:
             if args.size == "full" and not cuda:
                 train_rows.append({"model": label, "skipped": "needs CUDA (1024 px on CPU takes too long)"})

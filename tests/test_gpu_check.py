@@ -85,7 +85,7 @@ def test_a_model_that_does_not_fit_still_gives_a_report_row(monkeypatch):
     assert moved == [{torch.bfloat16}]  # cast on the host first
 
 
-@pytest.mark.parametrize("factory", ["flux", "flux-checkpointing", "sd35"])
+@pytest.mark.parametrize("factory", ["flux", "flux-checkpointing", "sd35", "klein"])
 def test_full_size_dit_steps_fit_their_inputs(factory):
     """The full-size DiT rows (which only a GPU runs): FLUX.1's real widths with fewer blocks at
     1024 px, SD 3.5 medium whole; built and run on the meta device (shapes, no memory, no time)."""
@@ -96,7 +96,8 @@ def test_full_size_dit_steps_fit_their_inputs(factory):
     spec.loader.exec_module(check_module)
     make = {"flux": lambda: check_module.flux_transformer("full", False),
             "flux-checkpointing": lambda: check_module.flux_transformer("full", True),
-            "sd35": lambda: check_module.sd35_transformer("full")}[factory]
+            "sd35": lambda: check_module.sd35_transformer("full"),
+            "klein": lambda: check_module.klein_transformer("full")}[factory]
     with torch.device("meta"):
         model, px, inputs, targets, note = make()
         from dreambooth_dora.adapters.inject import _matches
@@ -105,6 +106,7 @@ def test_full_size_dit_steps_fit_their_inputs(factory):
         batch = inputs(model, torch.device("meta"), torch.float32)
         out = batch(model, batch.latents)
     assert px == 1024 and out.shape == batch.latents.shape
-    assert len(adapted) == {"flux": 2 * 12 + 4 * 3, "flux-checkpointing": 2 * 12 + 4 * 3, "sd35": 24 * 8 - 1}[factory]
-    tokens = batch.latents.shape[1] if factory.startswith("flux") else (px // 16) ** 2
+    assert len(adapted) == {"flux": 2 * 12 + 4 * 3, "flux-checkpointing": 2 * 12 + 4 * 3, "sd35": 24 * 8 - 1,
+                            "klein": 2 * 4 + 4 * 2}[factory]
+    tokens = batch.latents.shape[1] if factory.startswith(("flux", "klein")) else (px // 16) ** 2
     assert tokens == 4096 and ("gradient checkpointing" in note) == factory.endswith("checkpointing")
