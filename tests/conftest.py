@@ -61,6 +61,13 @@ def tiny_klein_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_z_image_path(tmp_path_factory) -> Path:
+    """A tiny Z-Image pipeline: refiners and two single-stream blocks, a 2-layer Qwen3Model with a local
+    tokenizer and chat template, FLUX.1's 16-channel VAE with shift and scale."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-z-image", z_image=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory) -> Path:
     """A tiny SD 3 pipeline: two joint blocks, CLIP-L + CLIP-G with projections, T5, a 16-channel VAE."""
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", sd3=True)

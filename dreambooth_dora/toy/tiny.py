@@ -310,6 +310,33 @@ def build_tiny_flux2_klein_pipeline(seed: int = 0, sample_size: int = 32):
                               transformer=transformer)
 
 
+def build_tiny_z_image_pipeline(seed: int = 0, sample_size: int = 32):
+    """A ZImagePipeline with Z-Image's structure at toy size: a ZImageTransformer2DModel (one noise and
+    one context refiner block, two main blocks, 32 wide), a 2-layer Qwen3Model (16 wide) with the
+    local Qwen tokenizer, a VAE with FLUX.1's 16-channel latent, shift and scale."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
+                        latent_channels=16, norm_num_groups=8, sample_size=sample_size * 2, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer) + 8, hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          max_position_embeddings=1024))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+
+
 def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
     """A StableDiffusion3Pipeline with SD 3's structure at toy size: an SD3Transformer2DModel with two
     joint (MM-DiT) blocks, CLIP-L and CLIP-G with projections (32 wide each, pooled 64) and a 2-layer
@@ -352,7 +379,8 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
 
 
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False, sdxl: bool = False,
-                       flux: bool = False, sd3: bool = False, flux2_klein: bool = False) -> Path:
+                       flux: bool = False, sd3: bool = False, flux2_klein: bool = False,
+                       z_image: bool = False) -> Path:
     """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
     path = Path(path)
     if (path / "model_index.json").exists():
@@ -361,6 +389,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pipe = (build_tiny_flux_pipeline(seed=seed) if flux else build_tiny_sd3_pipeline(seed=seed) if sd3
             else build_tiny_flux2_klein_pipeline(seed=seed) if flux2_klein
+            else build_tiny_z_image_pipeline(seed=seed) if z_image
             else build_tiny_sdxl_pipeline(seed=seed) if sdxl
             else build_tiny_pipeline(seed=seed, sd2=sd2))
     pipe.save_pretrained(tmp)
