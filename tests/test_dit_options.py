@@ -78,11 +78,12 @@ def test_two_subjects_in_one_dit_run(family, tiny_flux_path, tiny_sd3_path, tmp_
 
 @pytest.mark.slow
 def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch(tiny_flux_path, tiny_sd3_path,
-                                                                                 tiny_klein_path, tmp_path):
+                                                                                 tiny_klein_path, tiny_z_image_path,
+                                                                                 tmp_path):
     """DDP over 2 CPU processes (gloo) = one process with the doubled batch, per family: FLUX.1 with
     its CLIP adapters and aspect buckets in steps of 16 on non-square pictures; SD 3 with both CLIPs'
     adapters, logit-normal noise levels and preconditioned outputs; FLUX.2 [klein] with its cached
-    Qwen3 prompts and batch-normed latents. The launches run side by side while this process trains
+    Qwen3 prompts and batch-normed latents; Z-Image with prompts of their own lengths. The launches run side by side while this process trains
     the one-process twins."""
     import os
     import subprocess
@@ -105,10 +106,13 @@ def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch
                     "--max_sequence_length", "16"],
             "flux2_klein": [*common, "--pretrained_model_name_or_path", tiny_klein_path, "--instance_data_dir",
                             repo / "sample_data/3d_icon", "--resolution", "32", "--max_train_steps", "2",
-                            "--max_sequence_length", "48"]}
+                            "--max_sequence_length", "48"],
+            "z_image": [*common, "--pretrained_model_name_or_path", tiny_z_image_path, "--instance_data_dir",
+                        repo / "sample_data/3d_icon", "--resolution", "32", "--max_train_steps", "2",
+                        "--max_sequence_length", "48"]}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = {}
-    for port, (family, argv) in zip((29534, 29536, 29540), runs.items()):
+    for port, (family, argv) in zip((29534, 29536, 29540, 29542), runs.items()):
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                   str(port), str(repo / "train_dreambooth_dora.py")]
@@ -118,7 +122,7 @@ def test_two_processes_train_each_dit_family_like_one_with_the_same_global_batch
     for family, argv in runs.items():  # one process, in this one, meanwhile
         train_now([*argv, "--train_batch_size", "2", "--output_dir", tmp_path / f"{family}-one"])
     parts = {"flux1": {"transformer", "text_encoder"}, "sd3": {"transformer", "text_encoder", "text_encoder_2"},
-             "flux2_klein": {"transformer"}}
+             "flux2_klein": {"transformer"}, "z_image": {"transformer"}}
     for family, proc in procs.items():
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output[-2000:]

@@ -167,3 +167,37 @@ def test_the_app_draws_z_image_columns_as_its_pipeline(tiny_z_image_path, z_runs
     first = comp.generate("a sks icon", seed=7, steps=2, width=32, height=32, guidance=5.0)
     base, dora = (np.asarray(first[c][0][0], np.int16) for c in ("base", "dora"))
     assert np.abs(base - dora).max() > 0
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train_configs").glob("z_image_*_dora.yaml")))
+def test_z_image_recipes_run_on_a_local_tiny_model_in_bf16(tiny_z_image_path, tmp_path, monkeypatch, recipe):
+    from dreambooth_dora.training.config import load_config
+
+    monkeypatch.chdir(REPO)
+    argv = ["--config", f"train_configs/{recipe}", "--pretrained_model_name_or_path", str(tiny_z_image_path),
+            "--resolution", "32", "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+            "--max_sequence_length", "48", "--validation_steps", "2", "--num_validation_images", "1",
+            "--validation_inference_steps", "2", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    cfg = load_config(argv)
+    assert cfg.mixed_precision == "bf16" and cfg.cache_latents and cfg.gradient_checkpointing
+    tensors = load_file(str(train_now(argv)))
+    assert {k.split(".", 1)[0] for k in tensors} == {"transformer"}
+    assert any(k.endswith("lora_magnitude_vector") for k in tensors)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
+    assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+
+
+def test_z_image_fused_export_is_exact_and_web_ui_files_are_refused_in_one_line(tiny_z_image_path, z_runs, tmp_path,
+                                                                                capsys):
+    from dreambooth_dora.adapters.file import apply_to_models, read_adapter
+    from dreambooth_dora.cli import main
+    from dreambooth_dora.families import pipeline_models
+
+    assert main(["export", str(z_runs["dora"]), "--format", "fused", "--out", str(tmp_path / "fused")]) == 0
+    ref = _pipe(tiny_z_image_path)
+    apply_to_models(read_adapter(z_runs["dora"]), pipeline_models(ref))
+    assert (_transformer_out(_pipe(tmp_path / "fused")) - _transformer_out(ref)).abs().max() <= 1e-5
+    capsys.readouterr()
+    assert main(["export", str(z_runs["dora"]), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Z-Image" in err and "--format fused" in err

@@ -321,7 +321,7 @@ def build_tiny_z_image_pipeline(seed: int = 0, sample_size: int = 32):
     torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
                                            n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
-                                           axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+                                           axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
