@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--steps 4] [--resolution 256] [--rank 8] [--device cpu]
     python benchmarks/bench_train.py --options [--runs 3] [--baseline REV]
-    python benchmarks/bench_train.py --dit flux1|sd35|flux2_klein [--steps 3] [--rank 16]
+    python benchmarks/bench_train.py --dit flux1|sd35|flux2_klein|z_image [--steps 3] [--rank 16]
 
 `--options`: what the trainer's optional features cost. The real `train()` on the embedded
 toy-world model (the quick start's settings, DoRA, batch 2) is timed at the code of `--baseline`
@@ -120,6 +120,15 @@ def dit_model(kind: str):
                       timestep=torch.tensor([0.5]), guidance=None, txt_ids=Flux2KleinPipeline._prepare_text_ids(text),
                       img_ids=Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 128, 16, 16)))
         return model, inputs, Flux2Klein().denoiser_targets(argparse.Namespace(lora_layers=None), model)
+    if kind == "z_image":  # Z-Image: hidden 3840 (30 heads x 128), Qwen3-4B's 2560-wide states; 1 refiner each + 2 of 30
+        from diffusers import ZImageTransformer2DModel
+
+        from dreambooth_dora.families.z_image import Z_IMAGE_TARGETS
+
+        model = ZImageTransformer2DModel(n_layers=2, n_refiner_layers=1)
+        inputs = dict(x=[torch.randn(16, 1, 32, 32, generator=g)], t=torch.tensor([0.5]),
+                      cap_feats=[torch.randn(64, 2560, generator=g)])
+        return model, inputs, list(Z_IMAGE_TARGETS)
     from diffusers import SD3Transformer2DModel  # SD 3.5 medium: hidden 1536, 2 of its 24 blocks, one dual
 
     model = SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
@@ -130,6 +139,11 @@ def dit_model(kind: str):
                   encoder_hidden_states=torch.randn(1, 64, 4096, generator=g),
                   pooled_projections=torch.randn(1, 2048, generator=g), timestep=torch.tensor([500.0]))
     return model, inputs, list(SD3_TARGETS)
+
+
+def output(pred):
+    """A transformer's output as one tensor (Z-Image returns one per picture)."""
+    return torch.stack(pred) if isinstance(pred, (list, tuple)) else pred
 
 
 def dit(args) -> int:
@@ -160,14 +174,14 @@ def dit(args) -> int:
     def step(name):
         nonlocal target
         model, (opt, params) = variants[name], optimizers[name]
-        pred = model(**inputs, return_dict=False)[0]
+        pred = output(model(**inputs, return_dict=False)[0])
         target = torch.zeros_like(pred) if target is None else target
         torch.nn.functional.mse_loss(pred, target).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    kept = {name: saved_for_backward(lambda m=m: m(**inputs, return_dict=False)[0], m.parameters())
+    kept = {name: saved_for_backward(lambda m=m: output(m(**inputs, return_dict=False)[0]), m.parameters())
             for name, m in variants.items()}
     adapted = sum(1 for _ in adapted_layers(variants["ours DoRA"]))
     print(f"{args.dit}: real widths, fewer blocks (see dit_model); {adapted} adapted layers, rank {args.rank}, "
@@ -226,7 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dit", choices=["flux1", "sd35", "flux2_klein"], help="time a DiT family's transformer instead")
+    parser.add_argument("--dit", choices=["flux1", "sd35", "flux2_klein", "z_image"], help="time a DiT family's transformer instead")
     args = parser.parse_args(argv)
     if args.options:
         return options(args)
