@@ -274,7 +274,7 @@ class TrainDesk:
         raise AppError(f"{name} is set by the job (each job has folders of its own); leave it out")
 
     def _inside_run(self, name: str, value) -> str:
-        self._inside(name, value, self.root / "jobs" / "x")  # relative, no '..'
+        self._inside(name, value, self.root)  # relative, no '..' (the config keeps it inside the run folder)
         return str(value).strip()
 
     def _subject_sets(self, name: str, value):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .training.config import SEED_MAX, ConfigError
+from .training.config import ConfigError, check_seeds
 
 MIN_SEEDS = 3  # fewer training seeds: a t-interval on 2 values spans +-12.7 standard errors: nothing to read
 USAGE = "usage: dreambooth-dora study [--config FILE.yaml] [--resume] [--name value ...]"
@@ -100,9 +100,7 @@ class StudyConfig:
         if any(r < 1 for r in self.ranks) or any(not (lr > 0 and math.isfinite(lr)) for lr in self.learning_rates):
             raise ConfigError("ranks must be >= 1 and learning rates finite and > 0")
         for name in ("training_seeds", "selection_seeds", "report_seeds"):
-            bad = [seed for seed in getattr(self, name) if not 0 <= seed <= SEED_MAX]
-            if bad:
-                raise ConfigError(f"{name} must be in [0, {SEED_MAX}], got {bad[0]}")
+            check_seeds(name, getattr(self, name))
         if set(self.selection_seeds) & set(self.report_seeds):
             raise ConfigError("selection_seeds and report_seeds must be disjoint (the rate is chosen on one, "
                               "reported on the other)")

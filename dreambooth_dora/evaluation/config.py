@@ -63,11 +63,9 @@ class EvalConfig:
             raise ConfigError("resolution must be a multiple of 8, at least 16 (SSIM's window is 11 pixels)")
         if not self.identifier.strip():
             raise ConfigError("identifier is empty")
-        from ..training.config import SEED_MAX, check_ranges
+        from ..training.config import check_ranges, check_seeds
 
-        bad = [seed for seed in self.seeds if not 0 <= seed <= SEED_MAX]
-        if bad:
-            raise ConfigError(f"seeds must be in [0, {SEED_MAX}], got {bad[0]}")
+        check_seeds("seeds", self.seeds)
         from ..families.models import check_embedded_name
 
         check_ranges(self, {"guidance_scale": (">=", 0)})

@@ -1,4 +1,4 @@
-"""What the rectified-flow DiT families (SD 3 / 3.5, FLUX.1) share: a transformer denoiser, T5 as
+"""What the rectified-flow DiT families (SD 3 / 3.5, FLUX.1, and the Qwen3 ones) share: a transformer denoiser, T5 as
 the last text encoder (never trained: encoded once, then it leaves the device), flow matching's
 noise levels (`flow.py`) drawn from each example's generator, the VAE's shift and scale, sizes in
 steps of 16, the flow-matching Euler sampler, and the settings they refuse. Each family module
@@ -148,3 +148,45 @@ class FlowTransformer(StableDiffusion):
         x0 = batch.latents
         sigmas = (batch.timesteps.float() / scheduler.config.num_train_timesteps).to(x0.device)
         return sigmas, sigmas.reshape(-1, 1, 1, 1).to(x0.dtype)
+
+
+class QwenTransformer(FlowTransformer):
+    """What the DiT families with one Qwen3 text encoder share (FLUX.2 [klein], Z-Image): the language
+    model never trains (encoded once, then it leaves the device), no pivotal tuning, no pooled
+    embedding; the VAE latents' mode as diffusers' scripts take it; classifier-free guidance against
+    the empty prompt at the pipeline's default scale; 512 prompt tokens."""
+
+    encoder_parts = ("text_encoder",)
+    tokenizer_parts = ("tokenizer",)
+    embedding_keys = ()
+    distilled_guidance = False
+    webui_consumers = "ComfyUI"
+    kohya_prefixes = {"transformer": "lora_unet_"}
+    vae_mode = True  # the latent distribution's mode, not a sample (diffusers' scripts)
+    flow_defaults = {"weighting_scheme": "none", "max_sequence_length": 512}
+    refused: dict[str, str] = {"train_text_encoder": "its text encoder is a Qwen3 language model, frozen and encoded once",
+                               "train_text_encoder_ti": "pivotal tuning needs a CLIP text encoder; it has a Qwen3 model"}
+
+    def check_settings(self, cfg) -> None:
+        super().check_settings(cfg)
+        for name, why in self.refused.items():
+            if getattr(cfg, name):
+                raise ValueError(f"{name}: {self.label} {why}")
+
+    def prompt_settings(self, cfg) -> dict:
+        return {"max_sequence_length": self.setting(cfg, "max_sequence_length")}
+
+    def validation_guidance(self, cfg) -> float:
+        return self.default_guidance
+
+    def loss_settings(self, cfg) -> dict:
+        return {"scheme": self.setting(cfg, "weighting_scheme")}
+
+    def card_call(self, cfg, tokenizers: list) -> dict:
+        """Size and prompt length where they differ from the pipelines' defaults (1024 px, 512)."""
+        length = self.setting(cfg, "max_sequence_length")
+        return {**({"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution != 1024 else {}),
+                **({"max_sequence_length": length} if length != 512 else {})}
+
+    def draw_settings(self, pipe) -> dict:
+        return {}

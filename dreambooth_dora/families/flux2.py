@@ -16,7 +16,7 @@ caption is encoded once and the encoder leaves the device.
 
 from __future__ import annotations
 
-from .dit import FlowTransformer
+from .dit import QwenTransformer
 from .flow import loss_weighting
 
 # diffusers' train_dreambooth_lora_flux2_klein.py default targets: the double blocks' attention, the
@@ -46,28 +46,22 @@ FLUX2_TOP = {"img_in": ("x_embedder",), "txt_in": ("context_embedder",), "final_
              "single_stream_modulation.lin": ("single_stream_modulation.linear",)}
 
 
-class Flux2Klein(FlowTransformer):
+class Flux2Klein(QwenTransformer):
     name = "flux2_klein"
     label = "FLUX.2 [klein]"
     pipeline_class = "Flux2KleinPipeline"
     pipeline_classes = ("Flux2KleinPipeline",)
     transformer_class = "Flux2Transformer2DModel"
     tag = "flux2-klein"
-    encoder_parts = ("text_encoder",)  # Qwen3: frozen, encoded once
-    tokenizer_parts = ("tokenizer",)
-    embedding_keys = ()
     default_targets = {"transformer": FLUX2_TARGETS}
     default_guidance = 4.0  # Flux2KleinPipeline's: classifier-free guidance (the distilled models ignore it)
-    distilled_guidance = False
     native_blocks = {("transformer_blocks", "double_blocks"): FLUX2_DOUBLE,
                      ("single_transformer_blocks", "single_blocks"): FLUX2_SINGLE}
     native_top = FLUX2_TOP
-    webui_consumers = "ComfyUI"
     webui_versions = ("flux2_klein",)  # the `ss_base_model_version` its web UI files carry
-    kohya_prefixes = {"transformer": "lora_unet_"}
     vae_class = "AutoencoderKLFlux2"
-    vae_mode = True  # the latent distribution's mode, not a sample (diffusers' script)
-    flow_defaults = {"weighting_scheme": "none", "max_sequence_length": 512}
+    refused = {**QwenTransformer.refused,
+               "masked_loss": "masked loss is not mapped onto its 2x2-patchified latents yet"}
 
     def denoiser_targets(self, cfg, model=None) -> list[str]:
         """`lora_layers`, else diffusers' defaults with every single block's output of `model` (without
@@ -86,15 +80,6 @@ class Flux2Klein(FlowTransformer):
         return (len(transformer) > 1 and transformer[1] == self.transformer_class
                 and len(encoder) > 1 and str(encoder[1]).startswith("Qwen3"))
 
-    def check_settings(self, cfg) -> None:
-        super().check_settings(cfg)
-        refused = {"train_text_encoder": "its text encoder is a Qwen3 language model, frozen and encoded once",
-                   "train_text_encoder_ti": "pivotal tuning needs a CLIP text encoder; it has a Qwen3 model",
-                   "masked_loss": "masked loss is not mapped onto its 2x2-patchified latents yet"}
-        for name, why in refused.items():
-            if getattr(cfg, name):
-                raise ValueError(f"{name}: {self.label} {why}")
-
     # ---- loading ------------------------------------------------------------------------------
 
     def _load_parts(self, path: str, revision, variant) -> tuple[list, list, object, object]:
@@ -107,13 +92,6 @@ class Flux2Klein(FlowTransformer):
                 [Qwen3ForCausalLM.from_pretrained(path, subfolder="text_encoder", **kw)],
                 Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw),
                 FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision))
-
-    def text_parts(self, pipe) -> tuple[list, list]:
-        return [pipe.tokenizer], [pipe.text_encoder]
-
-    def native_size(self, pipe) -> int:
-        size = pipe.vae.config.sample_size
-        return size if isinstance(size, int) else pipe.default_sample_size * pipe.vae_scale_factor
 
     def latent_shape(self, pipe, count: int, width: int, height: int) -> tuple[int, ...]:
         """(count, 128, h/16, w/16): the pipeline's initial latents before packing."""
@@ -133,9 +111,6 @@ class Flux2Klein(FlowTransformer):
         return (x - mean) / std
 
     # ---- prompts ------------------------------------------------------------------------------
-
-    def prompt_settings(self, cfg) -> dict:
-        return {"max_sequence_length": self.setting(cfg, "max_sequence_length")}
 
     def encode_fixed(self, tokenizers: list, text_encoders: list, prompts: list[str], max_sequence_length=None):
         """Qwen3's stacked hidden states (B, L, 3 D), as `Flux2KleinPipeline.encode_prompt`."""
@@ -157,12 +132,6 @@ class Flux2Klein(FlowTransformer):
         return encode([""], text_encoders)[0], None
 
     # ---- the training objective ---------------------------------------------------------------
-
-    def validation_guidance(self, cfg) -> float:
-        return self.default_guidance
-
-    def loss_settings(self, cfg) -> dict:
-        return {"scheme": self.setting(cfg, "weighting_scheme")}
 
     def loss_inputs(self, denoiser, scheduler, batch, cond, pooled, scheme: str = "none"):
         """(prediction, target e - x0, per-sample weights): the latents moved to noise level s = t / T
@@ -197,15 +166,6 @@ class Flux2Klein(FlowTransformer):
     def embedding_kwargs(self, embeds, negative, pooled, negative_pooled, index: int, count: int) -> dict:
         return {"prompt_embeds": embeds[index:index + 1].expand(count, -1, -1),
                 "negative_prompt_embeds": negative.expand(count, -1, -1)}
-
-    def card_call(self, cfg, tokenizers: list) -> dict:
-        """Size and prompt length where they differ from the pipeline's defaults (1024 px, 512)."""
-        length = self.setting(cfg, "max_sequence_length")
-        return {**({"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution != 1024 else {}),
-                **({"max_sequence_length": length} if length != 512 else {})}
-
-    def draw_settings(self, pipe) -> dict:
-        return {}
 
     def prompt_call(self, pipe, prompt: str, negative: str | None) -> dict:
         """Flux2KleinPipeline takes no negative prompt text (its guidance uses the empty prompt): a

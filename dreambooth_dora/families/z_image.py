@@ -16,39 +16,23 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .dit import FlowTransformer
+from .dit import QwenTransformer
 from .flow import loss_weighting
 
 Z_IMAGE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' script's default
 
 
-class ZImage(FlowTransformer):
+class ZImage(QwenTransformer):
     name = "z_image"
     label = "Z-Image"
     pipeline_class = "ZImagePipeline"
     pipeline_classes = ("ZImagePipeline",)
     transformer_class = "ZImageTransformer2DModel"
     tag = "z-image"
-    encoder_parts = ("text_encoder",)  # Qwen3: frozen, encoded once
-    tokenizer_parts = ("tokenizer",)
-    embedding_keys = ()
     default_targets = {"transformer": Z_IMAGE_TARGETS}
     default_guidance = 5.0  # ZImagePipeline's (Turbo is drawn with 0)
-    distilled_guidance = False
     native_blocks: dict = {}
     native_top: dict = {}
-    webui_consumers = "ComfyUI"
-    kohya_prefixes = {"transformer": "lora_unet_"}
-    vae_mode = True  # the latent distribution's mode, as diffusers' script
-    flow_defaults = {"weighting_scheme": "none", "max_sequence_length": 512}
-
-    def check_settings(self, cfg) -> None:
-        super().check_settings(cfg)
-        refused = {"train_text_encoder": "its text encoder is a Qwen3 language model, frozen and encoded once",
-                   "train_text_encoder_ti": "pivotal tuning needs a CLIP text encoder; it has a Qwen3 model"}
-        for name, why in refused.items():
-            if getattr(cfg, name):
-                raise ValueError(f"{name}: {self.label} {why}")
 
     # ---- loading ------------------------------------------------------------------------------
 
@@ -63,9 +47,6 @@ class ZImage(FlowTransformer):
                 ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw),
                 FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision))
 
-    def text_parts(self, pipe) -> tuple[list, list]:
-        return [pipe.tokenizer], [pipe.text_encoder]
-
     def native_size(self, pipe) -> int:
         size = pipe.vae.config.sample_size
         return size if isinstance(size, int) else 1024
@@ -75,9 +56,6 @@ class ZImage(FlowTransformer):
         return (count, pipe.transformer.config.in_channels, 2 * (height // (f * 2)), 2 * (width // (f * 2)))
 
     # ---- prompts ------------------------------------------------------------------------------
-
-    def prompt_settings(self, cfg) -> dict:
-        return {"max_sequence_length": self.setting(cfg, "max_sequence_length")}
 
     def encode_fixed(self, tokenizers: list, text_encoders: list, prompts: list[str], max_sequence_length=None):
         """(embeddings (B, L, D) zero past each prompt's tokens, token mask (B, L) as floats): the
@@ -115,12 +93,6 @@ class ZImage(FlowTransformer):
 
     # ---- the training objective ---------------------------------------------------------------
 
-    def validation_guidance(self, cfg) -> float:
-        return self.default_guidance
-
-    def loss_settings(self, cfg) -> dict:
-        return {"scheme": self.setting(cfg, "weighting_scheme")}
-
     def loss_inputs(self, denoiser, scheduler, batch, cond, pooled, scheme: str = "none"):
         """(prediction, target e - x0, per-sample weights): the latents moved to noise level s = t / T
         along the straight path, one (C, 1, h, w) tensor each, through the transformer at
@@ -148,15 +120,6 @@ class ZImage(FlowTransformer):
         prompt = self.unpad(embeds[index:index + 1], pooled[index:index + 1])[0]
         empty = self.unpad(negative[:1], negative_pooled[:1])[0]
         return {"prompt_embeds": [prompt] * count, "negative_prompt_embeds": [empty] * count}
-
-    def card_call(self, cfg, tokenizers: list) -> dict:
-        """Size and prompt length where they differ from the pipeline's defaults (1024 px, 512)."""
-        length = self.setting(cfg, "max_sequence_length")
-        return {**({"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution != 1024 else {}),
-                **({"max_sequence_length": length} if length != 512 else {})}
-
-    def draw_settings(self, pipe) -> dict:
-        return {}
 
     # ---- files ---------------------------------------------------------------------------------
 

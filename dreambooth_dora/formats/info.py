@@ -24,7 +24,7 @@ from ..families import ADAPTER_PARTS, EMBEDDING_PARTS, FAMILIES
 
 DIT_VERSIONS = {v for f in FAMILIES if f.fixed_encoders for v in f.webui_versions}  # FLUX.1's and SD 3's files
 from ..outputs import ADAPTER_FILE, OUTPUT_MARKER
-from .export import DIGEST_KEY, tensors_digest
+from .export import DIGEST_KEY, PRECISION_FILE, tensors_digest
 
 # what an output-axis DoRA file is exact under when it does not say (LyCORIS's wd_on_output layout)
 DEFAULT_RULE = "lycoris-exact"
@@ -133,7 +133,7 @@ def file_info(path: str | Path) -> FileInfo:
         dtype = stored_dtype(path)
         meta = {}
         try:  # a fused export records its precision and what it cost (export.PRECISION_FILE)
-            record = json.loads((path / "dreambooth_dora_precision.json").read_text(encoding="utf-8"))
+            record = json.loads((path / PRECISION_FILE).read_text(encoding="utf-8"))
             meta = {"dreambooth_dora_dtype": str(record["dtype"]), "dreambooth_dora_dtype_error": record["dtype_error"]}
         except (OSError, ValueError, KeyError, TypeError):
             pass

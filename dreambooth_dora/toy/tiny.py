@@ -98,7 +98,7 @@ def _tiny_vae(sample_size: int, **extra):
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                          up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
-                         latent_channels=4, norm_num_groups=8, sample_size=sample_size * 2, **extra)
+                         norm_num_groups=8, sample_size=sample_size * 2, **{"latent_channels": 4, **extra})
 
 
 def _tiny_text_config(tokenizer, hidden_size: int, **extra):
@@ -227,7 +227,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: boo
     feed-forwards), packed 2x2 latents with position ids, dev's guidance embedding (`guidance`);
     CLIP-L's pooled output and a 2-layer T5 encoder (max 32 tokens); a 1-level VAE with FLUX's
     shift and scale (a 16-channel latent, so the transformer sees 64 channels as FLUX does)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,10 +238,8 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: boo
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=[4, 4, 8])
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
-                        latent_channels=16, norm_num_groups=8, sample_size=sample_size * 2, use_quant_conv=False,
-                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    vae = _tiny_vae(sample_size, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                    shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's 16 channels, shift and scale
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32, hidden_act="gelu"))
     torch.manual_seed(seed + 3)
@@ -314,7 +312,7 @@ def build_tiny_z_image_pipeline(seed: int = 0, sample_size: int = 32):
     """A ZImagePipeline with Z-Image's structure at toy size: a ZImageTransformer2DModel (one noise and
     one context refiner block, two main blocks, 32 wide), a 2-layer Qwen3Model (16 wide) with the
     local Qwen tokenizer, a VAE with FLUX.1's 16-channel latent, shift and scale."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_qwen_tokenizer()
@@ -323,10 +321,8 @@ def build_tiny_z_image_pipeline(seed: int = 0, sample_size: int = 32):
                                            n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
                                            axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
-                        latent_channels=16, norm_num_groups=8, sample_size=sample_size * 2, use_quant_conv=False,
-                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    vae = _tiny_vae(sample_size, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                    shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's 16 channels, shift and scale
     torch.manual_seed(seed + 2)
     text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer) + 8, hidden_size=16, intermediate_size=32,
                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,

@@ -385,8 +385,7 @@ class TrainConfig:
             raise ConfigError("checkpoints_total_limit must be >= 1")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
-        if not 0 <= self.seed <= SEED_MAX:
-            raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {self.seed}")
+        check_seeds("seed", [self.seed])
         if self.max_sequence_length is not None and self.max_sequence_length > MAX_T5_TOKENS:
             raise ConfigError(f"max_sequence_length must be <= {MAX_T5_TOKENS} (the longest T5 prompt FLUX.1's and "
                               f"SD 3's pipelines take), got {self.max_sequence_length}")
@@ -397,7 +396,7 @@ class TrainConfig:
         if self.lora_alpha is None:
             self.lora_alpha = float(self.rank)
         check_ranges(self, {
-            "seed": (">=", 0), "lr_warmup_steps": (">=", 0), "num_class_images": (">=", 0),
+            "lr_warmup_steps": (">=", 0), "num_class_images": (">=", 0),
             "lr_num_cycles": (">=", 1), "learning_rate": (">", 0), "text_encoder_lr": (">", 0),
             "lora_alpha": (">", 0), "lora_dropout": ("[0,1)", None), "adam_beta1": ("[0,1)", None),
             "adam_beta2": ("[0,1)", None), "prodigy_beta3": ("[0,1)", None), "adam_epsilon": (">", 0),
@@ -441,6 +440,13 @@ class TrainConfig:
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise ConfigError("use_8bit_adam applies to optimizer 'adamw' only")
         return self
+
+
+def check_seeds(name: str, seeds) -> None:
+    """Every seed of setting `name` in [0, SEED_MAX], else one ConfigError naming the first that is not."""
+    bad = [seed for seed in seeds if not 0 <= seed <= SEED_MAX]
+    if bad:
+        raise ConfigError(f"{name} must be in [0, {SEED_MAX}], got {bad[0]}")
 
 
 def check_ranges(cfg, rules: dict) -> None:
