@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--steps 4] [--resolution 256] [--rank 8] [--device cpu]
     python benchmarks/bench_train.py --options [--runs 3] [--baseline REV]
-    python benchmarks/bench_train.py --dit flux1|sd35|flux2_klein|z_image [--steps 3] [--rank 16]
+    python benchmarks/bench_train.py --dit flux1|sd35|flux2_klein|z_image|chroma [--steps 3] [--rank 16]
 
 `--options`: what the trainer's optional features cost. The real `train()` on the embedded
 toy-world model (the quick start's settings, DoRA, batch 2) is timed at the code of `--baseline`
@@ -129,6 +129,16 @@ def dit_model(kind: str):
         inputs = dict(x=[torch.randn(16, 1, 32, 32, generator=g)], t=torch.tensor([0.5]),
                       cap_feats=[torch.randn(64, 2560, generator=g)])
         return model, inputs, list(Z_IMAGE_TARGETS)
+    if kind == "chroma":  # Chroma: hidden 3072 (24 heads x 128), T5-XXL's 4096, 1 double + 2 single (of 19 + 38)
+        from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+        model = ChromaTransformer2DModel(num_layers=1, num_single_layers=2)
+        mask = torch.cat([torch.ones(1, 20), torch.zeros(1, 44), torch.ones(1, 256)], dim=1)  # a 19-token prompt
+        inputs = dict(hidden_states=torch.randn(1, 256, 64, generator=g),
+                      encoder_hidden_states=torch.randn(1, 64, 4096, generator=g), timestep=torch.tensor([0.5]),
+                      attention_mask=mask, txt_ids=torch.zeros(64, 3),
+                      img_ids=ChromaPipeline._prepare_latent_image_ids(1, 16, 16, "cpu", torch.float32))
+        return model, inputs, list(FLUX_TARGETS)
     from diffusers import SD3Transformer2DModel  # SD 3.5 medium: hidden 1536, 2 of its 24 blocks, one dual
 
     model = SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
@@ -147,7 +157,7 @@ def output(pred):
 
 
 def dit(args) -> int:
-    """`--dit flux1|sd35|flux2_klein`: training steps of a DiT family's transformer, ours LoRA / DoRA vs PEFT's DoRA."""
+    """`--dit <family>`: training steps of a DiT family's transformer, ours LoRA / DoRA vs PEFT's DoRA."""
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(0)
@@ -240,7 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dit", choices=["flux1", "sd35", "flux2_klein", "z_image"], help="time a DiT family's transformer instead")
+    parser.add_argument("--dit", choices=["flux1", "sd35", "flux2_klein", "z_image", "chroma"], help="time a DiT family's transformer instead")
     args = parser.parse_args(argv)
     if args.options:
         return options(args)

@@ -138,6 +138,38 @@ class KleinInputs(DiTInputs):
                        img_ids=Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, side, side)).to(device))
 
 
+class ChromaInputs(DiTInputs):
+    """One Chroma step: FLUX.1's packed latents, T5 states (`text` tokens, 4096 wide) through the
+    pipeline's mask (a prompt of a quarter of them), no pooled, no guidance input."""
+
+    def __init__(self, px: int, text: int, model, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        n = (px // 16) ** 2
+        self.latents = torch.randn(1, n, cfg.in_channels, generator=g).to(device)
+        kept = text // 4 + 1
+        mask = torch.cat([torch.ones(1, kept), torch.zeros(1, text - kept), torch.ones(1, n)], dim=1)
+        self.kw = dict(encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(device, dtype),
+                       attention_mask=mask.to(device, dtype), timestep=torch.tensor([0.5], device=device),
+                       txt_ids=torch.zeros(text, 3, device=device), img_ids=torch.zeros(n, 3, device=device))
+
+
+class ZImageInputs:
+    """One Z-Image step: a (16, 1, px / 8, px / 8) latent and Qwen3's states (`text` tokens, 2560 wide
+    for Z-Image), each a one-picture list as the transformer takes them."""
+
+    def __init__(self, px: int, text: int, model, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        self.latents = torch.randn(1, cfg.in_channels, px // 8, px // 8, generator=g).to(device)
+        self.caps = [torch.randn(text, cfg.cap_feat_dim, generator=g).to(device, dtype)]
+        self.t = torch.tensor([0.5], device=device)
+
+    def __call__(self, model, noisy):
+        out = model([noisy[0].unsqueeze(1).to(self.caps[0].dtype)], self.t, self.caps, return_dict=False)[0]
+        return out[0].squeeze(1).unsqueeze(0)
+
+
 class SD3Inputs(DiTInputs):
     """One SD 3 step: 16-channel latents (px / 8), CLIP + T5 states (`text` tokens), pooled (2048)."""
 
@@ -231,6 +263,51 @@ def klein_transformer(size: str):
         note = f"real widths, {KLEIN_BLOCKS[0]} of 5 double + {KLEIN_BLOCKS[1]} of 20 single blocks"
     targets = Flux2Klein().denoiser_targets(_argparse.Namespace(lora_layers=None), model)
     return model, px, lambda m, d, t: KleinInputs(px, text, m, d, t), targets, note
+
+
+CHROMA_BLOCKS = (2, 4)  # of Chroma's 19 double + 38 single blocks
+
+
+def chroma_transformer(size: str):
+    """Chroma's transformer (quick: a small one at 64 px) with diffusers' FLUX.1 targets (its
+    recipe's); full: its real widths with fewer blocks, 1024 px and 512 T5 tokens."""
+    from diffusers import ChromaTransformer2DModel
+
+    from dreambooth_dora.families.flux1 import FLUX_TARGETS
+
+    if size == "quick":
+        model = ChromaTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+                                         approximator_hidden_dim=32, approximator_layers=1)
+        px, text, note = 64, 16, ""
+    else:
+        model = ChromaTransformer2DModel(num_layers=CHROMA_BLOCKS[0], num_single_layers=CHROMA_BLOCKS[1])
+        px, text = 1024, 512
+        note = f"real widths, {CHROMA_BLOCKS[0]} of 19 double + {CHROMA_BLOCKS[1]} of 38 single blocks"
+    return model, px, lambda m, d, t: ChromaInputs(px, text, m, d, t), list(FLUX_TARGETS), note
+
+
+Z_IMAGE_LAYERS = 6  # of Z-Image's 30 main blocks (and its 2 + 2 refiner blocks)
+
+
+def z_image_transformer(size: str):
+    """Z-Image's transformer (quick: a small one at 64 px) with diffusers' Z-Image targets; full: its
+    real widths (30 heads x 128, Qwen3-4B's 2560-wide states) with fewer main blocks, 1024 px, 512
+    text tokens."""
+    from diffusers import ZImageTransformer2DModel
+
+    from dreambooth_dora.families.z_image import Z_IMAGE_TARGETS
+
+    if size == "quick":
+        model = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+                                         n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                         axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
+        px, text, note = 64, 16, ""
+    else:
+        model = ZImageTransformer2DModel(n_layers=Z_IMAGE_LAYERS)
+        px, text = 1024, 512
+        note = f"real widths, {Z_IMAGE_LAYERS} of 30 main blocks, all 4 refiner blocks"
+    return model, px, lambda m, d, t: ZImageInputs(px, text, m, d, t), list(Z_IMAGE_TARGETS), note
 
 
 def sd35_transformer(size: str):
@@ -490,7 +567,8 @@ def main(argv=None) -> int:
                                            lambda: sd15_unet(args.size), device, dtype, args.repeats))
         big = [("SDXL", sdxl_unet), ("FLUX.1", lambda: flux_transformer(args.size, False)),
                ("FLUX.1", lambda: flux_transformer(args.size, True)), ("SD 3.5 medium", lambda: sd35_transformer(args.size)),
-               ("FLUX.2 [klein] 4B", lambda: klein_transformer(args.size))]
+               ("FLUX.2 [klein] 4B", lambda: klein_transformer(args.size)),
+               ("Chroma", lambda: chroma_transformer(args.size)), ("Z-Image", lambda: z_image_transformer(args.size))]
         for label, factory in big:
             if args.size == "full" and not cuda:
                 train_rows.append({"model": label, "skipped": "needs CUDA (1024 px on CPU takes too long)"})

@@ -68,6 +68,12 @@ def tiny_z_image_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chroma_path(tmp_path_factory) -> Path:
+    """A tiny Chroma pipeline (T5 and its tokenizer built locally), built once per session."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-chroma", chroma=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory) -> Path:
     """A tiny SD 3 pipeline: two joint blocks, CLIP-L + CLIP-G with projections, T5, a 16-channel VAE."""
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", sd3=True)

@@ -85,7 +85,7 @@ def test_a_model_that_does_not_fit_still_gives_a_report_row(monkeypatch):
     assert moved == [{torch.bfloat16}]  # cast on the host first
 
 
-@pytest.mark.parametrize("factory", ["flux", "flux-checkpointing", "sd35", "klein"])
+@pytest.mark.parametrize("factory", ["flux", "flux-checkpointing", "sd35", "klein", "chroma", "z_image"])
 def test_full_size_dit_steps_fit_their_inputs(factory):
     """The full-size DiT rows (which only a GPU runs): FLUX.1's real widths with fewer blocks at
     1024 px, SD 3.5 medium whole; built and run on the meta device (shapes, no memory, no time)."""
@@ -97,7 +97,9 @@ def test_full_size_dit_steps_fit_their_inputs(factory):
     make = {"flux": lambda: check_module.flux_transformer("full", False),
             "flux-checkpointing": lambda: check_module.flux_transformer("full", True),
             "sd35": lambda: check_module.sd35_transformer("full"),
-            "klein": lambda: check_module.klein_transformer("full")}[factory]
+            "klein": lambda: check_module.klein_transformer("full"),
+            "chroma": lambda: check_module.chroma_transformer("full"),
+            "z_image": lambda: check_module.z_image_transformer("full")}[factory]
     with torch.device("meta"):
         model, px, inputs, targets, note = make()
         from dreambooth_dora.adapters.inject import _matches
@@ -107,6 +109,6 @@ def test_full_size_dit_steps_fit_their_inputs(factory):
         out = batch(model, batch.latents)
     assert px == 1024 and out.shape == batch.latents.shape
     assert len(adapted) == {"flux": 2 * 12 + 4 * 3, "flux-checkpointing": 2 * 12 + 4 * 3, "sd35": 24 * 8 - 1,
-                            "klein": 2 * 4 + 4 * 2}[factory]
-    tokens = batch.latents.shape[1] if factory.startswith(("flux", "klein")) else (px // 16) ** 2
+                            "klein": 2 * 4 + 4 * 2, "chroma": 2 * 12 + 4 * 3, "z_image": (2 + 2 + 6) * 4}[factory]
+    tokens = batch.latents.shape[1] if factory.startswith(("flux", "klein", "chroma")) else (px // 16) ** 2
     assert tokens == 4096 and ("gradient checkpointing" in note) == factory.endswith("checkpointing")

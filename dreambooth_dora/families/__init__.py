@@ -7,7 +7,9 @@
     flux1.py   FLUX.1 dev / schnell (flow.py: flow matching's noise levels and weights)
     flux2.py   FLUX.2 [klein] 4B / 9B (Qwen3 text encoder, batch-normed 2x2-patch latents)
     z_image.py Z-Image (Qwen3 text encoder, per-prompt token lengths, a single-stream DiT)
-    dit.py     what SD 3 and FLUX.1 share (FlowTransformer): T5 last and frozen, flow noise, refusals
+    chroma.py  Chroma (FLUX.1 schnell's DiT pruned, T5 with its attention mask)
+    dit.py     what the DiTs share (FlowTransformer): the last text encoder frozen, flow noise, refusals;
+               the one-encoder families' base (OneEncoderTransformer)
     ddpm.py    the SD families' noise, targets and Min-SNR weights
     models.py  base models by name: hub ids, local folders, `embedded:` models; pipelines
 
@@ -25,10 +27,11 @@ from .sd import StableDiffusion
 from .flux1 import Flux1
 from .flux2 import Flux2Klein
 from .z_image import ZImage
+from .chroma import Chroma
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[Family, ...] = (Flux2Klein(), ZImage(), Flux1(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion())
+FAMILIES: tuple[Family, ...] = (Flux2Klein(), ZImage(), Chroma(), Flux1(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion())
 # what files of any family hold: the adapter file's part prefixes, and pivotal tuning's embedding
 # keys with the text encoder each belongs to
 ADAPTER_PARTS = tuple(dict.fromkeys(p for f in reversed(FAMILIES) for p in f.parts))
@@ -37,7 +40,7 @@ EMBEDDING_PARTS = {k: e for f in FAMILIES for k, e in zip(f.embedding_keys, f.en
 KOHYA_PARTS = dict(sorted({prefix: part for f in FAMILIES for part, prefix in f.kohya_prefixes.items()}.items(),
                           key=lambda kv: -len(kv[0])))
 
-__all__ = ["ADAPTER_PARTS", "EMBEDDING_PARTS", "FAMILIES", "KOHYA_PARTS", "Components", "Family", "FamilyError", "Flux1",
+__all__ = ["ADAPTER_PARTS", "EMBEDDING_PARTS", "FAMILIES", "KOHYA_PARTS", "Chroma", "Components", "Family", "FamilyError", "Flux1",
            "Flux2Klein", "ZImage", "StableDiffusion", "StableDiffusion3",
            "StableDiffusionXL", "family_named", "family_of", "family_of_index",
            "family_of_pipeline", "load_components", "pipeline_models"]

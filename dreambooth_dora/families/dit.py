@@ -1,4 +1,4 @@
-"""What the rectified-flow DiT families (SD 3 / 3.5, FLUX.1, and the Qwen3 ones) share: a transformer denoiser, T5 as
+"""What the rectified-flow DiT families (SD 3 / 3.5, FLUX.1, and the one-encoder ones) share: a transformer denoiser, T5 as
 the last text encoder (never trained: encoded once, then it leaves the device), flow matching's
 noise levels (`flow.py`) drawn from each example's generator, the VAE's shift and scale, sizes in
 steps of 16, the flow-matching Euler sampler, and the settings they refuse. Each family module
@@ -150,11 +150,11 @@ class FlowTransformer(StableDiffusion):
         return sigmas, sigmas.reshape(-1, 1, 1, 1).to(x0.dtype)
 
 
-class QwenTransformer(FlowTransformer):
-    """What the DiT families with one Qwen3 text encoder share (FLUX.2 [klein], Z-Image): the language
-    model never trains (encoded once, then it leaves the device), no pivotal tuning, no pooled
-    embedding; the VAE latents' mode as diffusers' scripts take it; classifier-free guidance against
-    the empty prompt at the pipeline's default scale; 512 prompt tokens."""
+class OneEncoderTransformer(FlowTransformer):
+    """What the DiT families with one frozen text encoder share (FLUX.2 [klein] and Z-Image with Qwen3,
+    Chroma with T5): the encoder never trains (encoded once, then it leaves the device), no pivotal
+    tuning, no pooled embedding; the VAE latents' mode as diffusers' scripts take it; classifier-free
+    guidance against the empty prompt at the pipeline's default scale; 512 prompt tokens."""
 
     encoder_parts = ("text_encoder",)
     tokenizer_parts = ("tokenizer",)
@@ -164,14 +164,15 @@ class QwenTransformer(FlowTransformer):
     kohya_prefixes = {"transformer": "lora_unet_"}
     vae_mode = True  # the latent distribution's mode, not a sample (diffusers' scripts)
     flow_defaults = {"weighting_scheme": "none", "max_sequence_length": 512}
-    refused: dict[str, str] = {"train_text_encoder": "its text encoder is a Qwen3 language model, frozen and encoded once",
-                               "train_text_encoder_ti": "pivotal tuning needs a CLIP text encoder; it has a Qwen3 model"}
+    encoder_label = "a Qwen3 language model"  # what its text encoder is, for the refusals
+    refused: dict[str, str] = {"train_text_encoder": "its text encoder is {encoder}, frozen and encoded once",
+                               "train_text_encoder_ti": "pivotal tuning needs a CLIP text encoder; it has {encoder}"}
 
     def check_settings(self, cfg) -> None:
         super().check_settings(cfg)
         for name, why in self.refused.items():
             if getattr(cfg, name):
-                raise ValueError(f"{name}: {self.label} {why}")
+                raise ValueError(f"{name}: {self.label} " + why.format(encoder=self.encoder_label))
 
     def prompt_settings(self, cfg) -> dict:
         return {"max_sequence_length": self.setting(cfg, "max_sequence_length")}

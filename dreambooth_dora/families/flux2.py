@@ -16,7 +16,7 @@ caption is encoded once and the encoder leaves the device.
 
 from __future__ import annotations
 
-from .dit import QwenTransformer
+from .dit import OneEncoderTransformer
 from .flow import loss_weighting
 
 # diffusers' train_dreambooth_lora_flux2_klein.py default targets: the double blocks' attention, the
@@ -46,7 +46,7 @@ FLUX2_TOP = {"img_in": ("x_embedder",), "txt_in": ("context_embedder",), "final_
              "single_stream_modulation.lin": ("single_stream_modulation.linear",)}
 
 
-class Flux2Klein(QwenTransformer):
+class Flux2Klein(OneEncoderTransformer):
     name = "flux2_klein"
     label = "FLUX.2 [klein]"
     pipeline_class = "Flux2KleinPipeline"
@@ -60,7 +60,7 @@ class Flux2Klein(QwenTransformer):
     native_top = FLUX2_TOP
     webui_versions = ("flux2_klein",)  # the `ss_base_model_version` its web UI files carry
     vae_class = "AutoencoderKLFlux2"
-    refused = {**QwenTransformer.refused,
+    refused = {**OneEncoderTransformer.refused,
                "masked_loss": "masked loss is not mapped onto its 2x2-patchified latents yet"}
 
     def denoiser_targets(self, cfg, model=None) -> list[str]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .dit import QwenTransformer
+from .dit import OneEncoderTransformer
 from .flow import loss_weighting
 
 Z_IMAGE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' script's default
 
 
-class ZImage(QwenTransformer):
+class ZImage(OneEncoderTransformer):
     name = "z_image"
     label = "Z-Image"
     pipeline_class = "ZImagePipeline"

@@ -202,6 +202,15 @@ def t5_rows(tokenizer) -> int:
     return -(-len(tokenizer) // 64) * 64
 
 
+def _tiny_t5_config(tokenizer, width: int):
+    """A 2-layer T5 encoder config (gated GELU, as T5 v1.1) for the local T5 tokenizer."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=t5_rows(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
 def build_t5_tokenizer(words=WORDS, max_length: int = 32):
     """A T5TokenizerFast from a small Unigram model over the project's words (T5's special tokens:
     <pad> 0, </s> 1, <unk> 2), built locally: the hub's tokenizers are out of reach."""
@@ -228,7 +237,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: boo
     CLIP-L's pooled output and a 2-layer T5 encoder (max 32 tokens); a 1-level VAE with FLUX's
     shift and scale (a 16-channel latent, so the transformer sees 64 channels as FLUX does)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(tmp)
@@ -243,10 +252,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, guidance: boo
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32, hidden_act="gelu"))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=t5_rows(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
-                                             feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-                                             pad_token_id=0, eos_token_id=1))
+    text_encoder_2 = T5EncoderModel(_tiny_t5_config(tokenizer_2, 32))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -333,12 +339,36 @@ def build_tiny_z_image_pipeline(seed: int = 0, sample_size: int = 32):
                           transformer=transformer)
 
 
+def build_tiny_chroma_pipeline(seed: int = 0, sample_size: int = 32):
+    """A ChromaPipeline with Chroma's structure at toy size: a ChromaTransformer2DModel with one double
+    and one single block and a one-layer distilled guidance network, packed 2x2 latents; a 2-layer T5
+    with the local T5 tokenizer; a VAE with FLUX.1's 16-channel latent, shift and scale."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import T5EncoderModel
+
+    tokenizer = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+                                           approximator_hidden_dim=32, approximator_layers=1)
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(sample_size, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                    shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's 16 channels, shift and scale
+    torch.manual_seed(seed + 2)
+    text_encoder = T5EncoderModel(_tiny_t5_config(tokenizer, 32))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+
+
 def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
     """A StableDiffusion3Pipeline with SD 3's structure at toy size: an SD3Transformer2DModel with two
     joint (MM-DiT) blocks, CLIP-L and CLIP-G with projections (32 wide each, pooled 64) and a 2-layer
     T5 (64 wide, the joint attention's width), a VAE with SD 3's 16-channel latent, shift and scale."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(tmp)
@@ -364,10 +394,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(clip_config())
     torch.manual_seed(seed + 4)
-    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=t5_rows(tokenizer_3), d_model=64, d_kv=8, d_ff=64, num_layers=2,
-                                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
-                                             feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-                                             pad_token_id=0, eos_token_id=1))
+    text_encoder_3 = T5EncoderModel(_tiny_t5_config(tokenizer_3, 64))
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
@@ -376,7 +403,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32):
 
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False, sdxl: bool = False,
                        flux: bool = False, sd3: bool = False, flux2_klein: bool = False,
-                       z_image: bool = False) -> Path:
+                       z_image: bool = False, chroma: bool = False) -> Path:
     """Build the tiny pipeline and save it atomically (temp folder + rename) in diffusers layout."""
     path = Path(path)
     if (path / "model_index.json").exists():
@@ -386,6 +413,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sd2: bool = False
     pipe = (build_tiny_flux_pipeline(seed=seed) if flux else build_tiny_sd3_pipeline(seed=seed) if sd3
             else build_tiny_flux2_klein_pipeline(seed=seed) if flux2_klein
             else build_tiny_z_image_pipeline(seed=seed) if z_image
+            else build_tiny_chroma_pipeline(seed=seed) if chroma
             else build_tiny_sdxl_pipeline(seed=seed) if sdxl
             else build_tiny_pipeline(seed=seed, sd2=sd2))
     pipe.save_pretrained(tmp)
